@@ -1,0 +1,105 @@
+"""Bring up a process's place in the launch, and take it down cleanly.
+
+One call, `setup_world(cfg)`, turns whatever launcher started us (deepspeed, torchrun,
+mpirun, srun, or a plain `python`) into: our role (teacher / student / colocated), the
+bridge to the other side, and - for students - a DeepSpeed world that holds only students
+(AutoEP sizes itself from the default group). `finish()` ends every rank with a bridge
+barrier and `os._exit`, which avoids the rare `terminate called without an active
+exception` abort at interpreter exit seen with gloo on small machines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+from padd_ds.config import PaddConfig
+from padd_ds.launch.bridge import Bridge
+from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
+                                  student_to_teacher, students_of_teacher, sub_world_env)
+
+
+@dataclass
+class World:
+    env: LaunchEnv
+    roles: Roles
+    bridge: Bridge | None
+
+    @property
+    def is_student(self) -> bool:
+        return self.roles.role in ("student", "colocated")
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.roles.role == "teacher"
+
+    @property
+    def is_main(self) -> bool:
+        """The student rank that logs, writes and prints (student rank 0)."""
+        return self.is_student and (self.roles.student_rank or 0) == 0
+
+    def my_teacher(self) -> int:
+        r = self.roles
+        return student_to_teacher(r.student_rank, r.num_student, r.num_teacher)
+
+    def my_students(self) -> list[int]:
+        r = self.roles
+        return students_of_teacher(r.teacher_rank, r.num_student, r.num_teacher)
+
+
+def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
+    """Detect the launcher, assign roles, connect the bridge, init the student DS world."""
+    env = env or detect_launch()
+    roles = assign_roles(env, cfg.topology.teacher_ranks, cfg.topology.colocated)
+    bridge = None
+    if roles.role != "colocated":
+        addr, port = bridge_address(env, cfg.topology.bridge_port)
+        bridge = Bridge(addr, port, env.rank, env.world_size, cfg.topology.timeout_s)
+    apply_env(sub_world_env(env, roles))
+    if roles.role in ("student", "colocated"):
+        import datetime
+
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=cfg.topology.timeout_s))
+    return World(env, roles, bridge)
+
+
+def _backend() -> str:
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def finish(world: World | None, code: int = 0) -> None:
+    """Flush, meet the other side at a barrier (on success), and leave without teardown."""
+    if world is not None and world.bridge is not None and code == 0:
+        try:
+            world.bridge.barrier()
+        except Exception as e:  # noqa: BLE001 - we are leaving anyway; say why
+            print(f"[rank {world.env.rank}] warning: final bridge barrier failed: {e}", file=sys.stderr)
+            code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_guarded(main, world_factory):
+    """Run `main(world)`; on any error print it with this rank's identity and exit non-zero."""
+    world = None
+    try:
+        world = world_factory()
+        main(world)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finish(world if code == 0 else None, code)
+    except BaseException as e:  # noqa: BLE001 - report with the rank, then exit non-zero
+        who = (f"rank {world.env.rank} ({world.roles.role})" if world is not None
+               else f"rank {os.environ.get('RANK', '?')}")
+        traceback.print_exc()
+        print(f"padd-ds: {who} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        finish(None, 1)
+    finish(world, 0)

@@ -1,0 +1,171 @@
+"""ZeRO-3 + AutoEP engine -> native transformers checkpoint.
+
+DeepSpeed's `zero_to_fp32` and `save_16bit_model` raise NotImplementedError for AutoEP
+under ZeRO-3, so we gather ourselves: every student rank walks the parameters in the same
+order, ZeRO-3 gathers each one, expert shards are all-gathered over the layer's
+expert-parallel group, and rank 0 renames AutoEP's layout back to the HF one:
+
+    mlp.router.gate.weight             -> mlp.gate.weight
+    mlp.experts.w1 [E,I,H], w3 [E,I,H] -> mlp.experts.gate_up_proj [E,2I,H] (cat on dim 1)
+    mlp.experts.w2 [E,H,I]             -> mlp.experts.down_proj
+    mlp.gate.* (AutoEP's alias of .router) is dropped
+
+Rank 0 streams tensors into safetensors shards, so its memory holds one shard at a time,
+and checks every name and shape against the architecture built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+SHARD_BYTES = 4 * 1024**3
+_EXPERT = re.compile(r"^(.*\.experts)\.(w1|w2|w3)$")
+_ROUTER = re.compile(r"^(.*)\.router\.gate\.(weight|bias)$")
+
+
+def _is_expert_param(p) -> bool:
+    return str(getattr(p, "group_name", "")).startswith("ep_size_")
+
+
+def _gather_full(engine, name: str, p) -> torch.Tensor:
+    """Full tensor of one parameter on every rank (ZeRO-3 gather, then EP all-gather)."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        t = p.data.detach().clone().float() if p.data.dtype != torch.float32 else p.data.detach().clone()
+    t = t.to(torch.float32)
+    if _is_expert_param(p):
+        layer = engine.module.get_submodule(name.rsplit(".experts.", 1)[0])
+        group = layer.ep_group
+        ep = dist.get_world_size(group=group) if group is not None else 1
+        if ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = torch.cat(parts, dim=0)
+    return t
+
+
+def hf_name_and_tensor(name: str, t: torch.Tensor, pending: dict) -> list[tuple[str, torch.Tensor]]:
+    """Map one AutoEP parameter to zero or more HF tensors (w1/w3 wait for each other)."""
+    m = _ROUTER.match(name)
+    if m:
+        return [(f"{m.group(1)}.gate.{m.group(2)}", t)]
+    m = _EXPERT.match(name)
+    if m:
+        prefix, w = m.groups()
+        if w == "w2":
+            return [(f"{prefix}.down_proj", t)]
+        pending.setdefault(prefix, {})[w] = t
+        if len(pending[prefix]) == 2:
+            d = pending.pop(prefix)
+            return [(f"{prefix}.gate_up_proj", torch.cat([d["w1"], d["w3"]], dim=1))]
+        return []
+    return [(name, t)]
+
+
+def _expected_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(hf_config)
+    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def _fit_layout(name: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
+    """Some transformers builds store fused experts transposed ([E, H, 2I]); follow the target."""
+    if tuple(t.shape) == want:
+        return t
+    if t.dim() == 3 and tuple(t.transpose(1, 2).shape) == want:
+        return t.transpose(1, 2).contiguous()
+    raise ValueError(f"export: {name} has shape {tuple(t.shape)} but the architecture expects {want}")
+
+
+def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float32,
+                  metadata: dict | None = None) -> Path | None:
+    """Write the engine's model as an HF checkpoint at `out_dir` (collective; rank 0 writes).
+
+    Returns the directory on rank 0, None elsewhere. The write goes to a temp dir that is
+    renamed at the end, so a crash never leaves a checkpoint that looks complete.
+    """
+    import deepspeed.comm as dist
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    module = engine.module
+    hf_config = module.config
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    expected = _expected_shapes(hf_config) if rank == 0 else {}
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    pending: dict = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, shards, weight_map = 0, [], {}
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            fname = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            shards.append(fname)
+            weight_map.update({k: fname for k in shard})
+            shard, shard_bytes = {}, 0
+
+    for name, p in module.named_parameters():
+        t = _gather_full(engine, name, p)
+        if rank != 0:
+            continue
+        for hf_name, ht in hf_name_and_tensor(name, t, pending):
+            if hf_name not in expected:
+                raise ValueError(f"export: engine parameter {name} maps to '{hf_name}', which the "
+                                 f"{type(module).__name__} architecture does not have")
+            ht = _fit_layout(hf_name, ht, expected[hf_name]).to(dtype).contiguous()
+            shard[hf_name] = ht
+            shard_bytes += ht.numel() * ht.element_size()
+            if shard_bytes >= SHARD_BYTES:
+                flush()
+    if rank != 0:
+        dist.barrier()
+        return None
+
+    flush()
+    if pending:
+        raise ValueError(f"export: unpaired expert weights for {sorted(pending)}")
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    missing = [k for k in expected if k not in weight_map and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"export: the engine has no tensor for {missing[:5]} ({len(missing)} missing)")
+
+    # Rename shards to the HF convention now that their number is known.
+    n = len(shards)
+    renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+               for i, f in enumerate(shards)}
+    for old, new in renames.items():
+        os.replace(tmp / old, tmp / new)
+    if n > 1:
+        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in renames.values())},
+                 "weight_map": {k: renames[v] for k, v in weight_map.items()}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    cfg = hf_config.__class__.from_dict(hf_config.to_dict())
+    if hasattr(cfg, "output_router_logits"):
+        cfg.output_router_logits = False
+    cfg.dtype = str(dtype).replace("torch.", "")
+    cfg.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "padd_export.json").write_text(json.dumps(metadata or {}, indent=2, default=str))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    dist.barrier()
+    return out_dir

@@ -1,0 +1,286 @@
+"""The training loop, read top to bottom.
+
+    teacher rank(s):  load teacher -> evaluate itself -> serve top-k logits until STOP
+    student ranks:    load student -> evaluate (before) -> DeepSpeed engine (ZeRO-3 + AutoEP)
+                      -> for each step: take the teacher's logits for this batch (requested
+                         one step ahead), KD + LM loss, backward, step
+                      -> DeepSpeed checkpoint -> HF export -> evaluate (after) -> table
+
+`train.mode=distill` is this online-KD skeleton; the PADD stages plug into the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from padd_ds.config import PaddConfig, dump_yaml, resolve_model_path, to_dict
+from padd_ds.data.batch import TokenBatch, encode_examples
+from padd_ds.data.math import load_heldout_problems, load_train_problems
+from padd_ds.eval.evaluate import evaluate_problems
+from padd_ds.launch.world import World
+from padd_ds.models.export import export_engine
+from padd_ds.models.loading import load_causal_lm, load_tokenizer
+from padd_ds.report.metrics import MetricsLogger
+from padd_ds.teacher.service import LocalTeacher, RemoteTeacher, TeacherModel, serve
+from padd_ds.teacher.sparse import sparse_kd_loss
+
+RESULT_TAG = 1  # bridge tag of the teacher's evaluation result (separate from requests)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_paths(cfg: PaddConfig) -> tuple[str, str, str]:
+    teacher = resolve_model_path(cfg.models.teacher, field_name="models.teacher")
+    if cfg.models.student is None:
+        raise NotImplementedError("models.student=null (decompression, Stage I) is not built yet; "
+                                  "give a pre-trained MoE student")
+    student = resolve_model_path(cfg.models.student, field_name="models.student")
+    tok = resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer") if cfg.models.tokenizer else teacher
+    return teacher, student, tok
+
+
+def run(cfg: PaddConfig, world: World) -> dict | None:
+    if cfg.train.mode != "distill":
+        raise NotImplementedError(f"train.mode={cfg.train.mode!r} is not built yet; use train.mode=distill")
+    seed_everything(cfg.run.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.env.local_size)))
+    if world.is_teacher:
+        run_teacher(cfg, world)
+        return None
+    return run_student(cfg, world)
+
+
+# ----------------------------------------------------------------------------------------
+# Teacher ranks
+# ----------------------------------------------------------------------------------------
+
+def _evaluate(model, tok, cfg: PaddConfig) -> dict:
+    problems = load_heldout_problems(cfg.data.source, limit=cfg.eval.num_problems)
+    res = evaluate_problems(model, tok, problems, max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size)
+    return {"accuracy": res["accuracy"], "n": res["n"], "per_level": res.get("per_level", {})}
+
+
+def run_teacher(cfg: PaddConfig, world: World) -> None:
+    teacher_path, _, tok_path = model_paths(cfg)
+    tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
+    model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
+    result_work = None
+    if world.roles.teacher_rank == 0:
+        # Evaluate first, while the students build their engine; the result travels on its
+        # own tag and the main student collects it at the end.
+        t0 = time.perf_counter()
+        ev = _evaluate(model, tok, cfg)
+        ev["seconds"] = time.perf_counter() - t0
+        result_work = world.bridge.post_json({"teacher_eval": ev}, dst=0, tag=RESULT_TAG)
+    stats = serve(world.bridge, TeacherModel(model), world.my_students(), cfg.topology.timeout_s)
+    print(f"[teacher {world.roles.teacher_rank}] served {stats.requests} requests, {stats.tokens} tokens; "
+          f"busy {stats.busy_s:.1f}s idle {stats.idle_s:.1f}s", flush=True)
+    if result_work is not None:
+        result_work.wait()
+
+
+# ----------------------------------------------------------------------------------------
+# Student ranks
+# ----------------------------------------------------------------------------------------
+
+class BatchPlan:
+    """Which problems each student rank sees at each (step, micro-step): a seeded permutation
+    per epoch, cut into global batches, so the data position is a pure function of the step."""
+
+    def __init__(self, n: int, per_rank: int, num_ranks: int, grad_accum: int, seed: int):
+        self.n, self.per_rank, self.num_ranks, self.grad_accum, self.seed = n, per_rank, num_ranks, grad_accum, seed
+        self.global_batch = per_rank * num_ranks
+        if self.global_batch > n:
+            raise ValueError(f"global batch {self.global_batch} exceeds the {n} training problems")
+        self.batches_per_epoch = n // self.global_batch
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        b = step * self.grad_accum + micro
+        epoch, pos = divmod(b, self.batches_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        start = pos * self.global_batch + rank * self.per_rank
+        return perm[start:start + self.per_rank].tolist()
+
+
+def lm_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Cross-entropy of the response tokens (position t predicts token t+1)."""
+    m = batch.loss_mask[:, :-1]
+    targets = batch.ids[:, 1:][m]
+    return F.cross_entropy(logits[:, :-1][m].float(), targets)
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    import deepspeed.comm as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def run_student(cfg: PaddConfig, world: World) -> dict | None:
+    import deepspeed.comm as dist
+
+    from padd_ds.models.engine import initialize_engine
+
+    roles = world.roles
+    rank, num_students = roles.student_rank or 0, max(1, roles.num_student)
+    teacher_path, student_path, tok_path = model_paths(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
+    student = load_causal_lm(student_path, cfg.models.dtype, cfg.models.trust_remote_code)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    before = _evaluate(student, tok, cfg) if world.is_main else None
+    engine, ds_config = initialize_engine(cfg, student, num_students)
+    if world.is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    if roles.role == "colocated":
+        tmodel = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
+        teacher = LocalTeacher(TeacherModel(tmodel), cfg.teacher.logits_top_k)
+    else:
+        teacher = RemoteTeacher(world.bridge, world.my_teacher(), cfg.teacher.logits_top_k,
+                                cfg.teacher.request_timeout_s, rank)
+
+    problems = load_train_problems(cfg.data.source, cfg.data.question_field, cfg.data.answer_field)
+    plan = BatchPlan(len(problems), cfg.train.micro_batch_size, num_students, cfg.train.grad_accum, cfg.run.seed)
+    micro_steps = [(s, m) for s in range(cfg.train.steps) for m in range(cfg.train.grad_accum)]
+
+    def make_batch(i: int) -> TokenBatch:
+        s, m = micro_steps[i]
+        return encode_examples(tok, [problems[j] for j in plan.indices(s, m, rank)],
+                               cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+
+    logger = MetricsLogger(run_dir, to_dict(cfg), enabled=world.is_main, project=cfg.logging.wandb_project,
+                           mode=cfg.logging.wandb_mode, run_name=cfg.run.name, jsonl=cfg.logging.jsonl)
+    history: list[dict] = []
+    inflight: dict[int, tuple[int, TokenBatch]] = {}
+
+    def request(i: int) -> None:
+        if i < len(micro_steps) and i not in inflight:
+            b = make_batch(i)
+            inflight[i] = (teacher.submit(micro_steps[i][0], b.ids, b.lengths), b)
+
+    progress = _progress(cfg, world, cfg.train.steps)
+    engine.train()
+    window = {"kd": 0.0, "lm": 0.0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter(), "n": 0}
+    for i in range(1 + cfg.teacher.prefetch):
+        request(i)
+    for i, (step, micro) in enumerate(micro_steps):
+        rid, batch = inflight.pop(i)
+        wait0 = teacher.stats.wait_s
+        targets = teacher.result(rid)
+        window["wait"] += teacher.stats.wait_s - wait0
+        request(i + 1 + cfg.teacher.prefetch)          # the teacher works on it while we train
+
+        out = engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
+        kd = sparse_kd_loss(out.logits, targets, batch.loss_mask, cfg.train.kd_temperature)
+        lm = lm_loss(out.logits, batch)
+        loss = cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm
+        engine.backward(loss)
+        engine.step()
+
+        window["kd"] += kd.item()
+        window["lm"] += lm.item()
+        window["tokens"] += int(batch.lengths.sum())
+        window["n"] += 1
+        last = i == len(micro_steps) - 1
+        if micro == cfg.train.grad_accum - 1 and ((step + 1) % cfg.train.log_every == 0 or last):
+            dt = time.perf_counter() - window["t0"]
+            kd_m, lm_m, wait_m, tok_s = _all_mean([window["kd"] / window["n"], window["lm"] / window["n"],
+                                                   window["wait"] / dt, window["tokens"] / dt])
+            row = {"train/kd_loss": kd_m, "train/lm_loss": lm_m, "teacher/wait_fraction": wait_m,
+                   "train/tokens_per_s": tok_s * num_students, "train/lr": engine.get_lr()[0]}
+            history.append({"step": step + 1, **row})
+            logger.log(row, step + 1)
+            if progress is not None:
+                progress.update(step + 1, row)
+            window = {"kd": 0.0, "lm": 0.0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter(), "n": 0}
+    if progress is not None:
+        progress.close()
+    teacher.close()
+
+    ckpt_dir = run_dir / "checkpoints"
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{cfg.train.steps}",
+                           client_state={"step": cfg.train.steps, "rng": torch.get_rng_state()})
+    export_dir = run_dir / "hf"
+    export_engine(engine, export_dir, tokenizer=tok,
+                  metadata={"source": "padd-ds", "mode": cfg.train.mode, "steps": cfg.train.steps,
+                            "teacher": cfg.models.teacher, "student": cfg.models.student})
+
+    result = None
+    if world.is_main:
+        after_model = load_causal_lm(str(export_dir), "float32")
+        after = _evaluate(after_model, tok, cfg)
+        if roles.role == "colocated":
+            teacher_eval = _evaluate(teacher.teacher.model, tok, cfg)
+        else:
+            teacher_eval = world.bridge.recv_json(src=roles.num_student, tag=RESULT_TAG,
+                                                  timeout_s=cfg.topology.timeout_s)["teacher_eval"]
+        result = {"teacher": teacher_eval, "student_before": before, "student_after": after,
+                  "history": history, "teacher_wait_s": teacher.stats.wait_s,
+                  "checkpoint": str(ckpt_dir), "export": str(export_dir)}
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        logger.summary({"eval/teacher_acc": teacher_eval["accuracy"],
+                        "eval/student_before_acc": before["accuracy"],
+                        "eval/student_after_acc": after["accuracy"]})
+        print_table(result)
+    logger.close()
+    dist.barrier()
+    return result
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Held-out accuracy (greedy pass@1)")
+    t.add_column("model")
+    t.add_column("accuracy", justify="right")
+    t.add_column("n", justify="right")
+    for name, key in (("teacher", "teacher"), ("student (before)", "student_before"),
+                      ("student (after)", "student_after")):
+        r = result[key]
+        t.add_row(name, f"{r['accuracy']:.3f}", str(r["n"]))
+    Console().print(t)
+    h = result["history"]
+    if h:
+        print(f"KD loss: {h[0]['train/kd_loss']:.4f} (step {h[0]['step']}) -> "
+              f"{h[-1]['train/kd_loss']:.4f} (step {h[-1]['step']})", flush=True)
+
+
+class _Progress:
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}"))
+        self.task = self.p.add_task("train", total=total, info="")
+        self.p.start()
+
+    def update(self, step: int, row: dict) -> None:
+        self.p.update(self.task, completed=step,
+                      info=f"kd {row['train/kd_loss']:.3f} lm {row['train/lm_loss']:.3f} "
+                           f"wait {row['teacher/wait_fraction']:.2f}")
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def _progress(cfg: PaddConfig, world: World, total: int):
+    return _Progress(total) if (world.is_main and cfg.logging.progress) else None
+

@@ -1,0 +1,178 @@
+"""The teacher: a dense causal LM that scores student batches, on its own ranks or colocated.
+
+Remote mode: `serve()` runs on a teacher rank and answers requests from the student ranks
+it is assigned to, in order, until each of them sends STOP. `RemoteTeacher` is the student
+side; it keeps up to `prefetch` requests in flight so the teacher computes step t+1 while
+the student trains on step t. `LocalTeacher` has the same interface with the model in the
+student process (one-process runs, and the baseline for measuring the bridge).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from padd_ds.launch.bridge import (KIND_STOP, KIND_TOPK_LOGITS, Bridge, BridgeError, Header, crc32)
+from padd_ds.teacher.sparse import SparseLogits, encode_topk
+
+
+class TeacherModel:
+    """A loaded HF causal LM that turns token batches into sparse logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def topk_logits(self, ids: torch.Tensor, lengths: torch.Tensor, k: int) -> SparseLogits:
+        """Right-padded ids [B, L] with true `lengths` [B] -> top-k logits at every position."""
+        L = ids.shape[1]
+        mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        return encode_topk(out.logits.float().cpu(), k)
+
+
+@dataclass
+class ServeStats:
+    requests: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+
+
+def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeout_s: float) -> ServeStats:
+    """Answer top-k logit requests from `students` (global ranks) until all send STOP.
+
+    Requests are taken round-robin: students step in lockstep, so each has exactly one
+    request at the head of its queue per round. A student that dies surfaces as a bridge
+    error here, and the teacher exits rather than waiting forever.
+    """
+    stats = ServeStats()
+    active = list(students)
+    in_flight: deque = deque()  # replies posted but not yet taken by their student
+    while active:
+        for s in list(active):
+            t0 = time.perf_counter()
+            h = bridge.recv_header(s, timeout_s=idle_timeout_s)
+            stats.idle_s += time.perf_counter() - t0
+            if h.kind == KIND_STOP:
+                active.remove(s)
+                continue
+            if h.kind != KIND_TOPK_LOGITS:
+                raise BridgeError(f"teacher: unknown request kind {h.kind} from rank {s} "
+                                  f"(request {h.request_id})")
+            t0 = time.perf_counter()
+            ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64),
+                                                   ((h.batch,), torch.int64)], s)
+            if crc32(ids) != h.input_crc:
+                raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
+                                  f"from rank {s}; refusing to score corrupted input")
+            sl = teacher.topk_logits(ids, lengths, h.arg)
+            reply = Header(KIND_TOPK_LOGITS, h.request_id, h.step, h.batch, h.seqlen, h.arg,
+                           input_crc=h.input_crc)
+            in_flight.append(bridge.send_message(reply, sl.tensors(), s))
+            while len(in_flight) > 4 * len(students):  # bound memory; old replies are long taken
+                in_flight.popleft().wait(idle_timeout_s)
+            stats.requests += 1
+            stats.tokens += int(lengths.sum())
+            stats.busy_s += time.perf_counter() - t0
+    while in_flight:
+        in_flight.popleft().wait(idle_timeout_s)
+    return stats
+
+
+@dataclass
+class _Pending:
+    request_id: int
+    step: int
+    input_crc: int
+    shape: tuple[int, int]
+    send: object = None  # PostedSend of the request
+
+
+@dataclass
+class ClientStats:
+    wait_s: float = 0.0
+    requests: int = 0
+    bytes_received: int = 0
+    history: list = field(default_factory=list)
+
+
+class RemoteTeacher:
+    """Student-side client of a teacher rank over the bridge (FIFO, `prefetch` in flight)."""
+
+    def __init__(self, bridge: Bridge, teacher_rank: int, top_k: int, timeout_s: float, student_rank: int):
+        self.bridge, self.teacher_rank, self.top_k, self.timeout_s = bridge, teacher_rank, top_k, timeout_s
+        self.pending: deque[_Pending] = deque()
+        # Request ids are unique across students: student rank in the high bits.
+        self._next_id = student_rank << 40
+        self.stats = ClientStats()
+
+    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor) -> int:
+        ids = ids.to(torch.int64).contiguous()
+        rid, self._next_id = self._next_id, self._next_id + 1
+        c = crc32(ids)
+        h = Header(KIND_TOPK_LOGITS, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c)
+        posted = self.bridge.send_message(h, [ids, lengths.to(torch.int64).contiguous()], self.teacher_rank)
+        self.pending.append(_Pending(rid, step, c, (ids.shape[0], ids.shape[1]), posted))
+        return rid
+
+    def result(self, request_id: int) -> SparseLogits:
+        if not self.pending or self.pending[0].request_id != request_id:
+            raise BridgeError(f"student: request {request_id} is not the oldest in flight "
+                              f"(pending: {[p.request_id for p in self.pending]})")
+        p = self.pending.popleft()
+        t0 = time.perf_counter()
+        try:
+            h = self.bridge.recv_header(self.teacher_rank, self.timeout_s, request_id)
+        except BridgeError as e:
+            raise BridgeError(f"teacher rank {self.teacher_rank} did not answer request {request_id} "
+                              f"(step {p.step}) within {self.timeout_s:.0f}s: {e}") from e
+        if h.request_id != request_id or h.input_crc != p.input_crc:
+            raise BridgeError(f"teacher rank {self.teacher_rank} answered request {h.request_id} "
+                              f"(input crc {h.input_crc:#x}) but request {request_id} "
+                              f"(input crc {p.input_crc:#x}) was expected")
+        vals, idx, lse = self.bridge.recv_payload(h, SparseLogits.specs(*p.shape, h.arg), self.teacher_rank)
+        p.send.wait(self.timeout_s)  # answered, so our request was fully received
+        dt = time.perf_counter() - t0
+        self.stats.wait_s += dt
+        self.stats.requests += 1
+        self.stats.bytes_received += sum(t.numel() * t.element_size() for t in (vals, idx, lse))
+        return SparseLogits(vals, idx, lse)
+
+    def close(self) -> None:
+        """Tell the teacher this student is done (after draining what is in flight)."""
+        while self.pending:
+            self.result(self.pending[0].request_id)
+        self.bridge.send_message(Header(KIND_STOP, -1), [], self.teacher_rank).wait(self.timeout_s)
+
+
+class LocalTeacher:
+    """Colocated teacher: same interface, computed in this process on `result()`."""
+
+    def __init__(self, teacher: TeacherModel, top_k: int):
+        self.teacher, self.top_k = teacher, top_k
+        self.pending: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()
+        self._next_id = 0
+        self.stats = ClientStats()
+
+    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor) -> int:
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self.pending.append((rid, ids.to(torch.int64), lengths.to(torch.int64)))
+        return rid
+
+    def result(self, request_id: int) -> SparseLogits:
+        rid, ids, lengths = self.pending.popleft()
+        if rid != request_id:
+            raise RuntimeError(f"local teacher: request {request_id} is not the oldest ({rid})")
+        t0 = time.perf_counter()
+        out = self.teacher.topk_logits(ids, lengths, self.top_k)
+        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.requests += 1
+        return out
+
+    def close(self) -> None:
+        self.pending.clear()

@@ -1,0 +1,381 @@
+"""Config loading, overrides and validation (padd_ds/config.py).
+
+The model directories made here hold only a `config.json`: that file is all validation
+reads, so they are real inputs, not stand-ins for a component.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from padd_ds.config import (
+    REPO_ROOT,
+    ConfigError,
+    PaddConfig,
+    dump_yaml,
+    expert_parallel_size,
+    from_dict,
+    load_config,
+    resolve_model_path,
+    student_moe_shape,
+    to_dict,
+    validate,
+)
+
+# --------------------------------------------------------------------------------------
+# Fixtures: a DeepSpeed JSON and model directories holding a config.json
+# --------------------------------------------------------------------------------------
+
+TEACHER = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256,
+           "max_position_embeddings": 512}
+STUDENT = {"model_type": "qwen3_moe", "vocab_size": 1000, "hidden_size": 64, "num_experts": 8,
+           "num_experts_per_tok": 2, "max_position_embeddings": 512}
+
+
+def write_model(root: Path, name: str, conf: dict) -> Path:
+    path = root / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(conf))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A valid config: dense teacher, 8-expert top-2 student, EP size 2 from the JSON."""
+    monkeypatch.chdir(tmp_path)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"expert_parallel": {"enabled": True, "autoep_size": 2}}))
+    cfg = PaddConfig()
+    cfg.models.teacher = str(write_model(tmp_path, "teacher", TEACHER))
+    cfg.models.student = str(write_model(tmp_path, "student", STUDENT))
+    cfg.deepspeed.config = str(ds)
+    validate(cfg, world_size=3, repo_root=tmp_path)  # the baseline every case below breaks
+    return cfg, tmp_path
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, "errors must be one line"
+    return message
+
+
+# --------------------------------------------------------------------------------------
+# Round trips and overrides
+# --------------------------------------------------------------------------------------
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    recipe = tmp_path / "resolved.yaml"
+    recipe.write_text(dump_yaml(PaddConfig()))
+    assert load_config(str(recipe)) == PaddConfig()
+    assert from_dict(to_dict(PaddConfig())) == PaddConfig()
+
+
+def test_non_default_values_round_trip(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-8", "models.student=null", "run.name='1e5'", "stage3.policy=gspo"])
+    assert cfg.run.name == "1e5"  # a str that looks like a float must come back as a str
+    recipe = tmp_path / "resolved.yaml"
+    recipe.write_text(dump_yaml(cfg))
+    assert load_config(str(recipe)) == cfg
+
+
+def test_override_types():
+    cfg = load_config(None, [
+        "train.lr=1e-4",          # YAML 1.1 would read this as a string
+        "stage1.enabled=false",
+        "models.student=null",
+        "topology.bridge_port=29600",
+        "stage2.tau=2",            # int -> float
+        "data.split_fractions.A=0.15",
+        "data.split_fractions.C=0.6",
+    ])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.stage1.enabled is False
+    assert cfg.models.student is None
+    assert cfg.topology.bridge_port == 29600
+    assert cfg.stage2.tau == 2.0 and isinstance(cfg.stage2.tau, float)
+    assert cfg.data.split_fractions == {"A": 0.15, "B": 0.20, "C": 0.6, "D": 0.05}
+
+
+def test_override_parses_lists_and_mappings():
+    # No field holds a list, so a list value is parsed and then rejected by type.
+    assert "got list [1, 2]" in error_of(load_config, None, ["models.student=[1,2]"])
+    cfg = load_config(None, ["stage2={tau: 0.5, kappa: 2}"])
+    assert (cfg.stage2.tau, cfg.stage2.kappa) == (0.5, 2.0)
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 1e-3\n  steps: 50\nstage4:\n")  # empty section keeps defaults
+    cfg = load_config(str(recipe), ["train.steps=7"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.stage4) == (1e-3, 7, PaddConfig().stage4)
+
+
+# --------------------------------------------------------------------------------------
+# Rejected recipes and overrides
+# --------------------------------------------------------------------------------------
+
+
+def test_unknown_nested_key_in_recipe_suggests_nearest(tmp_path):
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text("stage2:\n  tua: 2.0\n")
+    msg = error_of(load_config, str(recipe))
+    assert msg == f"unknown key 'stage2.tua' in {recipe}; did you mean 'stage2.tau'?"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("stag2.tau=1", "unknown key 'stag2' in --set stag2.tau=1; did you mean 'stage2'?"),
+    ("train.tau=1", "did you mean 'stage2.tau'?"),          # right name, wrong section
+    ("train.zzz=1", "valid keys of train: mode, steps"),    # nothing close: list the section
+])
+def test_unknown_override_key(override, expected):
+    assert expected in error_of(load_config, None, [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps=ten", "train.steps: expected int, got str 'ten'"),
+    ("train.steps=true", "train.steps: expected int, got bool True"),
+    ("train.steps=1.5", "train.steps: expected int, got float 1.5"),
+    ("train.lr='0.1'", "train.lr: expected float, got str '0.1'"),
+    ("stage1.enabled=1", "stage1.enabled: expected bool, got int 1"),
+    ("run.name=12", "run.name: expected str, got int 12"),
+    ("topology.bridge_port=x", "topology.bridge_port: expected int or null, got str 'x'"),
+    ("data.split_fractions.A=high", "data.split_fractions.A: expected float, got str 'high'"),
+    ("stage3.policy=ppo", "stage3.policy: 'ppo' is not allowed; choose one of ['pr_grpo', 'grpo', 'rspo', 'gspo']"),
+    ("stage2.temperature_coupling=true", "stage2.temperature_coupling: True is not allowed"),
+    ("stage2=3", "stage2: expected a mapping of stage2 fields, got int 3"),
+    ("train.lr.x=1", "train.lr holds float; it has no field 'x'"),
+])
+def test_wrong_types_name_the_field(override, expected):
+    assert expected in error_of(load_config, None, [override])
+
+
+def test_override_without_equals():
+    assert "override 'train.lr' must look like section.field=value" in error_of(load_config, None, ["train.lr"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  lr: 0.1\n  steps: 10: 20\n")
+    msg = error_of(load_config, str(recipe))
+    assert msg.startswith(f"malformed YAML in {recipe} line 3:")
+
+
+def test_recipe_must_be_a_mapping(tmp_path):
+    recipe = tmp_path / "list.yaml"
+    recipe.write_text("- train\n- lr\n")
+    assert "must be a mapping of sections" in error_of(load_config, str(recipe))
+
+
+def test_missing_recipe():
+    assert "recipe 'no/such/recipe.yaml' not found" in error_of(load_config, "no/such/recipe.yaml")
+
+
+# --------------------------------------------------------------------------------------
+# validate(): ranges
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps=0", "train.steps must be > 0"),
+    ("train.lr=-1e-3", "train.lr must be > 0"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
+    ("stage2.tau=0", "stage2.tau must be > 0"),
+    ("teacher.logits_top_k=0", "teacher.logits_top_k must be > 0"),
+    ("stage3.group_size=1", "stage3.group_size must be >= 2 when stage3 is enabled"),
+    ("stage3.clip_eps=1.5", "stage3.clip_eps must be in (0, 1)"),
+    ("stage4.ema_decay=1", "stage4.ema_decay must be in [0, 1)"),
+    ("data.split_fractions.A=0.5", "data.split_fractions must sum to 1"),
+    ("data.split_fractions.A=0", "data.split_fractions.A must be in (0, 1]"),
+    ("data.split_fractions={A: 0.5, B: 0.5}", "data.split_fractions must have exactly the keys A, B, C, D"),
+    ("topology.teacher_ranks=0", "topology.teacher_ranks must be >= 1 unless topology.colocated=true"),
+    ("topology.bridge_port=70000", "topology.bridge_port must be in 1..65535"),
+])
+def test_range_errors(setup, override, expected):
+    cfg, root = setup
+    bad = load_config(None, [override])
+    bad.models, bad.deepspeed = cfg.models, cfg.deepspeed
+    assert expected in error_of(validate, bad, repo_root=root)
+
+
+def test_group_size_one_is_fine_without_stage3(setup):
+    cfg, root = setup
+    cfg.stage3.enabled, cfg.stage3.group_size = False, 1
+    validate(cfg, repo_root=root)
+
+
+# --------------------------------------------------------------------------------------
+# validate(): DeepSpeed JSON and expert parallelism
+# --------------------------------------------------------------------------------------
+
+
+def test_missing_deepspeed_json(setup):
+    cfg, root = setup
+    cfg.deepspeed.config = "ds_configs/nope.json"
+    msg = error_of(validate, cfg, repo_root=root)
+    assert msg.startswith("deepspeed.config: DeepSpeed JSON 'ds_configs/nope.json' not found")
+
+
+def test_unparsable_deepspeed_json(setup):
+    cfg, root = setup
+    Path(cfg.deepspeed.config).write_text("{not json")
+    assert "is not valid JSON (line 1" in error_of(validate, cfg, repo_root=root)
+
+
+def test_deepspeed_json_relative_to_repo_root(setup, tmp_path_factory, monkeypatch):
+    cfg, root = setup
+    cfg.deepspeed.config = "ds.json"
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    assert expert_parallel_size(cfg, repo_root=root) == 2
+
+
+def test_expert_parallel_size_sources(setup):
+    cfg, root = setup
+    assert expert_parallel_size(cfg, repo_root=root) == 2
+    cfg.deepspeed.expert_parallel_size = 4
+    assert expert_parallel_size(cfg, repo_root=root) == 4
+    cfg.deepspeed.expert_parallel_size = None
+    Path(cfg.deepspeed.config).write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert expert_parallel_size(cfg, repo_root=root) == 1
+
+
+def test_experts_not_divisible_by_ep(setup):
+    cfg, root = setup
+    cfg.deepspeed.expert_parallel_size = 3
+    msg = error_of(validate, cfg, repo_root=root)
+    assert msg.startswith("models.student: 8 experts do not divide over expert-parallel size 3")
+
+
+# --------------------------------------------------------------------------------------
+# validate(): models
+# --------------------------------------------------------------------------------------
+
+
+def test_top_k_larger_than_experts(setup):
+    cfg, root = setup
+    cfg.models.student = str(write_model(root, "wide", {**STUDENT, "num_experts_per_tok": 16}))
+    assert error_of(validate, cfg, repo_root=root) == "models.student: top-k 16 is larger than the 8 experts"
+
+
+def test_vocab_mismatch_names_both_sizes(setup):
+    cfg, root = setup
+    cfg.models.student = str(write_model(root, "other_vocab", {**STUDENT, "vocab_size": 1024}))
+    msg = error_of(validate, cfg, repo_root=root)
+    assert "vocab_size 1024 differs from the teacher's 1000" in msg and msg.startswith("models.student")
+
+
+def test_dense_student_is_rejected(setup):
+    cfg, root = setup
+    cfg.models.student = str(write_model(root, "dense", TEACHER))
+    assert "is not an MoE" in error_of(validate, cfg, repo_root=root)
+
+
+def test_missing_model_path(setup):
+    cfg, root = setup
+    cfg.models.teacher = "/abs/x"
+    assert error_of(validate, cfg, repo_root=root) == "models.teacher: path '/abs/x' does not exist"
+    cfg.models.teacher = "./x"
+    assert error_of(validate, cfg, repo_root=root) == "models.teacher: path './x' does not exist"
+    cfg.models.teacher = "gpt2"  # not org/name and not local
+    assert error_of(validate, cfg, repo_root=root) == "models.teacher: path 'gpt2' does not exist"
+
+
+def test_model_dir_without_config_json(setup):
+    cfg, root = setup
+    (root / "empty").mkdir()
+    cfg.models.student = str(root / "empty")
+    assert "has no config.json" in error_of(validate, cfg, repo_root=root)
+
+
+def test_hub_ids_pass_through(setup):
+    cfg, root = setup
+    assert resolve_model_path("Qwen/Qwen3-30B-A3B", root) == "Qwen/Qwen3-30B-A3B"
+    cfg.models.student = "Qwen/Qwen3-30B-A3B"
+    validate(cfg, repo_root=root)
+
+
+def test_toy_reference(setup, monkeypatch):
+    cfg, root = setup
+    monkeypatch.delenv("PADD_TOY_DIR", raising=False)
+    assert "run `padd toy build`" in error_of(resolve_model_path, "toy://teacher", field_name="models.teacher")
+    toy = root / "toy-demo-abc"
+    toy.mkdir()
+    write_model(toy, "teacher", TEACHER)
+    monkeypatch.setenv("PADD_TOY_DIR", str(toy))
+    assert resolve_model_path("toy://teacher") == str((toy / "teacher").resolve())
+    assert "toy model 'student' not found" in error_of(resolve_model_path, "toy://student")
+
+
+def test_student_moe_shape_per_model_type(tmp_path):
+    mixtral = write_model(tmp_path, "mixtral", {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
+    dsv2 = write_model(tmp_path, "dsv2", {"model_type": "deepseek_v2", "n_routed_experts": 64,
+                                          "n_shared_experts": 2, "num_experts_per_tok": 6})
+    dense = write_model(tmp_path, "dense", TEACHER)
+    assert student_moe_shape(mixtral) == (8, 2)
+    assert student_moe_shape(dsv2) == (64, 6)
+    assert student_moe_shape(dense) is None
+
+
+def test_decompression_needs_divisible_ffn(setup):
+    cfg, root = setup
+    cfg.models.student = None
+    validate(cfg, world_size=3, repo_root=root)  # 256 neurons into 8 experts
+    cfg.stage1.decompress_experts = 6
+    cfg.deepspeed.expert_parallel_size = 1
+    assert "stage1.decompress_experts=6 must divide the teacher's intermediate_size 256" in error_of(
+        validate, cfg, repo_root=root)
+
+
+def test_sequence_longer_than_positions(setup):
+    cfg, root = setup
+    cfg.data.max_response_tokens = 1000
+    assert "max_position_embeddings=512 is shorter" in error_of(validate, cfg, repo_root=root)
+
+
+def test_missing_data_file(setup):
+    cfg, root = setup
+    cfg.data.source = "data/problems.jsonl"
+    assert "data.source: file 'data/problems.jsonl' does not exist" in error_of(validate, cfg, repo_root=root)
+
+
+# --------------------------------------------------------------------------------------
+# validate(): world size
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world, teachers, expected", [
+    (2, 2, "world size 2 cannot hold topology.teacher_ranks=2 plus at least one student rank"),
+    (3, 2, "topology.teacher_ranks=2 exceeds the 1 student ranks of world size 3"),
+    (2, 1, "1 student ranks (world size 2) do not divide into expert-parallel groups of 2"),
+    (1, 1, "world size 1 cannot hold a separate teacher rank; set topology.colocated=true"),
+])
+def test_world_size_errors(setup, world, teachers, expected):
+    cfg, root = setup
+    cfg.topology.teacher_ranks = teachers
+    assert expected in error_of(validate, cfg, world_size=world, repo_root=root)
+
+
+def test_world_size_ok_cases(setup):
+    cfg, root = setup
+    validate(cfg, world_size=5, repo_root=root)        # 4 students, 1 teacher
+    cfg.topology.colocated = True
+    validate(cfg, world_size=2, repo_root=root)        # 2 colocated students
+    cfg.deepspeed.expert_parallel_size = 1
+    validate(cfg, world_size=1, repo_root=root)
+
+
+# --------------------------------------------------------------------------------------
+# Import hygiene
+# --------------------------------------------------------------------------------------
+
+
+def test_imports_without_torch_or_deepspeed():
+    code = ("import sys; import padd_ds.config, padd_ds.launch.roles; "
+            "bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=60)
