@@ -114,19 +114,47 @@ class BatchPlan:
         return perm[start:start + self.per_rank].tolist()
 
 
-def lm_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Cross-entropy of the response tokens (position t predicts token t+1)."""
+def lm_loss(logits: torch.Tensor, batch: TokenBatch, denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the response tokens (position t predicts token t+1), summed / `denom`."""
     m = batch.loss_mask[:, :-1]
     targets = batch.ids[:, 1:][m]
-    return F.cross_entropy(logits[:, :-1][m].float(), targets)
+    total = F.cross_entropy(logits[:, :-1][m].float(), targets, reduction="sum")
+    return total / (m.sum().clamp(min=1) if denom is None else denom)
 
 
-def _all_mean(values: list[float]) -> list[float]:
+def _all_sum(values: list[float]) -> list[float]:
     import deepspeed.comm as dist
 
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return t.tolist()
+
+
+def global_token_count(batch: TokenBatch) -> float:
+    """Loss positions in this micro-step summed over all student ranks.
+
+    Each rank divides its loss sum by this count times the number of ranks; DeepSpeed then
+    averages gradients over ranks, so the update equals a single process seeing the whole
+    global batch (a per-rank mean would overweight ranks with short sequences)."""
+    return _all_sum([float(batch.loss_mask.sum())])[0]
+
+
+@torch.no_grad()
+def probe_logits(engine, tok, cfg: PaddConfig, problems: list[dict]) -> tuple[TokenBatch, torch.Tensor]:
+    """Engine logits on a fixed batch (every student rank runs it; AutoEP needs them all)."""
+    batch = encode_examples(tok, problems[:4], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    engine.eval()
+    logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits.float()
+    engine.train()
+    return batch, logits
+
+
+def max_logit_diff(model, batch: TokenBatch, reference: torch.Tensor) -> float:
+    """Largest |logit| difference over the non-padded positions of `batch`."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.ids, attention_mask=batch.attention_mask).logits.float()
+    valid = batch.attention_mask.bool()
+    return (logits[valid] - reference[valid]).abs().max().item()
 
 
 def run_student(cfg: PaddConfig, world: World) -> dict | None:
@@ -177,7 +205,8 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
 
     progress = _progress(cfg, world, cfg.train.steps)
     engine.train()
-    window = {"kd": 0.0, "lm": 0.0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter(), "n": 0}
+    new_window = lambda: {"kd": 0.0, "lm": 0.0, "count": 0.0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}  # noqa: E731
+    window = new_window()
     for i in range(1 + cfg.teacher.prefetch):
         request(i)
     for i, (step, micro) in enumerate(micro_steps):
@@ -187,29 +216,31 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
         window["wait"] += teacher.stats.wait_s - wait0
         request(i + 1 + cfg.teacher.prefetch)          # the teacher works on it while we train
 
+        denom = global_token_count(batch) / num_students
         out = engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
-        kd = sparse_kd_loss(out.logits, targets, batch.loss_mask, cfg.train.kd_temperature)
-        lm = lm_loss(out.logits, batch)
+        kd = sparse_kd_loss(out.logits, targets, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
+        lm = lm_loss(out.logits, batch, denom=denom)
         loss = cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm
         engine.backward(loss)
         engine.step()
 
-        window["kd"] += kd.item()
-        window["lm"] += lm.item()
+        window["kd"] += kd.item() * denom        # back to sums, for exact global means
+        window["lm"] += lm.item() * denom
+        window["count"] += float(batch.loss_mask.sum())
         window["tokens"] += int(batch.lengths.sum())
-        window["n"] += 1
         last = i == len(micro_steps) - 1
         if micro == cfg.train.grad_accum - 1 and ((step + 1) % cfg.train.log_every == 0 or last):
             dt = time.perf_counter() - window["t0"]
-            kd_m, lm_m, wait_m, tok_s = _all_mean([window["kd"] / window["n"], window["lm"] / window["n"],
-                                                   window["wait"] / dt, window["tokens"] / dt])
-            row = {"train/kd_loss": kd_m, "train/lm_loss": lm_m, "teacher/wait_fraction": wait_m,
-                   "train/tokens_per_s": tok_s * num_students, "train/lr": engine.get_lr()[0]}
+            kd_s, lm_s, count, wait_s, tokens = _all_sum([window["kd"], window["lm"], window["count"],
+                                                          window["wait"], window["tokens"]])
+            row = {"train/kd_loss": kd_s / count, "train/lm_loss": lm_s / count,
+                   "teacher/wait_fraction": wait_s / num_students / dt, "train/tokens_per_s": tokens / dt,
+                   "train/lr": engine.get_lr()[0]}
             history.append({"step": step + 1, **row})
             logger.log(row, step + 1)
             if progress is not None:
                 progress.update(step + 1, row)
-            window = {"kd": 0.0, "lm": 0.0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter(), "n": 0}
+            window = new_window()
     if progress is not None:
         progress.close()
     teacher.close()
@@ -221,10 +252,12 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     export_engine(engine, export_dir, tokenizer=tok,
                   metadata={"source": "padd-ds", "mode": cfg.train.mode, "steps": cfg.train.steps,
                             "teacher": cfg.models.teacher, "student": cfg.models.student})
+    probe, engine_logits = probe_logits(engine, tok, cfg, problems)
 
     result = None
     if world.is_main:
         after_model = load_causal_lm(str(export_dir), "float32")
+        export_diff = max_logit_diff(after_model, probe, engine_logits)  # export fidelity
         after = _evaluate(after_model, tok, cfg)
         if roles.role == "colocated":
             teacher_eval = _evaluate(teacher.teacher.model, tok, cfg)
@@ -233,6 +266,7 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
                                                   timeout_s=cfg.topology.timeout_s)["teacher_eval"]
         result = {"teacher": teacher_eval, "student_before": before, "student_after": after,
                   "history": history, "teacher_wait_s": teacher.stats.wait_s,
+                  "export_max_abs_logit_diff": export_diff,
                   "checkpoint": str(ckpt_dir), "export": str(export_dir)}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
         logger.summary({"eval/teacher_acc": teacher_eval["accuracy"],
@@ -260,7 +294,8 @@ def print_table(result: dict) -> None:
     h = result["history"]
     if h:
         print(f"KD loss: {h[0]['train/kd_loss']:.4f} (step {h[0]['step']}) -> "
-              f"{h[-1]['train/kd_loss']:.4f} (step {h[-1]['step']})", flush=True)
+              f"{h[-1]['train/kd_loss']:.4f} (step {h[-1]['step']}); export max |logit diff| "
+              f"{result['export_max_abs_logit_diff']:.2e}", flush=True)
 
 
 class _Progress:

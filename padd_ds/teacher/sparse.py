@@ -85,12 +85,14 @@ def bucket_logprobs_student(student_logits: torch.Tensor, indices: torch.Tensor,
 
 
 def sparse_kd_loss(student_logits: torch.Tensor, teacher: SparseLogits, mask: torch.Tensor,
-                   temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Forward KL(p_T || q_S) over k+1 buckets, averaged over masked positions, times T^2.
+                   temperature: float | torch.Tensor = 1.0, denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL(p_T || q_S) over k+1 buckets, summed over masked positions / `denom`, times T^2.
 
     `mask` [B, L] selects the positions whose next-token distribution is distilled.
     `temperature` is a float or a per-sequence [B] tensor (Stage II couples it to advantage).
     The T^2 factor keeps gradient scale independent of T (Hinton et al., 2015).
+    `denom` defaults to the number of masked positions (a per-token mean); data-parallel
+    training passes the global count so that every rank's tokens weigh the same.
     """
     logp = bucket_logprobs_teacher(teacher, temperature)
     logq = bucket_logprobs_student(student_logits, teacher.indices, temperature)
@@ -100,7 +102,7 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher: SparseLogits, mask: to
     else:
         kl = kl * temperature ** 2
     m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp(min=1.0)
+    return (kl * m).sum() / (m.sum().clamp(min=1.0) if denom is None else denom)
 
 
 def full_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -1,0 +1,56 @@
+"""Shared fixtures: the test-profile toy world (built once, cached under .cache/padd_ds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def toy_world():
+    """The fast 'test' toy world; PADD_TOY_DIR points at it for every subprocess."""
+    from padd_ds.toy.build import build_toy_world
+
+    world = build_toy_world("test")
+    os.environ["PADD_TOY_DIR"] = str(world.root)
+    return world
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cmd(cmd: list[str], timeout: float, cwd: Path | None = None, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with a hard timeout; on failure show its output tail in the assertion."""
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "WANDB_MODE": "disabled", **(env or {})}
+    try:
+        p = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"")[-4000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-4000:]
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}") from None
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}: {' '.join(cmd)}\n--- stdout ---\n{p.stdout[-6000:]}"
+                             f"\n--- stderr ---\n{p.stderr[-6000:]}")
+    return p
+
+
+def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), str(REPO / "train.py"), *args]
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
