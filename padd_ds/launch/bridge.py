@@ -95,14 +95,25 @@ class Bridge:
         if ok is False:
             raise BridgeError(f"bridge: {what} rank {peer} timed out after {t:.0f}s for request {request_id}")
 
+    def _post(self, op, tensor: torch.Tensor, peer: int, tag: int, what: str, request_id: int):
+        """Post a send/recv; gloo may fail right here when the peer is already gone."""
+        try:
+            return op([tensor], peer, tag)
+        except Exception as e:  # noqa: BLE001
+            raise BridgeError(f"bridge: {what} rank {peer} failed for request {request_id} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "peer dead?") from e
+
     def send_tensors(self, tensors: list[torch.Tensor], dst: int, request_id: int = -1, tag: int = 0) -> None:
         for t in tensors:
-            self._wait(self.pg.send([t.contiguous()], dst, tag), "sending to", dst, request_id, None)
+            work = self._post(self.pg.send, t.contiguous(), dst, tag, "sending to", request_id)
+            self._wait(work, "sending to", dst, request_id, None)
 
     def recv_tensor(self, shape, dtype, src: int, request_id: int = -1,
                     timeout_s: float | None = None, tag: int = 0) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)
-        self._wait(self.pg.recv([t], src, tag), "receiving from", src, request_id, timeout_s)
+        work = self._post(self.pg.recv, t, src, tag, "receiving from", request_id)
+        self._wait(work, "receiving from", src, request_id, timeout_s)
         return t
 
     # -- framed messages -------------------------------------------------------------------
@@ -116,7 +127,7 @@ class Bridge:
         if payload and header.payload_crc == 0:
             header.payload_crc = crc32(*payload)
         tensors = [header.to_tensor(), *[t.contiguous() for t in payload]]
-        works = [self.pg.send([t], dst, tag) for t in tensors]
+        works = [self._post(self.pg.send, t, dst, tag, "sending to", header.request_id) for t in tensors]
         return PostedSend(self, works, tensors, dst, header.request_id)
 
     def recv_header(self, src: int, timeout_s: float | None = None, request_id: int = -1, tag: int = 0) -> Header:
