@@ -8,6 +8,9 @@ STAMP   := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
+# JIT-built DeepSpeed ops live with this checkout's venv: another checkout's sources (or a
+# build killed half-way there) can then never block ours behind a stale lock.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test install clean
 
@@ -16,6 +19,8 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	# Build DeepSpeed's CPU shared-memory comm op now, once, rather than racing in the first run.
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -34,7 +34,7 @@ def _teacher_process(launcher: subprocess.Popen) -> psutil.Process:
     raise AssertionError("teacher process (local rank 2) not found")
 
 
-def _wait_training(tmp_path: Path, launcher: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_training(tmp_path: Path, launcher: subprocess.Popen, timeout: float = 300) -> None:
     metrics = tmp_path / "metrics.jsonl"
     t0 = time.time()
     while time.time() - t0 < timeout:

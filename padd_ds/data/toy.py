@@ -19,6 +19,9 @@ from typing import Sequence
 
 MAX_VALUE = 99  # every intermediate value stays at most 2 digits
 MAX_LEVEL = 3
+MAX_START = 50  # first count in the story
+MAX_OPERAND = 9  # + and - operands are single digits: carries and borrows, but a small fact table
+MAX_FACTOR = 4  # * operands are 2..MAX_FACTOR
 
 # (name, subject pronoun, object pronoun)
 _PEOPLE: tuple[tuple[str, str, str], ...] = (
@@ -99,27 +102,28 @@ def _next_op(rng: random.Random, cur: int) -> tuple[str, int]:
         ops.append("*")
     op = rng.choice(ops)
     if op == "+":
-        return op, rng.randint(1, min(30, MAX_VALUE - cur))
+        return op, rng.randint(1, min(MAX_OPERAND, MAX_VALUE - cur))
     if op == "-":
-        return op, rng.randint(1, cur)
-    return op, rng.randint(2, min(4, MAX_VALUE // cur))
+        return op, rng.randint(1, min(MAX_OPERAND, cur))
+    return op, rng.randint(2, min(MAX_FACTOR, MAX_VALUE // cur))
 
 
 def _make_problem(rng: random.Random, level: int, pid: str) -> ToyProblem:
     name, sub, obj_p = rng.choice(_PEOPLE)
     friend = rng.choice([p[0] for p in _PEOPLE if p[0] != name])
     item = rng.choice(_OBJECTS)
-    a = rng.randint(1, 50)
+    a = rng.randint(1, MAX_START)
     fields = dict(name=name, sub=sub, Sub=sub.capitalize(), obj_p=obj_p, friend=friend, item=item)
 
     sentences = [rng.choice(_START).format(a=a, **fields)]
-    steps: list[str] = []
+    steps: list[str] = [sentences[0]]
     expression = str(a)
     cur = a
     for i in range(level):
         op, k = _next_op(rng, cur)
         template = rng.choice({"+": _ADD, "-": _SUB, "*": _MUL}[op])
         sentences.append(template.format(k=k, **fields))
+        steps.append(sentences[-1])
         new = cur + k if op == "+" else cur - k if op == "-" else cur * k
         assert 0 <= new <= MAX_VALUE, (cur, op, k)
         steps.append(f"{cur} {op} {k} = {new}.")

@@ -38,6 +38,12 @@ def build_ds_config(cfg: PaddConfig, hf_config, num_students: int) -> dict:
     _fill(params, "lr", t.lr, "optimizer.params")
     _fill(params, "weight_decay", t.weight_decay, "optimizer.params")
     on_gpu = torch.cuda.is_available()
+    if not on_gpu and opt.get("type", "").lower() in ("adam", "adamw") and params.get("torch_adam", "auto") == "auto":
+        # DeepSpeed's FusedAdam is JIT-compiled on CPU behind a file lock that a killed
+        # process leaves stale (every later run then waits forever); torch's AdamW needs no build.
+        params["torch_adam"] = True
+    elif params.get("torch_adam") == "auto":
+        params.pop("torch_adam")
     want_bf16 = cfg.models.dtype == "bfloat16" or (cfg.models.dtype == "auto" and on_gpu)
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
