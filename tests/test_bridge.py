@@ -1,0 +1,173 @@
+"""The teacher <-> student bridge in two real processes: exact transport, integrity checks,
+and a peer that dies."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import pytest
+import torch
+
+from conftest import free_port
+
+TIMEOUT = 20.0
+
+
+def _tiny_teacher():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def _batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 211, (3, 12), generator=g)
+    lengths = torch.tensor([12, 9, 5])
+    return ids, lengths
+
+
+def _run(role_fns: dict, port: int):
+    """Run {rank: fn(bridge) -> result} in spawned processes; return {rank: (ok, value)}."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(fn, rank, len(role_fns), port, q)) for rank, fn in role_fns.items()]
+    for p in procs:
+        p.start()
+    out = {}
+    deadline = time.time() + 120
+    while len(out) < len(procs) and time.time() < deadline:
+        try:
+            rank, ok, value = q.get(timeout=1)
+            out[rank] = (ok, value)
+        except Exception:  # noqa: BLE001 - queue.Empty; also notice children that died silently
+            if all(not p.is_alive() for p in procs) and q.empty():
+                break
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    return out, {rank: p.exitcode for rank, p in zip(role_fns, procs)}
+
+
+def _child(fn, rank, world, port, q):
+    from padd_ds.launch.bridge import Bridge
+
+    torch.set_num_threads(1)
+    try:
+        bridge = Bridge("127.0.0.1", port, rank, world, TIMEOUT)
+        value = fn(bridge)
+        q.put((rank, True, value))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        q.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+    time.sleep(0.5)
+    os._exit(0)
+
+
+# -- roles (module level so spawn can import them) -----------------------------------------
+
+def teacher_serves(bridge):
+    from padd_ds.teacher.service import TeacherModel, serve
+
+    stats = serve(bridge, TeacherModel(_tiny_teacher()), students=[0], idle_timeout_s=TIMEOUT)
+    return stats.requests
+
+
+def student_streams(bridge):
+    from padd_ds.teacher.service import RemoteTeacher, TeacherModel
+    from padd_ds.teacher.sparse import sparse_kd_loss
+
+    client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0)
+    local = TeacherModel(_tiny_teacher())
+    batches = [_batch(s) for s in range(4)]
+    rids = [client.submit(i, *b) for i, b in enumerate(batches[:2])]   # two in flight
+    diffs = []
+    student_logits = torch.randn(3, 12, 211, generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    for i, b in enumerate(batches):
+        remote = client.result(rids[i])
+        if i + 2 < len(batches):
+            rids.append(client.submit(i + 2, *batches[i + 2]))
+        ref = local.topk_logits(*b, k=8)
+        assert torch.equal(remote.indices, ref.indices)
+        diffs.append(max((remote.values - ref.values).abs().max().item(), (remote.lse - ref.lse).abs().max().item()))
+        kd_remote = sparse_kd_loss(student_logits, remote, mask)
+        kd_local = sparse_kd_loss(student_logits, ref, mask)
+        assert kd_remote.item() == kd_local.item()
+    client.close()
+    return max(diffs)
+
+
+def test_streamed_logits_equal_local_and_kd_identical():
+    out, codes = _run({0: student_streams, 1: teacher_serves}, free_port())
+    assert out[0] == (True, 0.0), out
+    assert out[1] == (True, 4), out
+
+
+def student_sends_bad_checksum(bridge):
+    from padd_ds.launch.bridge import KIND_TOPK_LOGITS, Header, crc32
+
+    ids, lengths = _batch(0)
+    h = Header(KIND_TOPK_LOGITS, 7, 0, 3, 12, 8, input_crc=crc32(ids) ^ 1)
+    bridge.send_message(h, [ids, lengths], 1).wait()   # the teacher has read it all
+    time.sleep(3)
+    return "sent"
+
+
+def test_corrupted_request_is_refused_by_the_teacher():
+    out, _ = _run({0: student_sends_bad_checksum, 1: teacher_serves}, free_port())
+    ok, msg = out[1]
+    assert not ok and "checksum mismatch in request 7 from rank 0" in msg, msg
+
+
+def teacher_corrupts_reply(bridge):
+    from padd_ds.launch.bridge import KIND_TOPK_LOGITS, Header, crc32
+    from padd_ds.teacher.service import TeacherModel
+
+    h = bridge.recv_header(0)
+    ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64)], 0)
+    sl = TeacherModel(_tiny_teacher()).topk_logits(ids, lengths, h.arg)
+    good_crc = crc32(*sl.tensors())
+    sl.values[0, 0, 0] += 1.0                      # a flipped value "in transit"
+    reply = Header(KIND_TOPK_LOGITS, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
+                   payload_crc=good_crc)
+    bridge.send_message(reply, sl.tensors(), 0).wait()
+    time.sleep(2)
+    return "sent"
+
+
+def student_receives(bridge):
+    from padd_ds.teacher.service import RemoteTeacher
+
+    client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0)
+    rid = client.submit(0, *_batch(0))
+    client.result(rid)
+    return "used corrupted data"
+
+
+def test_corrupted_reply_is_detected_by_the_student():
+    out, _ = _run({0: student_receives, 1: teacher_corrupts_reply}, free_port())
+    ok, msg = out[0]
+    assert not ok and "payload checksum mismatch for request 0" in msg, msg
+
+
+def student_dies(bridge):
+    from padd_ds.teacher.service import RemoteTeacher
+
+    client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0)
+    client.result(client.submit(0, *_batch(0)))
+    os._exit(3)                                    # dies without STOP
+
+
+def test_teacher_exits_when_its_student_dies():
+    t0 = time.time()
+    out, codes = _run({0: student_dies, 1: teacher_serves}, free_port())
+    assert codes[0] == 3
+    ok, msg = out[1]
+    assert not ok and "rank 0" in msg, msg
+    assert time.time() - t0 < TIMEOUT + 30
