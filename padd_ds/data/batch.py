@@ -22,16 +22,20 @@ class TokenBatch:
 
 
 def encode_examples(tokenizer, problems: list[dict], max_prompt_tokens: int, max_response_tokens: int) -> TokenBatch:
-    """Tokenize (question, solution) pairs; prompts are left-truncated, responses cut."""
+    """Tokenize (question, solution) pairs; an over-long prompt is an error (silently cutting
+    the question would train on a different problem), responses are cut at the limit."""
     seqs, masks = [], []
     for p in problems:
         if not p.get("solution"):
             raise ValueError(f"problem {p.get('id')} has no solution text to train on")
         prompt, response = format_example(p["question"], p["solution"])
-        pi = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # The prompt is tokenized exactly as generation and evaluation tokenize it (the
+        # tokenizer adds whatever special tokens it adds); the response follows, then EOS.
+        pi = tokenizer(prompt)["input_ids"]
         ri = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        pi = bos + pi[-(max_prompt_tokens - len(bos)):]
+        if len(pi) > max_prompt_tokens:
+            raise ValueError(f"problem {p.get('id')}: prompt has {len(pi)} tokens > data.max_prompt_tokens="
+                             f"{max_prompt_tokens}; raise the limit or filter long problems")
         ri = ri[:max_response_tokens]
         seqs.append(pi + ri)
         # position t predicts token t+1: response tokens sit at len(pi) .. len(pi)+len(ri)-1
