@@ -112,6 +112,11 @@ class TeacherConfig:
     prefetch: int = 1
     # One scoring request (a full micro-batch) must answer within this; fail, don't hang.
     request_timeout_s: float = 120.0
+    # How several teacher ranks share the work. replicas: each holds a full copy and serves
+    # its own block of student ranks (fastest when the teacher fits one device). zero3: one
+    # teacher ZeRO-3-partitioned over all teacher ranks (for a teacher too large for one
+    # device, e.g. 70B bf16 = 140 GB); the first teacher rank serves every student.
+    parallel: Literal["replicas", "zero3"] = "replicas"
 
 
 @dataclass

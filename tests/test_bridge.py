@@ -65,7 +65,8 @@ def _child(fn, rank, world, port, q):
         q.put((rank, True, value))
     except BaseException as e:  # noqa: BLE001 - reported to the test
         q.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
-    time.sleep(0.5)
+    q.close()
+    q.join_thread()   # flush the queue before leaving without interpreter teardown
     os._exit(0)
 
 

@@ -16,8 +16,12 @@ from padd_ds.eval.grading import grade
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of ``prompts``, decoded and cut at the first EOS."""
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                    synced_gpus: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts``, decoded and cut at the first EOS.
+
+    ``synced_gpus``: the model is ZeRO-3-partitioned over several ranks that all run this
+    call; they keep stepping together until every rank is done."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     if not all(isinstance(p, str) for p in prompts):
@@ -42,6 +46,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_id,
                 pad_token_id=pad_id,
+                synced_gpus=synced_gpus,
             )
             for row in gen[:, batch["input_ids"].shape[1] :].tolist():
                 if eos_id in row:
@@ -54,14 +59,15 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 
 
 def evaluate_problems(
-    model, tokenizer, problems: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 64
+    model, tokenizer, problems: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 64,
+    synced_gpus: bool = False,
 ) -> dict[str, Any]:
     """Greedy accuracy on ``problems`` (dicts with ``question``, ``answer``, optional ``level``)."""
     for i, p in enumerate(problems):
         if "question" not in p or "answer" not in p:
             raise KeyError(f"problem {i} needs 'question' and 'answer' keys, has {sorted(p)}")
     prompts = [format_prompt(p["question"]) for p in problems]
-    responses = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    responses = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, synced_gpus)
     correct = [grade(r, str(p["answer"])) for r, p in zip(responses, problems)]
     by_level: dict[Any, list[bool]] = defaultdict(list)
     for p, ok in zip(problems, correct):

@@ -26,6 +26,9 @@ class World:
     env: LaunchEnv
     roles: Roles
     bridge: Bridge | None
+    # replicas: each teacher rank serves its own block of students; zero3: the teacher ranks
+    # hold one sharded teacher and the first of them serves every student.
+    teacher_parallel: str = "replicas"
 
     @property
     def is_student(self) -> bool:
@@ -40,12 +43,21 @@ class World:
         """The student rank that logs, writes and prints (student rank 0)."""
         return self.is_student and (self.roles.student_rank or 0) == 0
 
+    @property
+    def is_teacher_leader(self) -> bool:
+        """The teacher rank that talks to students (all of them, in a sharded teacher)."""
+        return self.is_teacher and (self.teacher_parallel == "replicas" or self.roles.teacher_rank == 0)
+
     def my_teacher(self) -> int:
         r = self.roles
+        if self.teacher_parallel == "zero3":
+            return r.num_student  # global rank of teacher rank 0
         return student_to_teacher(r.student_rank, r.num_student, r.num_teacher)
 
     def my_students(self) -> list[int]:
         r = self.roles
+        if self.teacher_parallel == "zero3":
+            return list(range(r.num_student)) if r.teacher_rank == 0 else []
         return students_of_teacher(r.teacher_rank, r.num_student, r.num_teacher)
 
 
@@ -58,14 +70,16 @@ def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
         addr, port = bridge_address(env, cfg.topology.bridge_port)
         bridge = Bridge(addr, port, env.rank, env.world_size, cfg.topology.timeout_s)
     apply_env(sub_world_env(env, roles))
-    if roles.role in ("student", "colocated"):
+    sharded_teacher = roles.role == "teacher" and cfg.teacher.parallel == "zero3" and roles.num_teacher > 1
+    if roles.role in ("student", "colocated") or sharded_teacher:
         import datetime
 
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=cfg.topology.timeout_s))
-    return World(env, roles, bridge)
+    parallel = cfg.teacher.parallel if roles.num_teacher > 1 else "replicas"
+    return World(env, roles, bridge, teacher_parallel=parallel)
 
 
 def _backend() -> str:

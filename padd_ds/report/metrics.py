@@ -16,6 +16,8 @@ def wandb_mode(requested: str) -> str:
     """`auto` goes online only when a key is configured; a cluster without one still logs."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]  # the user's W&B setting wins over our guess
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 

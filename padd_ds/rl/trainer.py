@@ -65,10 +65,10 @@ def run(cfg: PaddConfig, world: World) -> dict | None:
 # Teacher ranks
 # ----------------------------------------------------------------------------------------
 
-def _evaluate(model, tok, cfg: PaddConfig) -> dict:
+def _evaluate(model, tok, cfg: PaddConfig, synced: bool = False) -> dict:
     problems = load_heldout_problems(cfg.data.source, limit=cfg.eval.num_problems)
     res = evaluate_problems(model, tok, problems, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size)
+                            batch_size=cfg.eval.batch_size, synced_gpus=synced)
     return {"accuracy": res["accuracy"], "n": res["n"], "per_level": res.get("per_level", {})}
 
 
@@ -76,17 +76,33 @@ def run_teacher(cfg: PaddConfig, world: World) -> None:
     teacher_path, _, tok_path = model_paths(cfg)
     tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
     model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
+    sharded = world.teacher_parallel == "zero3"
+    if sharded:
+        from padd_ds.teacher.sharded import ShardedTeacher
+
+        teacher = ShardedTeacher(model, bf16=next(model.parameters()).dtype == torch.bfloat16)
+        model = teacher.model
+    else:
+        teacher = TeacherModel(model)
     result_work = None
-    if world.roles.teacher_rank == 0:
-        # Evaluate first, while the students build their engine; the result travels on its
-        # own tag and the main student collects it at the end.
+    if world.roles.teacher_rank == 0 or sharded:
+        # Evaluate first, while the students build their engine (a sharded teacher generates
+        # on all its ranks in step). The result travels on its own bridge tag and the main
+        # student collects it at the end.
         t0 = time.perf_counter()
-        ev = _evaluate(model, tok, cfg)
+        ev = _evaluate(model, tok, cfg, synced=sharded)
         ev["seconds"] = time.perf_counter() - t0
-        result_work = world.bridge.post_json({"teacher_eval": ev}, dst=0, tag=RESULT_TAG)
-    stats = serve(world.bridge, TeacherModel(model), world.my_students(), cfg.topology.timeout_s)
-    print(f"[teacher {world.roles.teacher_rank}] served {stats.requests} requests, {stats.tokens} tokens; "
-          f"busy {stats.busy_s:.1f}s idle {stats.idle_s:.1f}s", flush=True)
+        if world.roles.teacher_rank == 0:
+            result_work = world.bridge.post_json({"teacher_eval": ev}, dst=0, tag=RESULT_TAG)
+    if world.is_teacher_leader:
+        stats = serve(world.bridge, teacher, world.my_students(), cfg.topology.timeout_s)
+        if sharded:
+            teacher.stop()
+        print(f"[teacher {world.roles.teacher_rank}] served {stats.requests} requests, {stats.tokens} tokens; "
+              f"busy {stats.busy_s:.1f}s idle {stats.idle_s:.1f}s", flush=True)
+    else:
+        n = teacher.member_loop()
+        print(f"[teacher {world.roles.teacher_rank}] scored {n} shards for the leader", flush=True)
     if result_work is not None:
         result_work.wait()
 

@@ -1,0 +1,94 @@
+"""A teacher ZeRO-3-partitioned over the teacher ranks (`teacher.parallel: zero3`).
+
+The teacher ranks form their own torch.distributed world (never the students'). The leader
+(teacher rank 0) talks to the students over the bridge. For each batch it broadcasts the
+token ids to the group. Every rank scores a contiguous slice of rows; ZeRO-3 gathers each
+layer's weights just in time, so no rank ever holds the whole model. The leader then
+gathers the top-k slices. Members run `member_loop()` until the leader's `stop()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from padd_ds.teacher.sparse import SparseLogits, encode_topk
+
+_STOP, _SCORE = 0, 1
+
+
+class ShardedTeacher:
+    def __init__(self, model: torch.nn.Module, bf16: bool = False):
+        import deepspeed
+        import deepspeed.comm as dist
+
+        ds = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": bf16}}
+        self.engine = deepspeed.initialize(model=model, config=ds)[0]
+        self.engine.eval()
+        self.model = self.engine.module
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    # -- leader -----------------------------------------------------------------------------
+    def topk_logits(self, ids: torch.Tensor, lengths: torch.Tensor, k: int) -> SparseLogits:
+        if self.rank != 0:
+            raise RuntimeError("only teacher rank 0 takes requests; the others run member_loop()")
+        import deepspeed.comm as dist
+
+        dist.broadcast(torch.tensor([_SCORE, ids.shape[0], ids.shape[1], k], dtype=torch.int64), 0)
+        dist.broadcast(ids.contiguous(), 0)
+        dist.broadcast(lengths.contiguous(), 0)
+        return self._score(ids, lengths, k)
+
+    def stop(self) -> None:
+        import deepspeed.comm as dist
+
+        if self.rank == 0:
+            dist.broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64), 0)
+
+    # -- every rank -------------------------------------------------------------------------
+    def member_loop(self) -> int:
+        """Score the leader's batches until it stops; returns how many were scored."""
+        import deepspeed.comm as dist
+
+        n = 0
+        while True:
+            head = torch.empty(4, dtype=torch.int64)
+            dist.broadcast(head, 0)
+            kind, b, l, k = head.tolist()
+            if kind == _STOP:
+                return n
+            ids = torch.empty((b, l), dtype=torch.int64)
+            lengths = torch.empty((b,), dtype=torch.int64)
+            dist.broadcast(ids, 0)
+            dist.broadcast(lengths, 0)
+            self._score(ids, lengths, k)
+            n += 1
+
+    @torch.no_grad()
+    def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int) -> SparseLogits | None:
+        import deepspeed.comm as dist
+
+        B, L = ids.shape
+        chunk = math.ceil(B / self.size)
+        lo, hi = min(self.rank * chunk, B), min((self.rank + 1) * chunk, B)
+        # Every rank must run the forward (ZeRO-3 gathers are collective); a rank without
+        # rows scores row 0 and throws the result away.
+        rows = slice(lo, hi) if hi > lo else slice(0, 1)
+        mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
+        logits = self.engine(input_ids=ids[rows], attention_mask=mask).logits.float().cpu()
+        sl = encode_topk(logits, k)
+        n_mine = hi - lo
+        parts = []
+        for t in sl.tensors():
+            pad = torch.zeros((chunk, *t.shape[1:]), dtype=t.dtype)
+            pad[:n_mine] = t[:n_mine]
+            gathered = [torch.empty_like(pad) for _ in range(self.size)] if self.rank == 0 else None
+            dist.gather(pad, gathered, dst=0)
+            parts.append(gathered)
+        if self.rank != 0:
+            return None
+        vals, idx, lse = (torch.cat(p, 0)[:B].contiguous() for p in parts)
+        return SparseLogits(vals, idx, lse)

@@ -1,0 +1,102 @@
+"""Several teacher ranks: replicas (one full copy per block of students) and one teacher
+ZeRO-3-sharded over the teacher ranks. Both must give the same training as one teacher."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import traceback
+
+import pytest
+import torch
+
+from conftest import REPO, deepspeed_cmd, free_port, read_results, run_cmd
+
+
+def _tiny_teacher():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def _sharded_child(rank: int, port: int, q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    try:
+        import deepspeed
+
+        from padd_ds.teacher.sharded import ShardedTeacher
+
+        torch.set_num_threads(1)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        teacher = ShardedTeacher(_tiny_teacher())
+        if rank == 0:
+            g = torch.Generator().manual_seed(1)
+            out = []
+            for b in (3, 1):   # an odd batch (uneven slices) and one row (a rank has none)
+                ids = torch.randint(0, 211, (b, 10), generator=g)
+                lengths = torch.tensor([10, 7, 4][:b])
+                out.append((ids, lengths, teacher.topk_logits(ids, lengths, 8)))
+            teacher.stop()
+            q.put((rank, [tuple(t.numpy() for t in (i, l, s.values, s.indices, s.lse)) for i, l, s in out]))
+        else:
+            q.put((rank, teacher.member_loop()))
+    except BaseException as e:  # noqa: BLE001
+        q.put((rank, f"ERROR {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+    q.close()
+    q.join_thread()   # flush the queue before leaving without interpreter teardown
+    os._exit(0)
+
+
+def test_two_rank_sharded_teacher_equals_one_rank():
+    from padd_ds.teacher.service import TeacherModel
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_sharded_child, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert not isinstance(got[0], str) and got[1] == 2, got
+    local = TeacherModel(_tiny_teacher())
+    for arrays in got[0]:
+        ids, lengths, values, indices, lse = (torch.from_numpy(a) for a in arrays)
+        ref = local.topk_logits(ids, lengths, 8)
+        assert torch.equal(indices, ref.indices)
+        torch.testing.assert_close(values, ref.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse, ref.lse, atol=1e-5, rtol=0)
+
+
+COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.steps=8", "--set", "train.log_every=2",
+          "--set", "eval.num_problems=8", "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",
+          "--set", "topology.timeout_s=120", "--set", "teacher.request_timeout_s=60"]
+
+
+@pytest.fixture(scope="module")
+def one_process_kd(toy_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("colocated")
+    run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", f"run.output_dir={out}",
+             "--set", "topology.colocated=true", "--set", "deepspeed.expert_parallel_size=1",
+             "--set", "train.micro_batch_size=16"], timeout=300)
+    return [h["train/kd_loss"] for h in read_results(out)["history"]]
+
+
+@pytest.mark.parametrize("parallel", ["replicas", "zero3"])
+def test_two_teacher_ranks_train_like_one(one_process_kd, tmp_path, parallel):
+    p = run_cmd(deepspeed_cmd(4, *COMMON, "--set", f"run.output_dir={tmp_path}", "--set", "train.micro_batch_size=8",
+                              "--set", "topology.teacher_ranks=2", "--set", f"teacher.parallel={parallel}"),
+                timeout=420)
+    kd = [h["train/kd_loss"] for h in read_results(tmp_path)["history"]]
+    assert kd == pytest.approx(one_process_kd, rel=2e-3), (kd, one_process_kd)
+    log = p.stdout + p.stderr
+    if parallel == "replicas":     # each student has its own teacher: 8 requests each
+        assert log.count("served 8 requests") == 2, log[-3000:]
+    else:                          # the leader serves both students, the member scores its shards
+        assert "served 16 requests" in log and "scored 16 shards" in log, log[-3000:]
