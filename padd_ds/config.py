@@ -107,6 +107,9 @@ class TeacherConfig:
     # Sparse teacher targets: top-k logits per token. A trained LM puts nearly all of its
     # mass on a few dozen tokens; 32 cuts bridge traffic by vocab/32 (~5000x for Qwen).
     logits_top_k: int = 32
+    # topk: exact top-k probabilities + tail mass (biased: the tail's shape is lost);
+    # sampled: logits_top_k draws from p, unbiased KD loss and gradient (noisier).
+    logits_mode: Literal["topk", "sampled"] = "topk"
     # Requests in flight ahead of the student. 1 hides the teacher's latency in our
     # measurements; more only adds memory and staleness.
     prefetch: int = 1

@@ -3,6 +3,7 @@ and a peer that dies."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import time
@@ -79,11 +80,11 @@ def teacher_serves(bridge):
     return stats.requests
 
 
-def student_streams(bridge):
+def student_streams(bridge, mode="topk"):
     from padd_ds.teacher.service import RemoteTeacher, TeacherModel
     from padd_ds.teacher.sparse import sparse_kd_loss
 
-    client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0)
+    client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0, mode=mode)
     local = TeacherModel(_tiny_teacher())
     batches = [_batch(s) for s in range(4)]
     rids = [client.submit(i, *b) for i, b in enumerate(batches[:2])]   # two in flight
@@ -94,8 +95,11 @@ def student_streams(bridge):
         remote = client.result(rids[i])
         if i + 2 < len(batches):
             rids.append(client.submit(i + 2, *batches[i + 2]))
-        ref = local.topk_logits(*b, k=8)
+        ref = local.score(*b, k=8, mode=mode, seed=rids[i])  # sampling is seeded by the request id
         assert torch.equal(remote.indices, ref.indices)
+        assert (remote.weights is None) == (mode == "topk")
+        if mode == "sampled":
+            assert torch.equal(remote.weights, ref.weights)
         diffs.append(max((remote.values - ref.values).abs().max().item(), (remote.lse - ref.lse).abs().max().item()))
         kd_remote = sparse_kd_loss(student_logits, remote, mask)
         kd_local = sparse_kd_loss(student_logits, ref, mask)
@@ -104,8 +108,9 @@ def student_streams(bridge):
     return max(diffs)
 
 
-def test_streamed_logits_equal_local_and_kd_identical():
-    out, codes = _run({0: student_streams, 1: teacher_serves}, free_port())
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_streamed_logits_equal_local_and_kd_identical(mode):
+    out, codes = _run({0: functools.partial(student_streams, mode=mode), 1: teacher_serves}, free_port())
     assert out[0] == (True, 0.0), out
     assert out[1] == (True, 4), out
 
@@ -132,7 +137,7 @@ def teacher_corrupts_reply(bridge):
 
     h = bridge.recv_header(0)
     ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64)], 0)
-    sl = TeacherModel(_tiny_teacher()).topk_logits(ids, lengths, h.arg)
+    sl = TeacherModel(_tiny_teacher()).score(ids, lengths, h.arg)
     good_crc = crc32(*sl.tensors())
     sl.values[0, 0, 0] += 1.0                      # a flipped value "in transit"
     reply = Header(KIND_TOPK_LOGITS, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,

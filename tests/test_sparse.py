@@ -62,3 +62,42 @@ def test_per_sequence_temperature_matches_scalar():
     both = sparse_kd_loss(s, sl, mask, torch.tensor([2.0, 2.0]))
     scalar = sparse_kd_loss(s, sl, mask, 2.0)
     torch.testing.assert_close(both, scalar)
+
+
+def test_sampled_encoding_is_a_distribution_over_distinct_draws():
+    from padd_ds.teacher.sparse import encode_sampled
+
+    z = _peaked_logits(seed=8)
+    sl = encode_sampled(z, 16, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sl.weights.sum(-1), torch.ones(2, 5))
+    for row_ids, row_w in zip(sl.indices.reshape(-1, 16), sl.weights.reshape(-1, 16)):
+        used = row_ids[row_w > 0]
+        assert len(set(used.tolist())) == len(used)           # each token once
+        assert torch.all(row_w * 16 == torch.round(row_w * 16))  # counts / k
+    torch.testing.assert_close(torch.gather(z, -1, sl.indices.long()), sl.values)
+
+
+def test_sampled_kd_loss_and_gradient_are_unbiased():
+    from padd_ds.teacher.sparse import encode_sampled
+
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(1, 4, 40, generator=g) * 2
+    s = torch.randn(1, 4, 40, generator=g).requires_grad_(True)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    full = full_kd_loss(s, t, mask)
+    (g_full,) = torch.autograd.grad(full, s)
+    losses, grads = [], []
+    for i in range(600):
+        loss = sparse_kd_loss(s, encode_sampled(t, 8, torch.Generator().manual_seed(i)), mask)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, s)[0])
+    losses, grads = torch.stack(losses), torch.stack(grads)
+    se = losses.std() / len(losses) ** 0.5
+    assert abs(losses.mean() - full.detach()) < 4 * se + 1e-4, (losses.mean(), full, se)
+    # the averaged gradient converges to the full-vocabulary gradient (a single draw is noisy)
+    rel = ((grads.mean(0) - g_full).norm() / g_full.norm()).item()
+    single = ((grads[0] - g_full).norm() / g_full.norm()).item()
+    assert rel < 0.05 and rel < single / 5, (rel, single)
+    # while a single top-8 estimate of this flat teacher is clearly biased
+    topk = sparse_kd_loss(s, encode_topk(t, 8), mask).detach()
+    assert abs(topk - full.detach()) > 10 * se

@@ -40,7 +40,7 @@ def _sharded_child(rank: int, port: int, q):
             for b in (3, 1):   # an odd batch (uneven slices) and one row (a rank has none)
                 ids = torch.randint(0, 211, (b, 10), generator=g)
                 lengths = torch.tensor([10, 7, 4][:b])
-                out.append((ids, lengths, teacher.topk_logits(ids, lengths, 8)))
+                out.append((ids, lengths, teacher.score(ids, lengths, 8)))
             teacher.stop()
             q.put((rank, [tuple(t.numpy() for t in (i, l, s.values, s.indices, s.lse)) for i, l, s in out]))
         else:
@@ -68,7 +68,7 @@ def test_two_rank_sharded_teacher_equals_one_rank():
     local = TeacherModel(_tiny_teacher())
     for arrays in got[0]:
         ids, lengths, values, indices, lse = (torch.from_numpy(a) for a in arrays)
-        ref = local.topk_logits(ids, lengths, 8)
+        ref = local.score(ids, lengths, 8)
         assert torch.equal(indices, ref.indices)
         torch.testing.assert_close(values, ref.values, atol=1e-5, rtol=0)
         torch.testing.assert_close(lse, ref.lse, atol=1e-5, rtol=0)

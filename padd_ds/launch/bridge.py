@@ -25,6 +25,7 @@ HEADER_LEN = 10
 KIND_STOP = 0
 KIND_TOPK_LOGITS = 1
 KIND_RESULT = 2  # a JSON blob (e.g. the teacher's own evaluation) as uint8
+KIND_SAMPLED_LOGITS = 3
 
 
 class BridgeError(RuntimeError):

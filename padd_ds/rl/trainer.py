@@ -195,10 +195,10 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
 
     if roles.role == "colocated":
         tmodel = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
-        teacher = LocalTeacher(TeacherModel(tmodel), cfg.teacher.logits_top_k)
+        teacher = LocalTeacher(TeacherModel(tmodel), cfg.teacher.logits_top_k, cfg.teacher.logits_mode)
     else:
         teacher = RemoteTeacher(world.bridge, world.my_teacher(), cfg.teacher.logits_top_k,
-                                cfg.teacher.request_timeout_s, rank)
+                                cfg.teacher.request_timeout_s, rank, cfg.teacher.logits_mode)
 
     problems = load_train_problems(cfg.data.source, cfg.data.question_field, cfg.data.answer_field)
     plan = BatchPlan(len(problems), cfg.train.micro_batch_size, num_students, cfg.train.grad_accum, cfg.run.seed)

@@ -15,8 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from padd_ds.launch.bridge import (KIND_STOP, KIND_TOPK_LOGITS, Bridge, BridgeError, Header, crc32)
-from padd_ds.teacher.sparse import SparseLogits, encode_topk
+from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, Bridge, BridgeError, Header,
+                                   crc32)
+from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk
+
+MODES = {KIND_TOPK_LOGITS: "topk", KIND_SAMPLED_LOGITS: "sampled"}
+KINDS = {v: k for k, v in MODES.items()}
+
+
+def compress(logits: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits:
+    """Full logits -> the wire form. Sampling is seeded by the request, so it is reproducible."""
+    if mode == "topk":
+        return encode_topk(logits, k)
+    return encode_sampled(logits, k, torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF))
 
 
 class TeacherModel:
@@ -27,12 +38,13 @@ class TeacherModel:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def topk_logits(self, ids: torch.Tensor, lengths: torch.Tensor, k: int) -> SparseLogits:
-        """Right-padded ids [B, L] with true `lengths` [B] -> top-k logits at every position."""
+    def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
+              seed: int = 0) -> SparseLogits:
+        """Right-padded ids [B, L] with true `lengths` [B] -> sparse logits at every position."""
         L = ids.shape[1]
         mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).long()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        return encode_topk(out.logits.float().cpu(), k)
+        return compress(out.logits.float().cpu(), k, mode, seed)
 
 
 @dataclass
@@ -61,7 +73,7 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
             if h.kind == KIND_STOP:
                 active.remove(s)
                 continue
-            if h.kind != KIND_TOPK_LOGITS:
+            if h.kind not in MODES:
                 raise BridgeError(f"teacher: unknown request kind {h.kind} from rank {s} "
                                   f"(request {h.request_id})")
             t0 = time.perf_counter()
@@ -70,8 +82,8 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
             if crc32(ids) != h.input_crc:
                 raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
                                   f"from rank {s}; refusing to score corrupted input")
-            sl = teacher.topk_logits(ids, lengths, h.arg)
-            reply = Header(KIND_TOPK_LOGITS, h.request_id, h.step, h.batch, h.seqlen, h.arg,
+            sl = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id)
+            reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg,
                            input_crc=h.input_crc)
             in_flight.append(bridge.send_message(reply, sl.tensors(), s))
             while len(in_flight) > 4 * len(students):  # bound memory; old replies are long taken
@@ -104,8 +116,10 @@ class ClientStats:
 class RemoteTeacher:
     """Student-side client of a teacher rank over the bridge (FIFO, `prefetch` in flight)."""
 
-    def __init__(self, bridge: Bridge, teacher_rank: int, top_k: int, timeout_s: float, student_rank: int):
+    def __init__(self, bridge: Bridge, teacher_rank: int, top_k: int, timeout_s: float, student_rank: int,
+                 mode: str = "topk"):
         self.bridge, self.teacher_rank, self.top_k, self.timeout_s = bridge, teacher_rank, top_k, timeout_s
+        self.kind = KINDS[mode]
         self.pending: deque[_Pending] = deque()
         # Request ids are unique across students: student rank in the high bits.
         self._next_id = student_rank << 40
@@ -115,7 +129,7 @@ class RemoteTeacher:
         ids = ids.to(torch.int64).contiguous()
         rid, self._next_id = self._next_id, self._next_id + 1
         c = crc32(ids)
-        h = Header(KIND_TOPK_LOGITS, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c)
+        h = Header(self.kind, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c)
         posted = self.bridge.send_message(h, [ids, lengths.to(torch.int64).contiguous()], self.teacher_rank)
         self.pending.append(_Pending(rid, step, c, (ids.shape[0], ids.shape[1]), posted))
         return rid
@@ -135,13 +149,14 @@ class RemoteTeacher:
             raise BridgeError(f"teacher rank {self.teacher_rank} answered request {h.request_id} "
                               f"(input crc {h.input_crc:#x}) but request {request_id} "
                               f"(input crc {p.input_crc:#x}) was expected")
-        vals, idx, lse = self.bridge.recv_payload(h, SparseLogits.specs(*p.shape, h.arg), self.teacher_rank)
+        specs = SparseLogits.specs(*p.shape, h.arg, sampled=h.kind == KIND_SAMPLED_LOGITS)
+        tensors = self.bridge.recv_payload(h, specs, self.teacher_rank)
         p.send.wait(self.timeout_s)  # answered, so our request was fully received
         dt = time.perf_counter() - t0
         self.stats.wait_s += dt
         self.stats.requests += 1
-        self.stats.bytes_received += sum(t.numel() * t.element_size() for t in (vals, idx, lse))
-        return SparseLogits(vals, idx, lse)
+        self.stats.bytes_received += sum(t.numel() * t.element_size() for t in tensors)
+        return SparseLogits.from_tensors(tensors)
 
     def close(self) -> None:
         """Tell the teacher this student is done (after draining what is in flight)."""
@@ -153,8 +168,8 @@ class RemoteTeacher:
 class LocalTeacher:
     """Colocated teacher: same interface, computed in this process on `result()`."""
 
-    def __init__(self, teacher: TeacherModel, top_k: int):
-        self.teacher, self.top_k = teacher, top_k
+    def __init__(self, teacher: TeacherModel, top_k: int, mode: str = "topk"):
+        self.teacher, self.top_k, self.mode = teacher, top_k, mode
         self.pending: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()
         self._next_id = 0
         self.stats = ClientStats()
@@ -169,7 +184,7 @@ class LocalTeacher:
         if rid != request_id:
             raise RuntimeError(f"local teacher: request {request_id} is not the oldest ({rid})")
         t0 = time.perf_counter()
-        out = self.teacher.topk_logits(ids, lengths, self.top_k)
+        out = self.teacher.score(ids, lengths, self.top_k, self.mode, seed=rid)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.requests += 1
         return out

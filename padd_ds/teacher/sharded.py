@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from padd_ds.teacher.sparse import SparseLogits, encode_topk
+from padd_ds.teacher.sparse import SparseLogits
 
-_STOP, _SCORE = 0, 1
+_STOP = 0
+_MODES = {1: "topk", 2: "sampled"}
 
 
 class ShardedTeacher:
@@ -32,21 +33,23 @@ class ShardedTeacher:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
 
     # -- leader -----------------------------------------------------------------------------
-    def topk_logits(self, ids: torch.Tensor, lengths: torch.Tensor, k: int) -> SparseLogits:
+    def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
+              seed: int = 0) -> SparseLogits:
         if self.rank != 0:
             raise RuntimeError("only teacher rank 0 takes requests; the others run member_loop()")
         import deepspeed.comm as dist
 
-        dist.broadcast(torch.tensor([_SCORE, ids.shape[0], ids.shape[1], k], dtype=torch.int64), 0)
+        code = {v: c for c, v in _MODES.items()}[mode]
+        dist.broadcast(torch.tensor([code, ids.shape[0], ids.shape[1], k, seed], dtype=torch.int64), 0)
         dist.broadcast(ids.contiguous(), 0)
         dist.broadcast(lengths.contiguous(), 0)
-        return self._score(ids, lengths, k)
+        return self._score(ids, lengths, k, mode, seed)
 
     def stop(self) -> None:
         import deepspeed.comm as dist
 
         if self.rank == 0:
-            dist.broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64), 0)
+            dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.int64), 0)
 
     # -- every rank -------------------------------------------------------------------------
     def member_loop(self) -> int:
@@ -55,21 +58,23 @@ class ShardedTeacher:
 
         n = 0
         while True:
-            head = torch.empty(4, dtype=torch.int64)
+            head = torch.empty(5, dtype=torch.int64)
             dist.broadcast(head, 0)
-            kind, b, l, k = head.tolist()
+            kind, b, l, k, seed = head.tolist()
             if kind == _STOP:
                 return n
             ids = torch.empty((b, l), dtype=torch.int64)
             lengths = torch.empty((b,), dtype=torch.int64)
             dist.broadcast(ids, 0)
             dist.broadcast(lengths, 0)
-            self._score(ids, lengths, k)
+            self._score(ids, lengths, k, _MODES[kind], seed)
             n += 1
 
     @torch.no_grad()
-    def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int) -> SparseLogits | None:
+    def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits | None:
         import deepspeed.comm as dist
+
+        from padd_ds.teacher.service import compress
 
         B, L = ids.shape
         chunk = math.ceil(B / self.size)
@@ -79,7 +84,7 @@ class ShardedTeacher:
         rows = slice(lo, hi) if hi > lo else slice(0, 1)
         mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
         logits = self.engine(input_ids=ids[rows], attention_mask=mask).logits.float().cpu()
-        sl = encode_topk(logits, k)
+        sl = compress(logits, k, mode, seed * 1009 + self.rank)  # each slice its own draws
         n_mine = hi - lo
         parts = []
         for t in sl.tensors():
@@ -90,5 +95,4 @@ class ShardedTeacher:
             parts.append(gathered)
         if self.rank != 0:
             return None
-        vals, idx, lse = (torch.cat(p, 0)[:B].contiguous() for p in parts)
-        return SparseLogits(vals, idx, lse)
+        return SparseLogits.from_tensors([torch.cat(p, 0)[:B].contiguous() for p in parts])
