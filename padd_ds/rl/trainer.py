@@ -223,14 +223,15 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     engine.train()
     new_window = lambda: {"kd": 0.0, "lm": 0.0, "count": 0.0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}  # noqa: E731
     window = new_window()
-    for i in range(1 + cfg.teacher.prefetch):
-        request(i)
     for i, (step, micro) in enumerate(micro_steps):
+        # Keep `prefetch` requests in flight beyond this one: the teacher scores them while
+        # we train on this one (prefetch 0: strictly request, wait, train).
+        for j in range(i, i + 1 + cfg.teacher.prefetch):
+            request(j)
         rid, batch = inflight.pop(i)
         wait0 = teacher.stats.wait_s
         targets = teacher.result(rid)
         window["wait"] += teacher.stats.wait_s - wait0
-        request(i + 1 + cfg.teacher.prefetch)          # the teacher works on it while we train
 
         denom = global_token_count(batch) / num_students
         out = engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
