@@ -92,10 +92,10 @@ def student_streams(bridge, mode="topk"):
     student_logits = torch.randn(3, 12, 211, generator=torch.Generator().manual_seed(9))
     mask = torch.ones(3, 12, dtype=torch.bool)
     for i, b in enumerate(batches):
-        remote = client.result(rids[i])
+        remote = client.result(rids[i]).logits
         if i + 2 < len(batches):
             rids.append(client.submit(i + 2, *batches[i + 2]))
-        ref = local.score(*b, k=8, mode=mode, seed=rids[i])  # sampling is seeded by the request id
+        ref = local.score(*b, k=8, mode=mode, seed=rids[i]).logits  # sampling is seeded by the request id
         assert torch.equal(remote.indices, ref.indices)
         assert (remote.weights is None) == (mode == "topk")
         if mode == "sampled":
@@ -125,6 +125,35 @@ def student_sends_bad_checksum(bridge):
     return "sent"
 
 
+def teacher_serves_clusters(bridge):
+    from padd_ds.teacher.service import TeacherModel, serve
+    from test_teacher_outputs import cluster_map, tiny_teacher
+
+    return serve(bridge, TeacherModel(tiny_teacher(), cluster_map()), students=[0], idle_timeout_s=TIMEOUT).requests
+
+
+def student_asks_everything(bridge):
+    from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
+    from padd_ds.teacher.service import RemoteTeacher, TeacherModel
+    from test_teacher_outputs import cluster_map, tiny_teacher
+
+    client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0)
+    ids, lengths = torch.randint(0, 211, (3, 9), generator=torch.Generator().manual_seed(4)), torch.tensor([9, 6, 2])
+    remote = client.result(client.submit(0, ids, lengths, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN))
+    local = TeacherModel(tiny_teacher(), cluster_map()).score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
+    plain = client.result(client.submit(1, ids, lengths))            # logits only: no extras sent
+    client.close()
+    assert plain.cluster_acts is None and plain.hidden is None
+    return [torch.equal(remote.cluster_acts, local.cluster_acts), torch.equal(remote.hidden, local.hidden),
+            torch.equal(remote.logits.values, local.logits.values)]
+
+
+def test_cluster_activations_and_hidden_states_stream_exactly():
+    out, _ = _run({0: student_asks_everything, 1: teacher_serves_clusters}, free_port())
+    assert out[0] == (True, [True, True, True]), out
+    assert out[1] == (True, 2), out
+
+
 def test_corrupted_request_is_refused_by_the_teacher():
     out, _ = _run({0: student_sends_bad_checksum, 1: teacher_serves}, free_port())
     ok, msg = out[1]
@@ -137,7 +166,7 @@ def teacher_corrupts_reply(bridge):
 
     h = bridge.recv_header(0)
     ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64)], 0)
-    sl = TeacherModel(_tiny_teacher()).score(ids, lengths, h.arg)
+    sl = TeacherModel(_tiny_teacher()).score(ids, lengths, h.arg).logits
     good_crc = crc32(*sl.tensors())
     sl.values[0, 0, 0] += 1.0                      # a flipped value "in transit"
     reply = Header(KIND_TOPK_LOGITS, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,

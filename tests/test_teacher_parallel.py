@@ -33,16 +33,20 @@ def _sharded_child(rank: int, port: int, q):
 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        teacher = ShardedTeacher(_tiny_teacher())
+        from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
+        from test_teacher_outputs import cluster_map
+
+        teacher = ShardedTeacher(_tiny_teacher(), cluster_map=cluster_map(layers=(0, 1)))
         if rank == 0:
             g = torch.Generator().manual_seed(1)
             out = []
             for b in (3, 1):   # an odd batch (uneven slices) and one row (a rank has none)
                 ids = torch.randint(0, 211, (b, 10), generator=g)
                 lengths = torch.tensor([10, 7, 4][:b])
-                out.append((ids, lengths, teacher.score(ids, lengths, 8)))
+                o = teacher.score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
+                out.append((ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden))
             teacher.stop()
-            q.put((rank, [tuple(t.numpy() for t in (i, l, s.values, s.indices, s.lse)) for i, l, s in out]))
+            q.put((rank, [tuple(t.numpy() for t in row) for row in out]))
         else:
             q.put((rank, teacher.member_loop()))
     except BaseException as e:  # noqa: BLE001
@@ -65,13 +69,18 @@ def test_two_rank_sharded_teacher_equals_one_rank():
     for p in procs:
         p.join(timeout=30)
     assert not isinstance(got[0], str) and got[1] == 2, got
-    local = TeacherModel(_tiny_teacher())
+    from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
+    from test_teacher_outputs import cluster_map
+
+    local = TeacherModel(_tiny_teacher(), cluster_map(layers=(0, 1)))
     for arrays in got[0]:
-        ids, lengths, values, indices, lse = (torch.from_numpy(a) for a in arrays)
-        ref = local.score(ids, lengths, 8)
-        assert torch.equal(indices, ref.indices)
-        torch.testing.assert_close(values, ref.values, atol=1e-5, rtol=0)
-        torch.testing.assert_close(lse, ref.lse, atol=1e-5, rtol=0)
+        ids, lengths, values, indices, lse, cluster, hidden = (torch.from_numpy(a) for a in arrays)
+        ref = local.score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
+        assert torch.equal(indices, ref.logits.indices)
+        torch.testing.assert_close(values, ref.logits.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse, ref.logits.lse, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cluster, ref.cluster_acts, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden, ref.hidden, atol=1e-5, rtol=0)
 
 
 COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.steps=8", "--set", "train.log_every=2",

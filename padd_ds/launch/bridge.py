@@ -20,12 +20,18 @@ import torch
 import torch.distributed as dist
 
 MAGIC = 0x50414444  # "PADD"
-HEADER_LEN = 10
-# Header fields (int64): magic, kind, request_id, step, batch, seqlen, arg, input_crc, payload_crc, n_payload
+HEADER_LEN = 14
+# Header fields (int64): magic, kind, request_id, step, batch, seqlen, arg, input_crc, payload_crc,
+# n_payload, outputs (bitmask of OUT_*), and the shapes of the optional outputs: n_layers,
+# n_clusters (cluster activations) and hidden (final hidden states).
 KIND_STOP = 0
 KIND_TOPK_LOGITS = 1
 KIND_RESULT = 2  # a JSON blob (e.g. the teacher's own evaluation) as uint8
 KIND_SAMPLED_LOGITS = 3
+
+OUT_LOGITS = 1          # sparse logits (always sent with a scoring request)
+OUT_CLUSTER_ACTS = 2    # per-cluster mean FFN activation for the teacher's clustered layers
+OUT_HIDDEN = 4          # final hidden states
 
 
 class BridgeError(RuntimeError):
@@ -51,10 +57,15 @@ class Header:
     input_crc: int = 0
     payload_crc: int = 0
     n_payload: int = 0
+    outputs: int = 1
+    n_layers: int = 0
+    n_clusters: int = 0
+    hidden: int = 0
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor([MAGIC, self.kind, self.request_id, self.step, self.batch, self.seqlen,
-                             self.arg, self.input_crc, self.payload_crc, self.n_payload], dtype=torch.int64)
+                             self.arg, self.input_crc, self.payload_crc, self.n_payload, self.outputs,
+                             self.n_layers, self.n_clusters, self.hidden], dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor, peer: int) -> "Header":

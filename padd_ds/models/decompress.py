@@ -200,30 +200,54 @@ def decompress(teacher, num_experts: int, top_k: int, cluster_input: str = "gate
         moe = model_cls._from_config(config, dtype=dtype, **kwargs)
     moe.tie_weights()  # no_init_weights also skips init_weights(), which is where tying happens
 
-    layers = [_split_layer(layer.mlp, num_experts, cluster_input, router_init, seed + i)
-              for i, layer in enumerate(teacher.model.layers)]
-
+    moe_params = dict(moe.named_parameters())
     teacher_params = dict(teacher.named_parameters())
     written: set[str] = set()
-    for name, p in moe.named_parameters():
-        m = _EXPERT_PARAM.match(name)
-        if m:
-            lx = layers[int(m.group(1))]
-            src = {"gate.weight": lx.router, "experts.gate_up_proj": lx.gate_up, "experts.down_proj": lx.down}[m.group(2)]
-        else:
-            src = teacher_params.get(name)
-            if src is None:
-                raise ValueError(f"decompress: {target.model_class} needs '{name}' but the teacher "
-                                 f"{type(teacher).__name__} has no such weight; this teacher variant is not supported")
+
+    def put(name: str, src: torch.Tensor) -> None:
+        p = moe_params.get(name)
+        if p is None:
+            raise ValueError(f"decompress: {target.model_class} has no parameter '{name}'; this teacher/MoE "
+                             "layout is not supported")
         if tuple(src.shape) != tuple(p.shape):
             raise ValueError(f"decompress: shape mismatch for '{name}': MoE {tuple(p.shape)} vs source "
                              f"{tuple(src.shape)}; this teacher variant is not supported")
         p.copy_(src.to(device=p.device, dtype=p.dtype))
         written.add(name)
+
+    # Everything outside the MoE blocks keeps its name: embeddings, attention, norms, lm_head.
+    for name in moe_params:
+        if not _EXPERT_PARAM.match(name):
+            if name not in teacher_params:
+                raise ValueError(f"decompress: {target.model_class} needs '{name}' but the teacher "
+                                 f"{type(teacher).__name__} has no such weight; this teacher variant is not supported")
+            put(name, teacher_params[name])
     left = [n for n in teacher_params if n not in written and not _DENSE_FFN_PARAM.match(n)]
     if left:
         raise ValueError(f"decompress: teacher weights {left[:4]} have no counterpart in {target.model_class}; "
                          "this teacher variant (e.g. extra biases) is not supported")
+
+    # FFNs one layer at a time: a 7B layer's float32 expert copies are ~0.8 GB, all at once ~20 GB.
+    records = []
+    for i, layer in enumerate(teacher.model.layers):
+        lx = _split_layer(layer.mlp, num_experts, cluster_input, router_init, seed + i)
+        prefix = f"model.layers.{i}.mlp."
+        put(prefix + "gate.weight", lx.router)
+        put(prefix + "experts.gate_up_proj", lx.gate_up)
+        put(prefix + "experts.down_proj", lx.down)
+        records.append({
+            "student_layer": i,
+            "teacher_layer": i,
+            "inertia": lx.clusters.inertia,
+            "kmeans_iterations": lx.clusters.iterations,
+            "experts": [{"expert": j, "teacher_layer": i, "cluster": j, "neurons": ids}
+                        for j, ids in enumerate(lx.neurons)],
+        })
+        del lx
+    missing = [n for n in moe_params if n not in written]
+    if missing:
+        raise ValueError(f"decompress: {target.model_class} weights {missing[:4]} have no source in the teacher "
+                         f"({len(teacher.model.layers)} layers); this teacher/MoE layout is not supported")
     # Non-persistent buffers (rotary inv_freq) are computed in __init__; take the teacher's
     # where names match so both run on identical tables.
     teacher_buffers = dict(teacher.named_buffers())
@@ -245,17 +269,7 @@ def decompress(teacher, num_experts: int, top_k: int, cluster_input: str = "gate
         "cluster_input": cluster_input,
         "router_init": router_init,
         "seed": seed,
-        "layers": [
-            {
-                "student_layer": i,
-                "teacher_layer": i,
-                "inertia": lx.clusters.inertia,
-                "kmeans_iterations": lx.clusters.iterations,
-                "experts": [{"expert": j, "teacher_layer": i, "cluster": j, "neurons": ids}
-                            for j, ids in enumerate(lx.neurons)],
-            }
-            for i, lx in enumerate(layers)
-        ],
+        "layers": records,
     }
     return moe, provenance
 

@@ -230,7 +230,7 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
             request(j)
         rid, batch = inflight.pop(i)
         wait0 = teacher.stats.wait_s
-        targets = teacher.result(rid)
+        targets = teacher.result(rid).logits
         window["wait"] += teacher.stats.wait_s - wait0
 
         denom = global_token_count(batch) / num_students

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, Bridge, BridgeError, Header,
-                                   crc32)
+from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS, OUT_HIDDEN,
+                                   OUT_LOGITS, Bridge, BridgeError, Header, crc32)
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk
 
 MODES = {KIND_TOPK_LOGITS: "topk", KIND_SAMPLED_LOGITS: "sampled"}
@@ -30,21 +30,90 @@ def compress(logits: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits
     return encode_sampled(logits, k, torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF))
 
 
-class TeacherModel:
-    """A loaded HF causal LM that turns token batches into sparse logits."""
+@dataclass
+class ClusterMap:
+    """Which teacher FFN neurons form each cluster (Stage I), for the layers students need.
 
-    def __init__(self, model: torch.nn.Module):
+    `assignment[i, n]` is the cluster of neuron n of teacher layer `layers[i]`; clusters are
+    equal-sized, so pooling is a fixed [d_ff, N] averaging matrix per layer."""
+
+    layers: list[int]
+    assignment: torch.Tensor  # [len(layers), d_ff] int64
+    num_clusters: int
+
+    def pooling(self) -> torch.Tensor:
+        """[len(layers), d_ff, N]: column j averages the neurons of cluster j."""
+        onehot = torch.nn.functional.one_hot(self.assignment, self.num_clusters).float()
+        return onehot / onehot.sum(1, keepdim=True).clamp(min=1)
+
+
+@dataclass
+class TeacherOutput:
+    logits: SparseLogits
+    cluster_acts: torch.Tensor | None = None  # [B, L, n_layers, N] mean SwiGLU activation per cluster
+    hidden: torch.Tensor | None = None        # [B, L, H] final hidden states
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.logits.tensors() + [t for t in (self.cluster_acts, self.hidden) if t is not None]
+
+
+def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, outputs: int,
+                    cluster_map: ClusterMap | None):
+    """One teacher forward -> (logits, cluster activations or None, final hidden or None).
+
+    Cluster activations are read at the input of each clustered layer's `down_proj`: that is
+    the SwiGLU intermediate act(gate x) * (up x), one value per neuron, in every HF
+    Llama/Qwen/Mistral-style MLP."""
+    acts: dict[int, torch.Tensor] = {}
+    hooks = []
+    if outputs & OUT_CLUSTER_ACTS:
+        if cluster_map is None:
+            raise BridgeError("cluster activations were requested but this teacher has no cluster map "
+                              "(Stage I clustering has not run on the teacher ranks)")
+        layers = _decoder_layers(model)
+        for i, li in enumerate(cluster_map.layers):
+            down = layers[li].mlp.down_proj
+            hooks.append(down.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__(i, a[0].detach())))
+    try:
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(outputs & OUT_HIDDEN))
+    finally:
+        for h in hooks:
+            h.remove()
+    cluster = None
+    if outputs & OUT_CLUSTER_ACTS:
+        pool = cluster_map.pooling().to(acts[0].device)
+        cluster = torch.stack([acts[i].float() @ pool[i] for i in range(len(cluster_map.layers))], dim=2).cpu()
+    hidden = out.hidden_states[-1].float().cpu() if outputs & OUT_HIDDEN else None
+    return out.logits.float().cpu(), cluster, hidden
+
+
+def _decoder_layers(model: torch.nn.Module):
+    model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "layers"):
+        raise BridgeError(f"{type(model).__name__} has no .model.layers; cluster activations need a "
+                          "Llama/Qwen/Mistral-style decoder")
+    return inner.layers
+
+
+class TeacherModel:
+    """A loaded HF causal LM that turns token batches into sparse logits (and, on request,
+    Stage I cluster activations and final hidden states)."""
+
+    def __init__(self, model: torch.nn.Module, cluster_map: ClusterMap | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.cluster_map = cluster_map
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
-              seed: int = 0) -> SparseLogits:
-        """Right-padded ids [B, L] with true `lengths` [B] -> sparse logits at every position."""
+              seed: int = 0, outputs: int = OUT_LOGITS) -> TeacherOutput:
+        """Right-padded ids [B, L] with true `lengths` [B] -> the requested outputs at every position."""
         L = ids.shape[1]
         mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        return compress(out.logits.float().cpu(), k, mode, seed)
+        logits, cluster, hidden = forward_outputs(self.model, ids.to(self.device), mask.to(self.device),
+                                                  outputs, self.cluster_map)
+        return TeacherOutput(compress(logits, k, mode, seed), cluster, hidden)
 
 
 @dataclass
@@ -82,10 +151,13 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
             if crc32(ids) != h.input_crc:
                 raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
                                   f"from rank {s}; refusing to score corrupted input")
-            sl = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id)
-            reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg,
-                           input_crc=h.input_crc)
-            in_flight.append(bridge.send_message(reply, sl.tensors(), s))
+            out = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id, outputs=h.outputs)
+            reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
+                           outputs=h.outputs,
+                           n_layers=out.cluster_acts.shape[2] if out.cluster_acts is not None else 0,
+                           n_clusters=out.cluster_acts.shape[3] if out.cluster_acts is not None else 0,
+                           hidden=out.hidden.shape[-1] if out.hidden is not None else 0)
+            in_flight.append(bridge.send_message(reply, out.tensors(), s))
             while len(in_flight) > 4 * len(students):  # bound memory; old replies are long taken
                 in_flight.popleft().wait(idle_timeout_s)
             stats.requests += 1
@@ -120,21 +192,23 @@ class RemoteTeacher:
                  mode: str = "topk"):
         self.bridge, self.teacher_rank, self.top_k, self.timeout_s = bridge, teacher_rank, top_k, timeout_s
         self.kind = KINDS[mode]
+        self.mode = mode
         self.pending: deque[_Pending] = deque()
         # Request ids are unique across students: student rank in the high bits.
         self._next_id = student_rank << 40
         self.stats = ClientStats()
 
-    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS) -> int:
         ids = ids.to(torch.int64).contiguous()
         rid, self._next_id = self._next_id, self._next_id + 1
         c = crc32(ids)
-        h = Header(self.kind, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c)
+        h = Header(self.kind, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c,
+                   outputs=outputs | OUT_LOGITS)
         posted = self.bridge.send_message(h, [ids, lengths.to(torch.int64).contiguous()], self.teacher_rank)
         self.pending.append(_Pending(rid, step, c, (ids.shape[0], ids.shape[1]), posted))
         return rid
 
-    def result(self, request_id: int) -> SparseLogits:
+    def result(self, request_id: int) -> TeacherOutput:
         if not self.pending or self.pending[0].request_id != request_id:
             raise BridgeError(f"student: request {request_id} is not the oldest in flight "
                               f"(pending: {[p.request_id for p in self.pending]})")
@@ -149,14 +223,23 @@ class RemoteTeacher:
             raise BridgeError(f"teacher rank {self.teacher_rank} answered request {h.request_id} "
                               f"(input crc {h.input_crc:#x}) but request {request_id} "
                               f"(input crc {p.input_crc:#x}) was expected")
-        specs = SparseLogits.specs(*p.shape, h.arg, sampled=h.kind == KIND_SAMPLED_LOGITS)
+        B, L = p.shape
+        specs = SparseLogits.specs(B, L, h.arg, sampled=h.kind == KIND_SAMPLED_LOGITS)
+        n_logit = len(specs)
+        if h.outputs & OUT_CLUSTER_ACTS:
+            specs.append(((B, L, h.n_layers, h.n_clusters), torch.float32))
+        if h.outputs & OUT_HIDDEN:
+            specs.append(((B, L, h.hidden), torch.float32))
         tensors = self.bridge.recv_payload(h, specs, self.teacher_rank)
         p.send.wait(self.timeout_s)  # answered, so our request was fully received
         dt = time.perf_counter() - t0
         self.stats.wait_s += dt
         self.stats.requests += 1
         self.stats.bytes_received += sum(t.numel() * t.element_size() for t in tensors)
-        return SparseLogits.from_tensors(tensors)
+        extra = iter(tensors[n_logit:])
+        return TeacherOutput(SparseLogits.from_tensors(tensors[:n_logit]),
+                             next(extra) if h.outputs & OUT_CLUSTER_ACTS else None,
+                             next(extra) if h.outputs & OUT_HIDDEN else None)
 
     def close(self) -> None:
         """Tell the teacher this student is done (after draining what is in flight)."""
@@ -170,21 +253,21 @@ class LocalTeacher:
 
     def __init__(self, teacher: TeacherModel, top_k: int, mode: str = "topk"):
         self.teacher, self.top_k, self.mode = teacher, top_k, mode
-        self.pending: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()
+        self.pending: deque[tuple[int, torch.Tensor, torch.Tensor, int]] = deque()
         self._next_id = 0
         self.stats = ClientStats()
 
-    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS) -> int:
         rid, self._next_id = self._next_id, self._next_id + 1
-        self.pending.append((rid, ids.to(torch.int64), lengths.to(torch.int64)))
+        self.pending.append((rid, ids.to(torch.int64), lengths.to(torch.int64), outputs | OUT_LOGITS))
         return rid
 
-    def result(self, request_id: int) -> SparseLogits:
-        rid, ids, lengths = self.pending.popleft()
+    def result(self, request_id: int) -> TeacherOutput:
+        rid, ids, lengths, outputs = self.pending.popleft()
         if rid != request_id:
             raise RuntimeError(f"local teacher: request {request_id} is not the oldest ({rid})")
         t0 = time.perf_counter()
-        out = self.teacher.score(ids, lengths, self.top_k, self.mode, seed=rid)
+        out = self.teacher.score(ids, lengths, self.top_k, self.mode, seed=rid, outputs=outputs)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.requests += 1
         return out

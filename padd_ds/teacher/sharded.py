@@ -20,7 +20,7 @@ _MODES = {1: "topk", 2: "sampled"}
 
 
 class ShardedTeacher:
-    def __init__(self, model: torch.nn.Module, bf16: bool = False):
+    def __init__(self, model: torch.nn.Module, bf16: bool = False, cluster_map=None):
         import deepspeed
         import deepspeed.comm as dist
 
@@ -31,25 +31,26 @@ class ShardedTeacher:
         self.engine.eval()
         self.model = self.engine.module
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.cluster_map = cluster_map
 
     # -- leader -----------------------------------------------------------------------------
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
-              seed: int = 0) -> SparseLogits:
+              seed: int = 0, outputs: int = 1):
         if self.rank != 0:
             raise RuntimeError("only teacher rank 0 takes requests; the others run member_loop()")
         import deepspeed.comm as dist
 
         code = {v: c for c, v in _MODES.items()}[mode]
-        dist.broadcast(torch.tensor([code, ids.shape[0], ids.shape[1], k, seed], dtype=torch.int64), 0)
+        dist.broadcast(torch.tensor([code, ids.shape[0], ids.shape[1], k, seed, outputs], dtype=torch.int64), 0)
         dist.broadcast(ids.contiguous(), 0)
         dist.broadcast(lengths.contiguous(), 0)
-        return self._score(ids, lengths, k, mode, seed)
+        return self._score(ids, lengths, k, mode, seed, outputs)
 
     def stop(self) -> None:
         import deepspeed.comm as dist
 
         if self.rank == 0:
-            dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.int64), 0)
+            dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), 0)
 
     # -- every rank -------------------------------------------------------------------------
     def member_loop(self) -> int:
@@ -58,23 +59,23 @@ class ShardedTeacher:
 
         n = 0
         while True:
-            head = torch.empty(5, dtype=torch.int64)
+            head = torch.empty(6, dtype=torch.int64)
             dist.broadcast(head, 0)
-            kind, b, l, k, seed = head.tolist()
+            kind, b, l, k, seed, outputs = head.tolist()
             if kind == _STOP:
                 return n
             ids = torch.empty((b, l), dtype=torch.int64)
             lengths = torch.empty((b,), dtype=torch.int64)
             dist.broadcast(ids, 0)
             dist.broadcast(lengths, 0)
-            self._score(ids, lengths, k, _MODES[kind], seed)
+            self._score(ids, lengths, k, _MODES[kind], seed, outputs)
             n += 1
 
     @torch.no_grad()
-    def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits | None:
+    def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int, outputs: int):
         import deepspeed.comm as dist
 
-        from padd_ds.teacher.service import compress
+        from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs
 
         B, L = ids.shape
         chunk = math.ceil(B / self.size)
@@ -83,11 +84,12 @@ class ShardedTeacher:
         # rows scores row 0 and throws the result away.
         rows = slice(lo, hi) if hi > lo else slice(0, 1)
         mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
-        logits = self.engine(input_ids=ids[rows], attention_mask=mask).logits.float().cpu()
+        logits, cluster, hidden = forward_outputs(self.engine, ids[rows], mask, outputs, self.cluster_map)
         sl = compress(logits, k, mode, seed * 1009 + self.rank)  # each slice its own draws
+        mine = sl.tensors() + [t for t in (cluster, hidden) if t is not None]
         n_mine = hi - lo
         parts = []
-        for t in sl.tensors():
+        for t in mine:
             pad = torch.zeros((chunk, *t.shape[1:]), dtype=t.dtype)
             pad[:n_mine] = t[:n_mine]
             gathered = [torch.empty_like(pad) for _ in range(self.size)] if self.rank == 0 else None
@@ -95,4 +97,9 @@ class ShardedTeacher:
             parts.append(gathered)
         if self.rank != 0:
             return None
-        return SparseLogits.from_tensors([torch.cat(p, 0)[:B].contiguous() for p in parts])
+        full = [torch.cat(p, 0)[:B].contiguous() for p in parts]
+        n_logit = len(sl.tensors())
+        extra = iter(full[n_logit:])
+        return TeacherOutput(SparseLogits.from_tensors(full[:n_logit]),
+                             next(extra) if cluster is not None else None,
+                             next(extra) if hidden is not None else None)
