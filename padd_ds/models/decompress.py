@@ -35,11 +35,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from padd_ds.stage1.clustering import ClusterResult, balanced_kmeans, neuron_points
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PROVENANCE_FILE = "padd_provenance.json"
 ROUTER_INITS = ("centroids", "zeros")
@@ -176,8 +179,8 @@ def _name_or_path(teacher: Any) -> str:
 
 
 @torch.no_grad()
-def decompress(teacher, num_experts: int, top_k: int, cluster_input: str = "gate_up", seed: int = 0,
-               router_init: str = "centroids"):
+def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_input: str = "gate_up",
+               seed: int = 0, router_init: str = "centroids") -> tuple[PreTrainedModel, dict]:
     """Dense teacher -> (MoE causal LM, provenance dict). See the module docstring.
 
     The MoE is built on CPU in the teacher's dtype (clustering runs in float32), in eval
@@ -274,7 +277,7 @@ def decompress(teacher, num_experts: int, top_k: int, cluster_input: str = "gate
     return moe, provenance
 
 
-def save_decompressed(model, provenance: dict, out_dir: str | Path, tokenizer=None) -> Path:
+def save_decompressed(model: PreTrainedModel, provenance: dict, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a loadable checkpoint: safetensors weights + config (with the padd_* summary),
     padd_provenance.json, and the tokenizer if given. Loads with
     `AutoModelForCausalLM.from_pretrained(out_dir)`, no remote code."""

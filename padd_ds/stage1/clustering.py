@@ -11,7 +11,7 @@ The algorithm is Lloyd's k-means with an exact equal-capacity assignment step:
 
 1. Init: greedy k-means++ (as in scikit-learn: 2 + ln k candidates per step, keep the one
    that lowers the potential most) on a seeded subsample of at most 32 points per cluster;
-   seeding is sequential over k, and on the full 18944 x 3584 set it alone would take ~15 s.
+   seeding is sequential over k, and on all 18944 x 3584 points it alone took ~20 s here.
 2. Assignment with capacity m = n / k per cluster: a transportation problem, solved exactly
    by successive shortest paths on the k-node *cluster* graph (see `_balanced_assign`).
    Because k << n, each augmentation is a dense Dijkstra over k nodes rather than a search
