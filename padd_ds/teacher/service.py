@@ -168,6 +168,11 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
     return stats
 
 
+def describe(request_id: int) -> str:
+    """Request ids carry the student rank in their high bits; spell both out in errors."""
+    return f"request {request_id} (student {request_id >> 40}, #{request_id & ((1 << 40) - 1)})"
+
+
 @dataclass
 class _Pending:
     request_id: int
@@ -204,7 +209,11 @@ class RemoteTeacher:
         c = crc32(ids)
         h = Header(self.kind, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c,
                    outputs=outputs | OUT_LOGITS)
-        posted = self.bridge.send_message(h, [ids, lengths.to(torch.int64).contiguous()], self.teacher_rank)
+        try:
+            posted = self.bridge.send_message(h, [ids, lengths.to(torch.int64).contiguous()], self.teacher_rank)
+        except BridgeError as e:
+            raise BridgeError(f"teacher rank {self.teacher_rank} unreachable when sending {describe(rid)} "
+                              f"(step {step}): {e}") from e
         self.pending.append(_Pending(rid, step, c, (ids.shape[0], ids.shape[1]), posted))
         return rid
 
@@ -217,7 +226,7 @@ class RemoteTeacher:
         try:
             h = self.bridge.recv_header(self.teacher_rank, self.timeout_s, request_id)
         except BridgeError as e:
-            raise BridgeError(f"teacher rank {self.teacher_rank} did not answer request {request_id} "
+            raise BridgeError(f"teacher rank {self.teacher_rank} did not answer {describe(request_id)} "
                               f"(step {p.step}) within {self.timeout_s:.0f}s: {e}") from e
         if h.request_id != request_id or h.input_crc != p.input_crc:
             raise BridgeError(f"teacher rank {self.teacher_rank} answered request {h.request_id} "
