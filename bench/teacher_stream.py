@@ -10,8 +10,8 @@
    world), with prefetch off and on, in the same invocation: the fraction of student step time
    spent waiting for the teacher.
 
-Last line: TEACHER_STREAM bytes_ratio=<r> kd_grad_rel_err=<e> wait_fraction=<w> (152k top-k,
-prefetch on). Targets: bytes_ratio <= 0.005 with kd_grad_rel_err <= 0.02; wait_fraction <= 0.05.
+Last line: TEACHER_STREAM bytes_ratio=<r> kd_grad_rel_err=<e> wait_fraction=<w> (152k top-k at
+--k, prefetch on). Targets: bytes_ratio <= 0.005 with kd_grad_rel_err <= 0.02; wait_fraction <= 0.05.
 """
 
 from __future__ import annotations
@@ -116,7 +116,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--k", type=int, default=32)
+    # 128: the smallest k of the sweep whose 152k gradient error is <= 0.02 on this
+    # deliberately heavy-tailed synthetic teacher (top-32 mass ~0.8); trained LMs on math
+    # are more peaked, and the toy teacher's real logits are accurate at k=32 already.
+    ap.add_argument("--k", type=int, default=128)
     args = ap.parse_args()
     torch.manual_seed(0)
     n = 16 if args.quick else 64
@@ -153,6 +156,7 @@ def main() -> None:
     print(f"prefetch=0 wait_fraction={w0:.4f}   prefetch=1 wait_fraction={w1:.4f}   "
           f"ratio on/off={w1 / max(w0, 1e-9):.3f}")
     r = results["synthetic-152k"]["topk"]
+    print(f"(final line: synthetic-152k, top-{args.k}; prefetch=1)")
     print(f"TEACHER_STREAM bytes_ratio={r['bytes_ratio']:.6f} kd_grad_rel_err={r['kd_grad_rel_err']:.4f} "
           f"wait_fraction={w1:.4f}")
 
