@@ -1,0 +1,101 @@
+"""Build the "test" toy world once and check that what it saved is loadable and shaped right."""
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from padd_ds.data.toy import generate
+from padd_ds.data.prompt import format_example
+from padd_ds.toy.build import ToyBuildConfig, build_toy_world, count_params
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(2)
+    cache = tmp_path_factory.mktemp("padd_cache")
+    t = time.time()
+    w = build_toy_world("test", cache_dir=cache)
+    w.metrics["_test_build_seconds"] = time.time() - t
+    return w
+
+
+def test_layout_and_metrics(world):
+    assert world.root.name.startswith("toy-test-")
+    for d in (world.tokenizer_dir, world.teacher_dir, world.student_dir):
+        assert (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file()
+    for d in (world.teacher_dir, world.student_dir):
+        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+    rows = [json.loads(line) for line in world.heldout_file.read_text().splitlines()]
+    train = [json.loads(line) for line in world.train_file.read_text().splitlines()]
+    assert set(rows[0]) == {"id", "question", "solution", "answer", "level"}
+    assert {r["level"] for r in rows} == {1, 2, 3}
+    assert not {r["question"] for r in rows} & {r["question"] for r in train}
+    m = world.metrics
+    for who in ("teacher", "student"):
+        assert 0.0 <= m[who]["heldout_accuracy"] <= 1.0
+        assert m[who]["heldout_n"] == len(rows)
+    assert m["build_seconds"] > 0
+    assert not list(world.root.parent.glob(".*tmp-*")), "temp build dirs must not be left behind"
+
+
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_checkpoints_reload_with_finite_logits(world, who):
+    path = getattr(world, f"{who}_dir")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.dtype == torch.float32
+    assert model.config.vocab_size == len(tok)
+    batch = tok(["Question: Ann has 5 apples.\nAnswer:", "Question: x\nAnswer: 1 + 1 = 2."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and logits.shape[-1] == len(tok)
+    assert torch.isfinite(logits).all()
+
+
+def test_student_is_a_smaller_active_moe(world):
+    teacher = AutoModelForCausalLM.from_pretrained(world.teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(world.student_dir)
+    cfg = student.config
+    assert type(teacher).__name__ == "Qwen3ForCausalLM"
+    assert type(student).__name__ == "Qwen3MoeForCausalLM"
+    assert cfg.num_experts == 8 and cfg.num_experts_per_tok == 2
+    assert cfg.norm_topk_prob is True and cfg.decoder_sparse_step == 1 and list(cfg.mlp_only_layers) == []
+    assert cfg.output_router_logits is False
+    assert cfg.vocab_size == teacher.config.vocab_size
+    s, t = count_params(student), count_params(teacher)
+    assert s["active"] < t["active"] == t["total"]
+    assert s["active"] < s["total"]
+    assert world.metrics["student"]["params"] == s and world.metrics["teacher"]["params"] == t
+
+
+def test_tokenizer_round_trips(world):
+    tok = AutoTokenizer.from_pretrained(world.tokenizer_dir)
+    assert tok.bos_token_id is not None and tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+    for p in generate(30, seed=99):
+        text = "".join(format_example(p.question, p.solution))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert tok.unk_token_id not in ids
+    digits = tok.convert_ids_to_tokens(tok("Ann has 1234 apples", add_special_tokens=False)["input_ids"])
+    assert all(len(t.strip("▁")) <= 1 for t in digits if any(c.isdigit() for c in t)), digits
+    odd = "Zoë paid €3.50 — 100% {ok}\n\ttabs"
+    assert tok.decode(tok(odd, add_special_tokens=False)["input_ids"]) == odd
+
+
+def test_second_call_hits_the_cache(world):
+    t = time.time()
+    again = build_toy_world("test", cache_dir=world.root.parent)
+    assert time.time() - t < 5.0
+    assert again.root == world.root
+    assert again.metrics["build_seconds"] == world.metrics["build_seconds"]
+
+
+def test_bad_profile_raises(tmp_path):
+    with pytest.raises(ValueError, match="profile"):
+        build_toy_world("huge", cache_dir=tmp_path)
+    with pytest.raises(ValueError):
+        ToyBuildConfig(profile="test", student_num_experts=4)
