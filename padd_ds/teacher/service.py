@@ -224,13 +224,19 @@ class RemoteTeacher:
         p = self.pending.popleft()
         t0 = time.perf_counter()
         try:
-            h = self.bridge.recv_header(self.teacher_rank, self.timeout_s, request_id)
-        except BridgeError as e:
+            out = self._receive(p)
+        except BridgeError as e:  # whichever step failed, say which teacher and which request
             raise BridgeError(f"teacher rank {self.teacher_rank} did not answer {describe(request_id)} "
                               f"(step {p.step}) within {self.timeout_s:.0f}s: {e}") from e
-        if h.request_id != request_id or h.input_crc != p.input_crc:
+        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.requests += 1
+        return out
+
+    def _receive(self, p: _Pending) -> TeacherOutput:
+        h = self.bridge.recv_header(self.teacher_rank, self.timeout_s, p.request_id)
+        if h.request_id != p.request_id or h.input_crc != p.input_crc:
             raise BridgeError(f"teacher rank {self.teacher_rank} answered request {h.request_id} "
-                              f"(input crc {h.input_crc:#x}) but request {request_id} "
+                              f"(input crc {h.input_crc:#x}) but request {p.request_id} "
                               f"(input crc {p.input_crc:#x}) was expected")
         B, L = p.shape
         specs = SparseLogits.specs(B, L, h.arg, sampled=h.kind == KIND_SAMPLED_LOGITS)
@@ -241,9 +247,6 @@ class RemoteTeacher:
             specs.append(((B, L, h.hidden), torch.float32))
         tensors = self.bridge.recv_payload(h, specs, self.teacher_rank)
         p.send.wait(self.timeout_s)  # answered, so our request was fully received
-        dt = time.perf_counter() - t0
-        self.stats.wait_s += dt
-        self.stats.requests += 1
         self.stats.bytes_received += sum(t.numel() * t.element_size() for t in tensors)
         extra = iter(tensors[n_logit:])
         return TeacherOutput(SparseLogits.from_tensors(tensors[:n_logit]),
@@ -254,7 +257,10 @@ class RemoteTeacher:
         """Tell the teacher this student is done (after draining what is in flight)."""
         while self.pending:
             self.result(self.pending[0].request_id)
-        self.bridge.send_message(Header(KIND_STOP, -1), [], self.teacher_rank).wait(self.timeout_s)
+        try:
+            self.bridge.send_message(Header(KIND_STOP, -1), [], self.teacher_rank).wait(self.timeout_s)
+        except BridgeError as e:
+            raise BridgeError(f"teacher rank {self.teacher_rank} unreachable when sending STOP: {e}") from e
 
 
 class LocalTeacher:
