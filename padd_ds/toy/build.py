@@ -540,6 +540,15 @@ def _print_summary(world: ToyWorld, console: Console) -> None:
     console.print(f"toy world (profile {m['profile']}) built in {m['build_seconds']}s at {world.root}")
 
 
+def world_root(cfg: ToyBuildConfig, cache_dir: Path | None = None) -> Path:
+    """Where the toy world of `cfg` lives (complete once it holds the BUILD_COMPLETE marker)."""
+    return (cache_dir or default_cache_dir()) / f"toy-{cfg.profile}-{cfg.cache_key()}"
+
+
+def is_built(root: Path) -> bool:
+    return _is_complete(root)
+
+
 def build_toy_world(
     profile: str = "demo",
     cache_dir: str | os.PathLike | None = None,
@@ -554,7 +563,7 @@ def build_toy_world(
     """
     cfg = config if config is not None else ToyBuildConfig.for_profile(profile)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache / f"toy-{cfg.profile}-{cfg.cache_key()}"
+    root = world_root(cfg, cache)
     if _is_complete(root) and not force:
         return ToyWorld.at(root)
 

@@ -17,13 +17,13 @@ def use_toy_world_for(cfg: PaddConfig) -> None:
         return
     if os.environ.get("PADD_TOY_DIR"):
         return
-    from padd_ds.toy.build import PROFILES, ToyBuildConfig, _is_complete, default_cache_dir
+    from padd_ds.toy.build import PROFILES, ToyBuildConfig, is_built, world_root
 
     profile = os.environ.get("PADD_TOY_PROFILE", "demo")
     if profile not in PROFILES:
         raise ConfigError(f"PADD_TOY_PROFILE={profile!r} must be one of {PROFILES}")
-    root = default_cache_dir() / f"toy-{profile}-{ToyBuildConfig.for_profile(profile).cache_key()}"
-    if not _is_complete(root):
+    root = world_root(ToyBuildConfig.for_profile(profile))
+    if not is_built(root):
         raise ConfigError(f"models: the toy world ({profile} profile) is not built; run "
                           f"`padd toy build --profile {profile}` first")
     os.environ["PADD_TOY_DIR"] = str(root)
