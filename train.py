@@ -40,6 +40,9 @@ def main(argv=None) -> None:
         use_toy_world_for(cfg)
         env = detect_launch()
         validate(cfg, world_size=env.world_size)
+        from padd_ds.rl.trainer import check_supported
+
+        check_supported(cfg)
     except (ConfigError, ValueError) as e:
         print(f"padd-ds: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from padd_ds.config import PaddConfig, dump_yaml, resolve_model_path, to_dict
+from padd_ds.config import ConfigError, PaddConfig, dump_yaml, resolve_model_path, to_dict
 from padd_ds.data.batch import TokenBatch, encode_examples
 from padd_ds.data.math import load_heldout_problems, load_train_problems
 from padd_ds.eval.evaluate import evaluate_problems
@@ -42,17 +42,22 @@ def seed_everything(seed: int) -> None:
 
 def model_paths(cfg: PaddConfig) -> tuple[str, str, str]:
     teacher = resolve_model_path(cfg.models.teacher, field_name="models.teacher")
-    if cfg.models.student is None:
-        raise NotImplementedError("models.student=null (decompression, Stage I) is not built yet; "
-                                  "give a pre-trained MoE student")
     student = resolve_model_path(cfg.models.student, field_name="models.student")
     tok = resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer") if cfg.models.tokenizer else teacher
     return teacher, student, tok
 
 
-def run(cfg: PaddConfig, world: World) -> dict | None:
+def check_supported(cfg: PaddConfig) -> None:
+    """Refuse, before any process group exists, what this trainer cannot run yet: the PADD
+    stages (train.mode=padd, issue #5) and decompression (models.student=null, issue #3)."""
     if cfg.train.mode != "distill":
-        raise NotImplementedError(f"train.mode={cfg.train.mode!r} is not built yet; use train.mode=distill")
+        raise ConfigError(f"train.mode={cfg.train.mode!r} is not built yet; use train.mode=distill")
+    if cfg.models.student is None:
+        raise ConfigError("models.student=null (decompress the teacher, Stage I) is not wired into training "
+                          "yet; give a pre-trained MoE student")
+
+
+def run(cfg: PaddConfig, world: World) -> dict | None:
     seed_everything(cfg.run.seed)
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.env.local_size)))
     if world.is_teacher:
