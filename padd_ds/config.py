@@ -170,6 +170,14 @@ class Stage2Config:
     # as_intended: effective temperature tau / Phi(A) (good paths sharper, the paper's
     # stated intent); as_written: tau * Phi(A); fixed: tau (the online-KD baseline).
     temperature_coupling: Literal["as_intended", "as_written", "fixed"] = "as_intended"
+    # Phi(A) -> 0 as A -> -inf would make the temperature infinite (as_intended) or zero
+    # (as_written). 0.1 caps it at 10 * tau (resp. 0.1 * tau), where a top-k target is already
+    # nearly flat (resp. nearly one-hot); with kappa = 1 only advantages below -1.47 reach it.
+    phi_floor: float = 0.1
+    # The notes temper only the target p_T*. Tempering the student too (Hinton KD, loss * T^2)
+    # would make the KD optimum the untempered teacher for every T, erasing "sharper targets
+    # for good paths"; kept as a switch for the classic-KD reading.
+    temper_student: bool = False
 
 
 @dataclass
@@ -191,6 +199,23 @@ class Stage3Config:
     group_size: int = 4
     # token: GRPO's per-token ratio; gspo switches to sequence level itself.
     ratio_level: Literal["token", "sequence"] = "token"
+    # Clip range of a sequence-level ratio (gspo, or ratio_level=sequence): a geometric mean
+    # over hundreds of tokens sits far closer to 1 than one token's ratio, so clip_eps would
+    # never bite; the GSPO paper clips at 3e-4 below / 4e-4 above (one symmetric value here).
+    seq_clip_eps: float = 4e-4
+    # RSPO floors its router-shift weight so that no token's update vanishes; 0.5 at most
+    # halves a token's ratio (RSPO publishes the floor, not a value we could check).
+    rspo_min_weight: float = 0.5
+    # token_mean: sum over response tokens / token count (DAPO, Dr. GRPO: every token weighs the
+    # same, no length bias); seq_mean: mean over each response, then over responses (GRPO, GSPO
+    # papers). `denom` of the loss counts tokens resp. responses.
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    # Verifiable reward = reward_correct * [grader accepts the answer] + reward_format *
+    # [an explicit final-answer marker: ####, \boxed{}, "the answer is"]. The format term is
+    # 10x below correctness so that no formatted wrong answer outscores a correct one, yet it
+    # separates responses in groups where all answers are wrong (those would have no signal).
+    reward_correct: float = 1.0
+    reward_format: float = 0.1
     # KL to a reference policy. 0 like DAPO/Dr.GRPO for verifiable rewards: the teacher KD
     # term already anchors the policy, and it saves a reference forward.
     ref_kl: float = 0.0
@@ -774,6 +799,7 @@ def _check_ranges(cfg: PaddConfig) -> None:
     non_negative("stage2.kd_weight", s2.kd_weight)
     positive("stage2.tau", s2.tau)
     non_negative("stage2.kappa", s2.kappa)
+    _require(0 < s2.phi_floor <= 1, f"stage2.phi_floor must be in (0, 1], got {s2.phi_floor}")
 
     s3 = cfg.stage3
     non_negative("stage3.drift_lambda", s3.drift_lambda)
@@ -785,6 +811,10 @@ def _check_ranges(cfg: PaddConfig) -> None:
         f"two responses), got {s3.group_size}",
     )
     non_negative("stage3.ref_kl", s3.ref_kl)
+    _require(0 < s3.seq_clip_eps < 1, f"stage3.seq_clip_eps must be in (0, 1), got {s3.seq_clip_eps}")
+    _require(0 <= s3.rspo_min_weight <= 1, f"stage3.rspo_min_weight must be in [0, 1], got {s3.rspo_min_weight}")
+    non_negative("stage3.reward_correct", s3.reward_correct)
+    non_negative("stage3.reward_format", s3.reward_format)
 
     s4 = cfg.stage4
     non_negative("stage4.eta", s4.eta)

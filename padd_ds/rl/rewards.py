@@ -1,0 +1,70 @@
+"""Verifiable rewards and group-relative advantages (the signal shared by Stages II-IV).
+
+    r = reward_correct * [grade(response, reference)] + reward_format * [final-answer marker]
+
+Correctness comes from `padd_ds.eval.grading.grade`, the grader evaluation uses too, so
+the reward and the reported accuracy can never disagree. The format term rewards an
+explicit final-answer marker that the grader reads before its last-number fallback:
+`#### x`, a non-empty `\\boxed{...}`, or "the answer is x". It is small (see
+`Stage3Config.reward_format`) and exists for groups in which every answer is wrong: without
+it their rewards are all equal and their advantages all zero.
+
+A_i = (r_i - mean_g r) / std_g r within each group of G responses to one prompt, with the
+population std (divide by G, not G - 1): the advantages of a group then have mean 0 and
+mean square exactly 1 whatever G is (G = 2 with rewards {0, 1} gives exactly -1 and +1),
+which is the scale `Stage2Config.kappa` assumes. A group whose rewards are all equal
+carries no preference; its advantages are exactly 0 and it is counted, not divided by ~0.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from padd_ds.config import Stage3Config
+from padd_ds.eval.grading import grade
+
+# The grader's explicit answer markers, each followed by a non-empty answer. `\boxed{}`
+# with nothing inside is no answer.
+_MARKER = re.compile(r"####[ \t]*\S|\\boxed\{\s*[^\s}]|answer is[ \t]*:?[ \t]*\S", re.IGNORECASE)
+
+
+def has_answer_marker(response: str) -> bool:
+    """True when the response states its final answer with `####`, `\\boxed{}` or "the answer is"."""
+    return isinstance(response, str) and _MARKER.search(response) is not None
+
+
+def reward(response: str, reference: str, cfg: Stage3Config) -> tuple[float, dict[str, float]]:
+    """The scalar reward of one response and its parts ({"correct": 0/1, "format": 0/1})."""
+    correct = 1.0 if grade(response, reference) else 0.0
+    formatted = 1.0 if has_answer_marker(response) else 0.0
+    return cfg.reward_correct * correct + cfg.reward_format * formatted, {"correct": correct, "format": formatted}
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float | int]]:
+    """Group-relative advantages of `rewards` [num_prompts, G] (row = the G responses to one prompt).
+
+    Returns (advantages [num_prompts, G] in the rewards' float dtype, stats). A group whose
+    population std is <= `eps` gets advantage 0 and is counted in
+    stats["zero_variance_groups"]; rewards are O(0.1-1), so eps only catches float noise.
+    `advantages.reshape(-1)` follows the prompt-major order of the responses.
+    """
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [num_prompts, G] with G >= 2 responses per prompt, got shape "
+                         f"{tuple(rewards.shape)}; reshape with stage3.group_size")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or inf; check the reward function's inputs")
+    r = rewards.double()
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, unbiased=False, keepdim=True)
+    flat = std <= eps
+    adv = torch.where(flat, torch.zeros_like(r), (r - mean) / torch.where(flat, torch.ones_like(std), std))
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    stats = {
+        "groups": int(r.shape[0]),
+        "zero_variance_groups": int(flat.sum()),
+        "reward_mean": float(r.mean()),
+        "reward_std_mean": float(std.mean()),
+    }
+    return adv.to(out_dtype), stats

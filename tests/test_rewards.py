@@ -1,0 +1,86 @@
+"""Verifiable rewards and group-relative advantages (padd_ds/rl/rewards.py)."""
+
+import math
+
+import pytest
+import torch
+
+from padd_ds.config import Stage3Config
+from padd_ds.eval.grading import grade
+from padd_ds.rl.rewards import group_advantages, has_answer_marker, reward
+
+
+@pytest.mark.parametrize("response, reference, correct, formatted", [
+    ("3 + 4 = 7. #### 7", "7", 1.0, 1.0),               # toy/GSM8K form
+    ("so we get \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0, 1.0),
+    ("Thus the answer is 42.", "42", 1.0, 1.0),
+    ("I count 5 and then 7", "7", 1.0, 0.0),             # right, but only via the last-number fallback
+    ("3 + 4 = 8. #### 8", "7", 0.0, 1.0),               # formatted but wrong
+    ("no idea", "7", 0.0, 0.0),
+    ("#### \n7", "7", 1.0, 0.0),                         # empty marker line: no stated answer
+    ("\\boxed{} 7", "7", 1.0, 0.0),                      # empty box
+])
+def test_reward_is_weighted_correctness_plus_format(response, reference, correct, formatted):
+    cfg = Stage3Config(reward_correct=1.0, reward_format=0.25)
+    r, parts = reward(response, reference, cfg)
+    assert parts == {"correct": correct, "format": formatted}
+    assert r == pytest.approx(1.0 * correct + 0.25 * formatted)
+
+
+def test_format_term_only_rewards_markers_the_grader_reads():
+    # Every marker the format term accepts must be one the shared grader extracts from:
+    # a response "#### 12" etc. grades as 12 even when other numbers follow.
+    for response in ("#### 12\nthen 99", "\\boxed{12} then 99", "The answer is: 12, then 99"):
+        assert has_answer_marker(response)
+        assert grade(response, "12")
+
+
+def test_default_weights_keep_any_correct_answer_above_any_wrong_one():
+    cfg = Stage3Config()
+    best_wrong, _ = reward("#### 8", "7", cfg)
+    worst_right, _ = reward("it is 7", "7", cfg)
+    assert worst_right > best_wrong > 0
+
+
+def test_group_advantages_population_std_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0],      # mean 0.25, std sqrt(3)/4
+                            [1.1, 1.1, 0.1, 0.0]])     # mean 0.575, std 0.5261...
+    adv, stats = group_advantages(rewards)
+    s = math.sqrt(3) / 4
+    torch.testing.assert_close(adv[0], torch.tensor([0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s]))
+    mean, std = 0.575, math.sqrt(((0.525 ** 2) * 2 + 0.475 ** 2 + 0.575 ** 2) / 4)
+    torch.testing.assert_close(adv[1], torch.tensor([0.525 / std, 0.525 / std, -0.475 / std, -0.575 / std]))
+    # population std: each group's advantages have mean 0 and mean square 1
+    torch.testing.assert_close(adv.mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close((adv ** 2).mean(1), torch.ones(2))
+    assert stats["zero_variance_groups"] == 0 and stats["groups"] == 2
+    assert stats["reward_mean"] == pytest.approx((0.25 + mean) / 2)
+
+
+def test_two_responses_get_exactly_plus_minus_one():
+    adv, _ = group_advantages(torch.tensor([[0.0, 1.0]]))
+    assert adv.tolist() == [[-1.0, 1.0]]
+
+
+def test_zero_variance_groups_get_zero_advantage_and_are_counted():
+    rewards = torch.tensor([[1.1, 1.1, 1.1], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.1]])
+    adv, stats = group_advantages(rewards)
+    assert stats["zero_variance_groups"] == 3
+    assert torch.equal(adv[[0, 1, 3]], torch.zeros(3, 3))
+    assert torch.isfinite(adv).all() and (adv[2] != 0).all()
+
+
+def test_bad_reward_shapes_are_refused():
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.zeros(4, 1))
+    with pytest.raises(ValueError, match=r"\[num_prompts, G\]"):
+        group_advantages(torch.zeros(8))
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([[0.0, float("nan")]]))
+
+
+def test_negative_reward_weights_are_refused_by_validate():
+    from padd_ds.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match="stage3.reward_format must be >= 0"):
+        validate(load_config(None, ["stage3.reward_format=-0.1"]))
