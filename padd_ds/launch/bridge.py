@@ -32,6 +32,7 @@ KIND_SAMPLED_LOGITS = 3
 OUT_LOGITS = 1          # sparse logits (always sent with a scoring request)
 OUT_CLUSTER_ACTS = 2    # per-cluster mean FFN activation for the teacher's clustered layers
 OUT_HIDDEN = 4          # final hidden states
+OUT_CLUSTER_GATE = 8    # per-cluster mean gate pre-activation (the centroid router's logits, Stage I)
 
 
 class BridgeError(RuntimeError):

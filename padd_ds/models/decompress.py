@@ -180,8 +180,14 @@ def _name_or_path(teacher: Any) -> str:
 
 @torch.no_grad()
 def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_input: str = "gate_up",
-               seed: int = 0, router_init: str = "centroids") -> tuple[PreTrainedModel, dict]:
+               seed: int = 0, router_init: str = "centroids", expert_scale: float = 1.0) -> tuple[PreTrainedModel, dict]:
     """Dense teacher -> (MoE causal LM, provenance dict). See the module docstring.
+
+    `expert_scale` multiplies every expert's down_proj. 1: all experts at routing weight 1
+    sum to the dense FFN. The trainer uses N: then the Stage I warmup's uniform router
+    (weight 1/N on every expert) is exactly the teacher from its first step, and a
+    normalised top-k router with equal weights gives (N/k) * (sum of the k chosen
+    clusters), the unbiased estimate of the dense FFN from a random k of its N clusters.
 
     The MoE is built on CPU in the teacher's dtype (clustering runs in float32), in eval
     mode like a `from_pretrained` model. Layer l's clustering uses seed + l.
@@ -195,7 +201,8 @@ def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_i
     source = _name_or_path(teacher)
     config.padd_decompressed_from = source
     config.padd_decompression = {"num_experts": num_experts, "top_k": top_k, "cluster_input": cluster_input,
-                                 "router_init": router_init, "seed": seed, "provenance": PROVENANCE_FILE}
+                                 "router_init": router_init, "seed": seed, "expert_scale": expert_scale,
+                                 "provenance": PROVENANCE_FILE}
     model_cls = getattr(transformers, target.model_class)
     # Weights are all overwritten below: skip the (for a 7B model, minutes-long) random init.
     kwargs = {"attn_implementation": tc._attn_implementation} if tc._attn_implementation else {}
@@ -237,7 +244,7 @@ def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_i
         prefix = f"model.layers.{i}.mlp."
         put(prefix + "gate.weight", lx.router)
         put(prefix + "experts.gate_up_proj", lx.gate_up)
-        put(prefix + "experts.down_proj", lx.down)
+        put(prefix + "experts.down_proj", lx.down * expert_scale)
         records.append({
             "student_layer": i,
             "teacher_layer": i,
@@ -272,6 +279,7 @@ def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_i
         "cluster_input": cluster_input,
         "router_init": router_init,
         "seed": seed,
+        "expert_scale": expert_scale,
         "layers": records,
     }
     return moe, provenance

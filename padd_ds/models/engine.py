@@ -62,9 +62,14 @@ def build_ds_config(cfg: PaddConfig, hf_config, num_students: int) -> dict:
 
 
 def initialize_engine(cfg: PaddConfig, model: torch.nn.Module, num_students: int):
+    """The DeepSpeed engine; with AutoEP every MoE layer gets the PADD router (models/router.py),
+    which routes exactly like DeepSpeed's until a PADD stage switches its mode or bias."""
     import deepspeed
 
+    from padd_ds.models.router import padd_router_installed
+
     ds = build_ds_config(cfg, model.config, num_students)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad], config=ds)
+    with padd_router_installed():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                              if p.requires_grad], config=ds)
     return engine, ds

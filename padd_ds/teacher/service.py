@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS, OUT_HIDDEN,
-                                   OUT_LOGITS, Bridge, BridgeError, Header, crc32)
+from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS,
+                                   OUT_CLUSTER_GATE, OUT_HIDDEN, OUT_LOGITS, Bridge, BridgeError, Header, crc32)
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk
 
 MODES = {KIND_TOPK_LOGITS: "topk", KIND_SAMPLED_LOGITS: "sampled"}
@@ -52,39 +52,53 @@ class TeacherOutput:
     logits: SparseLogits
     cluster_acts: torch.Tensor | None = None  # [B, L, n_layers, N] mean SwiGLU activation per cluster
     hidden: torch.Tensor | None = None        # [B, L, H] final hidden states
+    cluster_gate: torch.Tensor | None = None  # [B, L, n_layers, N] mean gate pre-activation per cluster
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.logits.tensors() + [t for t in (self.cluster_acts, self.hidden) if t is not None]
+        return self.logits.tensors() + [t for t in (self.cluster_acts, self.hidden, self.cluster_gate)
+                                        if t is not None]
 
 
 def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, outputs: int,
                     cluster_map: ClusterMap | None):
-    """One teacher forward -> (logits, cluster activations or None, final hidden or None).
+    """One teacher forward -> (logits, cluster activations, final hidden, cluster gate); the
+    last three are None unless requested.
 
     Cluster activations are read at the input of each clustered layer's `down_proj`: that is
     the SwiGLU intermediate act(gate x) * (up x), one value per neuron, in every HF
-    Llama/Qwen/Mistral-style MLP."""
+    Llama/Qwen/Mistral-style MLP. The cluster gate is the output of `gate_proj` (before the
+    activation) averaged over each cluster: the logit a router initialised at the cluster
+    centroids (mean gate rows) gives this token - the Stage I router-fit target."""
     acts: dict[int, torch.Tensor] = {}
+    gates: dict[int, torch.Tensor] = {}
     hooks = []
-    if outputs & OUT_CLUSTER_ACTS:
+    if outputs & (OUT_CLUSTER_ACTS | OUT_CLUSTER_GATE):
         if cluster_map is None:
             raise BridgeError("cluster activations were requested but this teacher has no cluster map "
                               "(Stage I clustering has not run on the teacher ranks)")
         layers = _decoder_layers(model)
         for i, li in enumerate(cluster_map.layers):
-            down = layers[li].mlp.down_proj
-            hooks.append(down.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__(i, a[0].detach())))
+            mlp = layers[li].mlp
+            if outputs & OUT_CLUSTER_ACTS:
+                hooks.append(mlp.down_proj.register_forward_pre_hook(
+                    lambda m, a, i=i: acts.__setitem__(i, a[0].detach())))
+            if outputs & OUT_CLUSTER_GATE:
+                hooks.append(mlp.gate_proj.register_forward_hook(
+                    lambda m, a, o, i=i: gates.__setitem__(i, o.detach())))
     try:
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(outputs & OUT_HIDDEN))
     finally:
         for h in hooks:
             h.remove()
-    cluster = None
-    if outputs & OUT_CLUSTER_ACTS:
-        pool = cluster_map.pooling().to(acts[0].device)
-        cluster = torch.stack([acts[i].float() @ pool[i] for i in range(len(cluster_map.layers))], dim=2).cpu()
+
+    def pooled(values: dict[int, torch.Tensor]) -> torch.Tensor:
+        pool = cluster_map.pooling().to(values[0].device)
+        return torch.stack([values[i].float() @ pool[i] for i in range(len(cluster_map.layers))], dim=2).cpu()
+
+    cluster = pooled(acts) if outputs & OUT_CLUSTER_ACTS else None
+    gate = pooled(gates) if outputs & OUT_CLUSTER_GATE else None
     hidden = out.hidden_states[-1].float().cpu() if outputs & OUT_HIDDEN else None
-    return out.logits.float().cpu(), cluster, hidden
+    return out.logits.float().cpu(), cluster, hidden, gate
 
 
 def _decoder_layers(model: torch.nn.Module):
@@ -111,9 +125,9 @@ class TeacherModel:
         """Right-padded ids [B, L] with true `lengths` [B] -> the requested outputs at every position."""
         L = ids.shape[1]
         mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        logits, cluster, hidden = forward_outputs(self.model, ids.to(self.device), mask.to(self.device),
-                                                  outputs, self.cluster_map)
-        return TeacherOutput(compress(logits, k, mode, seed), cluster, hidden)
+        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), mask.to(self.device),
+                                                        outputs, self.cluster_map)
+        return TeacherOutput(compress(logits, k, mode, seed), cluster, hidden, gate)
 
 
 @dataclass
@@ -152,10 +166,11 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
                 raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
                                   f"from rank {s}; refusing to score corrupted input")
             out = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id, outputs=h.outputs)
+            per_cluster = out.cluster_acts if out.cluster_acts is not None else out.cluster_gate
             reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
                            outputs=h.outputs,
-                           n_layers=out.cluster_acts.shape[2] if out.cluster_acts is not None else 0,
-                           n_clusters=out.cluster_acts.shape[3] if out.cluster_acts is not None else 0,
+                           n_layers=per_cluster.shape[2] if per_cluster is not None else 0,
+                           n_clusters=per_cluster.shape[3] if per_cluster is not None else 0,
                            hidden=out.hidden.shape[-1] if out.hidden is not None else 0)
             in_flight.append(bridge.send_message(reply, out.tensors(), s))
             while len(in_flight) > 4 * len(students):  # bound memory; old replies are long taken
@@ -245,13 +260,16 @@ class RemoteTeacher:
             specs.append(((B, L, h.n_layers, h.n_clusters), torch.float32))
         if h.outputs & OUT_HIDDEN:
             specs.append(((B, L, h.hidden), torch.float32))
+        if h.outputs & OUT_CLUSTER_GATE:
+            specs.append(((B, L, h.n_layers, h.n_clusters), torch.float32))
         tensors = self.bridge.recv_payload(h, specs, self.teacher_rank)
         p.send.wait(self.timeout_s)  # answered, so our request was fully received
         self.stats.bytes_received += sum(t.numel() * t.element_size() for t in tensors)
         extra = iter(tensors[n_logit:])
         return TeacherOutput(SparseLogits.from_tensors(tensors[:n_logit]),
                              next(extra) if h.outputs & OUT_CLUSTER_ACTS else None,
-                             next(extra) if h.outputs & OUT_HIDDEN else None)
+                             next(extra) if h.outputs & OUT_HIDDEN else None,
+                             next(extra) if h.outputs & OUT_CLUSTER_GATE else None)
 
     def close(self) -> None:
         """Tell the teacher this student is done (after draining what is in flight)."""

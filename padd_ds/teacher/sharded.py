@@ -84,9 +84,9 @@ class ShardedTeacher:
         # rows scores row 0 and throws the result away.
         rows = slice(lo, hi) if hi > lo else slice(0, 1)
         mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
-        logits, cluster, hidden = forward_outputs(self.engine, ids[rows], mask, outputs, self.cluster_map)
+        logits, cluster, hidden, gate = forward_outputs(self.engine, ids[rows], mask, outputs, self.cluster_map)
         sl = compress(logits, k, mode, seed * 1009 + self.rank)  # each slice its own draws
-        mine = sl.tensors() + [t for t in (cluster, hidden) if t is not None]
+        mine = sl.tensors() + [t for t in (cluster, hidden, gate) if t is not None]
         n_mine = hi - lo
         parts = []
         for t in mine:
@@ -102,4 +102,5 @@ class ShardedTeacher:
         extra = iter(full[n_logit:])
         return TeacherOutput(SparseLogits.from_tensors(full[:n_logit]),
                              next(extra) if cluster is not None else None,
-                             next(extra) if hidden is not None else None)
+                             next(extra) if hidden is not None else None,
+                             next(extra) if gate is not None else None)

@@ -1,0 +1,144 @@
+"""The PADD router, plugged into DeepSpeed AutoEP (the one place that touches its internals).
+
+AutoEP builds each MoE layer's router from the module global
+`deepspeed.module_inject.auto_ep_layer.TokenChoiceTopKRouter` (there is no config key for a
+custom router, see PLATFORM_NOTES). `padd_router_installed()` rebinds that global to
+`PaddRouter` while the engine is built and restores it afterwards:
+
+    with padd_router_installed():
+        engine = deepspeed.initialize(...)
+    set_routing(engine.module, "uniform_all")     # Stage I warmup
+    ... routers(engine.module)[l].last_scores     # router probabilities with grad (path KL)
+    set_routing(engine.module, "learned")
+
+What it adds over DeepSpeed's router:
+- routing modes: `learned` (top-k of the router scores), and the two readings of Stage I's
+  "router frozen at uniform": `uniform_all` (every expert, weight 1/N; the layer's top_k is
+  raised to N while it is on) and `uniform_random_topk` (k experts drawn uniformly per
+  token, weight 1/k). In the uniform modes the gate still runs, so its probabilities can be
+  trained towards the teacher's path distribution without deciding any route.
+- `last_scores`: the router probabilities [T, N] of the last forward, kept with their graph
+  when `record` is on (Stage I path KL, Stage III drift).
+- `padd_bias` [N]: a persistent per-expert bias added to the scores before top-k only
+  (Stage IV); the combine weights stay the unbiased scores, as in DeepSeek-V3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+
+from deepspeed.moe.ep_count import count_tokens_per_expert
+from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+
+RoutingMode = Literal["learned", "uniform_all", "uniform_random_topk"]
+MODES = ("learned", "uniform_all", "uniform_random_topk")
+
+
+class PaddRouter(TokenChoiceTopKRouter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mode: RoutingMode = "learned"
+        self.record = False
+        self.last_scores: torch.Tensor | None = None
+        self.keep_input = False  # Stage I router fit: keep the router's input [T, H] (detached)
+        self.last_input: torch.Tensor | None = None
+        self.register_buffer("padd_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
+        # Random top-k draws use their own stream, so turning the mode on never shifts the
+        # global RNG (dropout, sampling) of the rest of the run. Reseeded by set_routing.
+        self.generator = torch.Generator()
+
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
+        self.last_input = x.detach() if self.keep_input else None
+        logits = self.gate(x).float()
+        scores = torch.sigmoid(logits) if self.score_func == "sigmoid" else F.softmax(logits, dim=-1)
+        self.last_scores = scores if self.record else None
+        T, N = scores.shape
+        if self.mode == "uniform_all":
+            selected = torch.arange(N, device=x.device).expand(T, N).contiguous()
+            return (torch.full((T, N), 1.0 / N, device=x.device), selected,
+                    count_tokens_per_expert(selected, N))
+        if self.mode == "uniform_random_topk":
+            draw = torch.rand(T, N, generator=self.generator).to(x.device)
+            selected = draw.topk(self.top_k, dim=-1).indices
+            return (torch.full((T, self.top_k), 1.0 / self.top_k, device=x.device), selected,
+                    count_tokens_per_expert(selected, N))
+        choice = scores.detach() + self.padd_bias.to(scores.device)
+        if expert_bias is not None:
+            choice = choice + expert_bias
+        if self.e_score_correction_bias is not None:
+            choice = choice + self.e_score_correction_bias.unsqueeze(0)
+        if self.num_expert_groups is not None:
+            choice = self._get_node_limited_routing_scores(choice)
+        selected = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices
+        top = scores.gather(1, selected)
+        if self.route_norm:
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        return top * self.route_scale, selected, count_tokens_per_expert(selected, N)
+
+
+@contextlib.contextmanager
+def padd_router_installed() -> Iterator[None]:
+    """AutoEP layers built inside this block get a PaddRouter (restored on exit, even on error)."""
+    from deepspeed.module_inject import auto_ep_layer
+
+    saved = auto_ep_layer.TokenChoiceTopKRouter
+    auto_ep_layer.TokenChoiceTopKRouter = PaddRouter
+    try:
+        yield
+    finally:
+        auto_ep_layer.TokenChoiceTopKRouter = saved
+
+
+def moe_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The AutoEP MoE layers of a model (or engine), in layer order."""
+    return [m for m in module.modules() if getattr(m, "_is_autoep_layer", False)]
+
+
+def routers(module: torch.nn.Module) -> list[PaddRouter]:
+    found = [layer.router for layer in moe_layers(module)]
+    if not found or not all(isinstance(r, PaddRouter) for r in found):
+        raise RuntimeError("the model has no PADD routers: build the engine inside padd_router_installed() "
+                           "with DeepSpeed expert_parallel (AutoEP) enabled")
+    return found
+
+
+def set_routing(module: torch.nn.Module, mode: RoutingMode, record: bool | None = None, seed: int | None = None) -> None:
+    """Switch every PADD router to `mode` (and keep each layer's dispatch width in step)."""
+    if mode not in MODES:
+        raise ValueError(f"routing mode must be one of {MODES}, got {mode!r}")
+    for i, (layer, router) in enumerate(zip(moe_layers(module), routers(module))):
+        router.mode = mode
+        layer.top_k = router.num_experts if mode == "uniform_all" else router.top_k
+        if record is not None:
+            router.record = record
+            router.last_scores = None
+        if seed is not None:
+            router.generator.manual_seed(seed * 1009 + i)
+
+
+def keep_router_inputs(module: torch.nn.Module, on: bool) -> None:
+    for r in routers(module):
+        r.keep_input, r.last_input = on, None
+
+
+def router_inputs(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Each layer's router input [T, H] from the last forward (needs keep_router_inputs(on=True))."""
+    out = [r.last_input for r in routers(module)]
+    if any(x is None for x in out):
+        raise RuntimeError("router inputs were not kept; call keep_router_inputs(module, True) before the forward")
+    return out
+
+
+def router_scores(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Each layer's router probabilities [T, N] from the last forward (needs record=True)."""
+    out = []
+    for i, r in enumerate(routers(module)):
+        if r.last_scores is None:
+            raise RuntimeError(f"router of MoE layer {i} recorded no scores; call set_routing(..., record=True) "
+                               "before the forward")
+        out.append(r.last_scores)
+    return out

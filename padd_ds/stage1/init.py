@@ -1,0 +1,95 @@
+"""Stage I router initialisation for a pre-trained MoE student, across hidden sizes.
+
+The paper starts the router "from the cluster centroids". A centroid router in the
+teacher's space gives token x the logit z_j = x_T . c_j (c_j = the mean gate row of cluster
+j), which the teacher streams per token (`OUT_CLUSTER_GATE`). The student's router sees a
+different hidden state x_S (other width, other basis), so a map is needed; the paper does
+not give one. Ours (`stage1.projection: lstsq`): the least-squares map M with x_T ~ x_S M,
+fitted on paired hidden states of D_A, applied to the centroids: w_j = M c_j. We never ship
+the teacher's hidden states: min_W ||X_S W - X_T C||^2 has the solution
+W = (X_S^T X_S)^-1 X_S^T (X_T C) = M C, so accumulating X_S^T X_S and X_S^T Z over D_A
+(Z = the streamed centroid logits) gives exactly the projected centroids. A small ridge
+term (relative to the mean diagonal) keeps the solve stable when D_A has few tokens.
+
+    fit = RouterFit(num_layers, hidden, num_experts)
+    fit.add(layer, x_student [T, H_S], z_teacher [T, N])     # per D_A batch, valid tokens only
+    weights = fit.solve(all_reduce)                          # [L] x [N, H_S], same on every rank
+    write_router_weights(engine.module, weights)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+
+class RouterFit:
+    def __init__(self, num_layers: int, hidden: int, num_experts: int, ridge: float = 1e-3):
+        self.xtx = torch.zeros(num_layers, hidden, hidden, dtype=torch.float64)
+        self.xtz = torch.zeros(num_layers, hidden, num_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(num_layers, dtype=torch.float64)
+        self.ridge = ridge
+
+    def add(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> None:
+        if x.shape[0] != z.shape[0]:
+            raise ValueError(f"router fit: {x.shape[0]} student tokens vs {z.shape[0]} teacher tokens")
+        x, z = x.detach().double(), z.detach().double()
+        self.xtx[layer] += x.T @ x
+        self.xtz[layer] += x.T @ z
+        self.tokens[layer] += x.shape[0]
+
+    def solve(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+        """Router weights [N, H] per layer; `all_reduce` sums the statistics over student ranks
+        first, so every rank gets the same weights."""
+        if all_reduce is not None:
+            for t in (self.xtx, self.xtz, self.tokens):
+                all_reduce(t)
+        out = []
+        for l in range(self.xtx.shape[0]):
+            if self.tokens[l] < 1:
+                raise RuntimeError(f"router fit: no D_A tokens reached MoE layer {l}")
+            a = self.xtx[l]
+            a = a + self.ridge * a.diagonal().mean().clamp(min=1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
+            out.append(torch.linalg.solve(a, self.xtz[l]).T.float().contiguous())  # [N, H]
+        return out
+
+
+def _gathered_for_write(params: list[torch.nn.Parameter]):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def write_router_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -> None:
+    """Set each MoE layer's router gate to `weights[l]` (ZeRO-3: every rank calls this with the
+    same values; rank 0's copy is what gets re-partitioned)."""
+    from padd_ds.models.router import routers
+
+    rs = routers(module)
+    if len(rs) != len(weights):
+        raise ValueError(f"router init: {len(weights)} weight matrices for {len(rs)} MoE layers")
+    for r, w in zip(rs, weights):
+        with _gathered_for_write([r.gate.weight]):
+            if tuple(r.gate.weight.shape) != tuple(w.shape):
+                raise ValueError(f"router init: weight {tuple(w.shape)} does not fit gate {tuple(r.gate.weight.shape)}")
+            r.gate.weight.copy_(w.to(r.gate.weight.dtype))
+            if r.gate.bias is not None:
+                r.gate.bias.zero_()
+
+
+@torch.no_grad()
+def random_router_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> list[torch.Tensor]:
+    """Freshly initialised routers (HF's normal(0, 0.02)): the "no Stage I" comparison."""
+    from padd_ds.models.router import routers
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in routers(module):
+        shape = getattr(r.gate.weight, "ds_shape", r.gate.weight.shape)
+        out.append(torch.randn(tuple(shape), generator=g) * std)
+    return out

@@ -1,0 +1,168 @@
+"""Stage I on the student ranks, in order:
+
+    1. measure   on D_D: how well the student's current routes agree with the teacher's paths
+    2. targets   on D_A: stream the teacher's per-cluster gate logits and fit the router
+                 (`init.RouterFit`), or keep / randomise it (`stage1.router_init`)
+    3. measure   on D_D again (the effect of the init alone)
+    4. warmup    on D_B: dispatch frozen at uniform, L_LM + alpha L_KD + beta path KL
+    5. measure   on D_D (the effect of the warmup)
+
+Every measurement uses the learned router (the routes Stage II will start from) and
+reports path agreement (top-1 and top-k, see `warmup.path_agreement`), the path KL, and the
+KD loss to the teacher. All student ranks take part in every forward (AutoEP).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from padd_ds.config import PaddConfig
+from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
+from padd_ds.models.router import keep_router_inputs, router_inputs, router_scores, routers, set_routing
+from padd_ds.stage1.init import RouterFit, random_router_weights, write_router_weights
+from padd_ds.stage1.targets import path_log_probs
+from padd_ds.stage1.warmup import path_agreement, path_kl
+from padd_ds.teacher.feed import BatchPlan, TeacherFeed
+from padd_ds.teacher.sparse import sparse_kd_loss
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import deepspeed.comm as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_reduce_(t: torch.Tensor) -> None:
+    import deepspeed.comm as dist
+
+    dist.all_reduce(t)
+
+
+def _lm_sum(logits: torch.Tensor, batch) -> torch.Tensor:
+    m = batch.loss_mask[:, :-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1][m].float(), batch.ids[:, 1:][m], reduction="sum")
+
+
+class Stage1:
+    def __init__(self, cfg: PaddConfig, engine, teacher, encode: Callable, parts: dict, rank: int,
+                 num_students: int, log: Callable[[dict, int], None]):
+        self.cfg, self.engine, self.teacher, self.encode, self.parts = cfg, engine, teacher, encode, parts
+        self.rank, self.num_students, self.log = rank, num_students, log
+        self.top_k = routers(engine.module)[0].top_k
+        self.per_rank = cfg.train.micro_batch_size
+
+    def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int) -> TeacherFeed:
+        plan = BatchPlan(len(problems), self.per_rank, self.num_students, 1, seed)
+        return TeacherFeed(self.teacher, self.encode, problems, plan, self.rank, steps,
+                           self.cfg.teacher.prefetch, outputs=outputs)
+
+    def _batches_for(self, n_problems: int) -> int:
+        return max(1, n_problems // (self.per_rank * self.num_students))
+
+    # -- 1, 3, 5 ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        problems = self.parts["D"][: self.cfg.stage1.eval_problems]
+        steps = self._batches_for(len(problems))
+        self.engine.eval()
+        set_routing(self.engine.module, "learned", record=True)
+        sums = {"top1": 0.0, "topk": 0.0, "tokens": 0.0, "kl": 0.0, "kd": 0.0, "kd_count": 0.0}
+        for _, _, batch, out in self._feed(problems, steps, OUT_CLUSTER_ACTS, self.cfg.run.seed + 17):
+            logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+            valid = batch.attention_mask.bool()
+            log_pt = path_log_probs(out.cluster_acts, self.cfg.stage1.xi)
+            scores = router_scores(self.engine.module)
+            agree = path_agreement(scores, log_pt, valid, self.top_k)
+            for k in ("top1", "topk", "tokens"):
+                sums[k] += agree[k]
+            sums["kl"] += float(path_kl(scores, log_pt, valid, 1.0))
+            sums["kd"] += float(sparse_kd_loss(logits, out.logits, batch.loss_mask, 1.0, denom=1.0))
+            sums["kd_count"] += float(batch.loss_mask.sum())
+        set_routing(self.engine.module, "learned", record=False)
+        self.engine.train()
+        top1, topk, tokens, kl, kd, kd_count = _all_sum([sums[k] for k in
+                                                         ("top1", "topk", "tokens", "kl", "kd", "kd_count")])
+        return {"agreement_top1": top1 / tokens, "agreement_topk": topk / tokens,
+                "path_kl": kl / tokens / len(routers(self.engine.module)), "kd_loss": kd / kd_count}
+
+    # -- 2 -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_router(self, decompressed: bool) -> str:
+        s1 = self.cfg.stage1
+        mod = self.engine.module
+        if s1.router_init == "keep" or (s1.router_init == "centroids" and decompressed):
+            # A decompressed student's router already is the centroid router, in the teacher's
+            # own hidden space (its embeddings and attention are the teacher's).
+            return "centroids (from decompression)" if decompressed else "kept"
+        if s1.router_init == "random":
+            write_router_weights(mod, random_router_weights(mod, self.cfg.run.seed))
+            return "random"
+        problems = self.parts["A"][: s1.targets_max_problems] if s1.targets_max_problems else self.parts["A"]
+        first = routers(mod)[0]
+        hidden = getattr(first.gate.weight, "ds_shape", first.gate.weight.shape)[1]
+        fit = RouterFit(len(routers(mod)), hidden, first.num_experts)
+        self.engine.eval()
+        keep_router_inputs(mod, True)
+        for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)), OUT_CLUSTER_GATE,
+                                           self.cfg.run.seed + 11):
+            self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
+            valid = batch.attention_mask.bool().reshape(-1)
+            for l, x in enumerate(router_inputs(mod)):
+                z = out.cluster_gate[..., l, :].reshape(-1, out.cluster_gate.shape[-1])
+                fit.add(l, x[valid], z[valid])
+        keep_router_inputs(mod, False)
+        self.engine.train()
+        write_router_weights(mod, fit.solve(_all_reduce_))
+        return f"least-squares projection of the teacher centroids ({int(fit.tokens[0])} D_A tokens)"
+
+    # -- 4 -----------------------------------------------------------------------------------
+    def warmup(self) -> list[dict]:
+        s1, cfg = self.cfg.stage1, self.cfg
+        history: list[dict] = []
+        if s1.warmup_steps == 0:
+            return history
+        mod = self.engine.module
+        set_routing(mod, s1.warmup_router, record=True, seed=cfg.run.seed)
+        feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13)
+        win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
+        for step, _, batch, out in feed:
+            count, tokens = _all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
+            logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+            # Per-rank sums over the global counts: the update equals one process on the global batch.
+            denom, tdenom = count / self.num_students, tokens / self.num_students
+            lm = _lm_sum(logits, batch) / denom
+            kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
+            kl = path_kl(router_scores(mod), path_log_probs(out.cluster_acts, s1.xi), batch.attention_mask.bool(),
+                         tdenom)
+            self.engine.backward(lm + s1.alpha * kd + s1.beta * kl)
+            self.engine.step()
+            win["lm"] += lm.item() * denom
+            win["kd"] += kd.item() * denom
+            win["kl"] += kl.item() * tdenom
+            win["count"] += float(batch.loss_mask.sum())
+            win["tokens"] += float(batch.lengths.sum())
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == s1.warmup_steps:
+                lm_s, kd_s, kl_s, c, t = _all_sum([win[k] for k in ("lm", "kd", "kl", "count", "tokens")])
+                row = {"stage1/warmup_lm_loss": lm_s / c, "stage1/warmup_kd_loss": kd_s / c,
+                       "stage1/warmup_path_kl": kl_s / t,
+                       "stage1/warmup_tokens_per_s": t / (time.perf_counter() - win["t0"])}
+                history.append({"step": step + 1, **row})
+                self.log(row, step + 1)
+                win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
+        set_routing(mod, "learned", record=False)
+        return history
+
+    def run(self, decompressed: bool) -> dict:
+        t0 = time.perf_counter()
+        report = {"before": self.measure()}
+        report["router_init"] = self.init_router(decompressed)
+        report["after_init"] = self.measure()
+        report["warmup"] = self.warmup()
+        report["after_warmup"] = self.measure()
+        report["seconds"] = time.perf_counter() - t0
+        return report

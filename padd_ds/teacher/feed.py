@@ -1,0 +1,70 @@
+"""Student-side batches paired with the teacher's outputs, requested ahead of use.
+
+    plan = BatchPlan(len(problems), per_rank=16, num_ranks=2, grad_accum=1, seed=1234)
+    for step, micro, batch, out in TeacherFeed(teacher, encode, problems, plan, steps, prefetch=1,
+                                               outputs=OUT_CLUSTER_ACTS):
+        ...   # out.logits (sparse), out.cluster_acts, ...
+
+The data position is a pure function of (step, micro, rank) (`BatchPlan`), so every student
+rank runs the same number of forwards (AutoEP's all-to-alls need that) and a resumed run
+sees the batches an uninterrupted one would. `prefetch` requests stay in flight beyond the
+one being consumed: the teacher scores step t+1 while the student trains on step t.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from padd_ds.data.batch import TokenBatch
+from padd_ds.launch.bridge import OUT_LOGITS
+
+
+class BatchPlan:
+    """Which problems each student rank sees at each (step, micro-step): a seeded permutation
+    per epoch, cut into global batches, so the data position is a pure function of the step."""
+
+    def __init__(self, n: int, per_rank: int, num_ranks: int, grad_accum: int, seed: int):
+        self.n, self.per_rank, self.num_ranks, self.grad_accum, self.seed = n, per_rank, num_ranks, grad_accum, seed
+        self.global_batch = per_rank * num_ranks
+        if self.global_batch > n:
+            raise ValueError(f"global batch {self.global_batch} exceeds the {n} problems of this data split")
+        self.batches_per_epoch = n // self.global_batch
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        b = step * self.grad_accum + micro
+        epoch, pos = divmod(b, self.batches_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        start = pos * self.global_batch + rank * self.per_rank
+        return perm[start:start + self.per_rank].tolist()
+
+
+class TeacherFeed:
+    def __init__(self, teacher, encode: Callable[[list[dict]], TokenBatch], problems: list[dict], plan: BatchPlan,
+                 rank: int, steps: int, prefetch: int, outputs: int = OUT_LOGITS, start_step: int = 0):
+        self.teacher, self.encode, self.problems, self.plan, self.rank = teacher, encode, problems, plan, rank
+        self.micro_steps = [(s, m) for s in range(start_step, steps) for m in range(plan.grad_accum)]
+        self.prefetch, self.outputs = prefetch, outputs
+        self.wait_s = 0.0  # time blocked on the teacher, for the wait-fraction metric
+
+    def __len__(self) -> int:
+        return len(self.micro_steps)
+
+    def __iter__(self) -> Iterator[tuple[int, int, TokenBatch, object]]:
+        inflight: dict[int, tuple[int, TokenBatch]] = {}
+
+        def request(i: int) -> None:
+            if i < len(self.micro_steps) and i not in inflight:
+                s, m = self.micro_steps[i]
+                b = self.encode([self.problems[j] for j in self.plan.indices(s, m, self.rank)])
+                inflight[i] = (self.teacher.submit(s, b.ids, b.lengths, outputs=self.outputs), b)
+
+        for i, (step, micro) in enumerate(self.micro_steps):
+            for j in range(i, i + 1 + self.prefetch):
+                request(j)
+            rid, batch = inflight.pop(i)
+            w0 = self.teacher.stats.wait_s
+            out = self.teacher.result(rid)
+            self.wait_s += self.teacher.stats.wait_s - w0
+            yield step, micro, batch, out
