@@ -148,6 +148,17 @@ class Stage1Config:
     # Maps teacher hidden states to the student's for the router init when the hidden sizes
     # differ; the paper does not say how - a least-squares fit on D_A is the simplest exact map.
     projection: Literal["lstsq", "none"] = "lstsq"
+    # How the router starts. centroids: from the teacher's cluster centroids (a decompressed
+    # student has them exactly; a pre-trained one gets them through `projection`). keep: the
+    # pre-trained student's own router. random: N(0, 0.02), the "no Stage I init" comparison.
+    router_init: Literal["centroids", "keep", "random"] = "centroids"
+    # D_A problems streamed through the teacher for the router fit and the targets: 512 toy
+    # problems are ~60k tokens, far more than a router has inputs (hidden 128; 2048 for
+    # Qwen3-30B-A3B); the rest of D_A adds time, not accuracy. null = all of D_A.
+    targets_max_problems: Optional[int] = 512
+    # Held-out (D_D) problems for the Stage I report (path agreement, KD loss with learned
+    # routing) before init, after init and after warmup.
+    eval_problems: int = 128
     # Decompression only (models.student is None): routed experts and top-k of the MoE built
     # from the teacher. 8 experts top-2 is the Mixtral ratio and the size our CPU timings use.
     # The teacher's FFN width must divide by decompress_experts (equal-size clusters).
