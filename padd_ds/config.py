@@ -152,6 +152,12 @@ class Stage1Config:
     # student has them exactly; a pre-trained one gets them through `projection`). keep: the
     # pre-trained student's own router. random: N(0, 0.02), the "no Stage I init" comparison.
     router_init: Literal["centroids", "keep", "random"] = "centroids"
+    # Which expert of a pre-trained student stands for which teacher cluster (the paper does
+    # not say). matched: the pairing that maximises the overlap of the student's current
+    # routes with the teacher's paths on D_A (Hungarian), so the centroid init moves each
+    # expert's traffic as little as possible; identity: expert j <- cluster j. A decompressed
+    # student always uses identity (expert j *is* cluster j).
+    pairing: Literal["matched", "identity"] = "matched"
     # D_A problems streamed through the teacher for the router fit and the targets: 512 toy
     # problems are ~60k tokens, far more than a router has inputs (hidden 128; 2048 for
     # Qwen3-30B-A3B); the rest of D_A adds time, not accuracy. null = all of D_A.

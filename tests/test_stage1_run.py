@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, deepspeed_cmd, read_results, run_cmd
+from conftest import REPO, deepspeed_cmd, free_port, read_results, run_cmd
 
 COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.steps=2",
           "--set", "stage1.enabled=true", "--set", "stage1.warmup_steps=6", "--set", "stage1.eval_problems=32",
@@ -29,7 +29,8 @@ def _three(out, *extra):
 def _one(out, *extra):
     return run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", f"run.output_dir={out}",
                     "--set", "topology.colocated=true", "--set", "deepspeed.expert_parallel_size=1",
-                    "--set", "train.micro_batch_size=16", *extra], timeout=300)
+                    "--set", "train.micro_batch_size=16", *extra], timeout=300,
+                   env={"MASTER_PORT": str(free_port())})
 
 
 @pytest.fixture(scope="module")

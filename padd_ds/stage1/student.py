@@ -55,6 +55,14 @@ class Stage1:
         self.rank, self.num_students, self.log = rank, num_students, log
         self.top_k = routers(engine.module)[0].top_k
         self.per_rank = cfg.train.micro_batch_size
+        # perm[l, e] = the teacher cluster that student expert e stands for in layer l.
+        n_layers, n_experts = len(routers(engine.module)), routers(engine.module)[0].num_experts
+        self.perm = torch.arange(n_experts).expand(n_layers, n_experts).clone()
+
+    def _cluster_order(self, t: torch.Tensor) -> torch.Tensor:
+        """Teacher per-cluster values [B, S, L, N] reordered to the student's expert order."""
+        idx = self.perm.reshape(1, 1, *self.perm.shape).expand(*t.shape[:2], *self.perm.shape)
+        return t.gather(-1, idx)
 
     def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int) -> TeacherFeed:
         plan = BatchPlan(len(problems), self.per_rank, self.num_students, 1, seed)
@@ -75,7 +83,7 @@ class Stage1:
         for _, _, batch, out in self._feed(problems, steps, OUT_CLUSTER_ACTS, self.cfg.run.seed + 17):
             logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
             valid = batch.attention_mask.bool()
-            log_pt = path_log_probs(out.cluster_acts, self.cfg.stage1.xi)
+            log_pt = path_log_probs(self._cluster_order(out.cluster_acts), self.cfg.stage1.xi)
             scores = router_scores(self.engine.module)
             agree = path_agreement(scores, log_pt, valid, self.top_k)
             for k in ("top1", "topk", "tokens"):
@@ -105,20 +113,38 @@ class Stage1:
         problems = self.parts["A"][: s1.targets_max_problems] if s1.targets_max_problems else self.parts["A"]
         first = routers(mod)[0]
         hidden = getattr(first.gate.weight, "ds_shape", first.gate.weight.shape)[1]
-        fit = RouterFit(len(routers(mod)), hidden, first.num_experts)
+        n_layers, n = len(routers(mod)), first.num_experts
+        fit = RouterFit(n_layers, hidden, n)
+        # Co-occurrence of the student's current routes and the teacher's paths, for pairing.
+        co = torch.zeros(n_layers, n, n, dtype=torch.float64)
         self.engine.eval()
         keep_router_inputs(mod, True)
-        for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)), OUT_CLUSTER_GATE,
-                                           self.cfg.run.seed + 11):
+        set_routing(mod, "learned", record=True)
+        for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)),
+                                           OUT_CLUSTER_GATE | OUT_CLUSTER_ACTS, self.cfg.run.seed + 11):
             self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
             valid = batch.attention_mask.bool().reshape(-1)
-            for l, x in enumerate(router_inputs(mod)):
-                z = out.cluster_gate[..., l, :].reshape(-1, out.cluster_gate.shape[-1])
+            p_t = path_log_probs(out.cluster_acts, s1.xi).exp()
+            for l, (x, p_s) in enumerate(zip(router_inputs(mod), router_scores(mod))):
+                z = out.cluster_gate[..., l, :].reshape(-1, n)
                 fit.add(l, x[valid], z[valid])
+                co[l] += p_s[valid].double().T @ p_t[..., l, :].reshape(-1, n)[valid].double()
         keep_router_inputs(mod, False)
+        set_routing(mod, "learned", record=False)
         self.engine.train()
-        write_router_weights(mod, fit.solve(_all_reduce_))
-        return f"least-squares projection of the teacher centroids ({int(fit.tokens[0])} D_A tokens)"
+        _all_reduce_(co)
+        if s1.pairing == "matched":
+            # Expert e stands for the cluster its current routes overlap most (Hungarian on
+            # the co-occurrence): the fitted router then disturbs the pre-trained routes least.
+            from scipy.optimize import linear_sum_assignment
+
+            for l in range(n_layers):
+                rows, cols = linear_sum_assignment(co[l].numpy(), maximize=True)
+                self.perm[l, torch.as_tensor(rows)] = torch.as_tensor(cols)
+        weights = [w[self.perm[l]] for l, w in enumerate(fit.solve(_all_reduce_))]  # row e <- cluster perm[l, e]
+        write_router_weights(mod, weights)
+        return (f"least-squares projection of the teacher centroids ({int(fit.tokens[0])} D_A tokens, "
+                f"{s1.pairing} pairing)")
 
     # -- 4 -----------------------------------------------------------------------------------
     def warmup(self) -> list[dict]:
@@ -137,8 +163,8 @@ class Stage1:
             denom, tdenom = count / self.num_students, tokens / self.num_students
             lm = _lm_sum(logits, batch) / denom
             kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
-            kl = path_kl(router_scores(mod), path_log_probs(out.cluster_acts, s1.xi), batch.attention_mask.bool(),
-                         tdenom)
+            kl = path_kl(router_scores(mod), path_log_probs(self._cluster_order(out.cluster_acts), s1.xi),
+                         batch.attention_mask.bool(), tdenom)
             self.engine.backward(lm + s1.alpha * kd + s1.beta * kl)
             self.engine.step()
             win["lm"] += lm.item() * denom
@@ -164,5 +190,6 @@ class Stage1:
         report["after_init"] = self.measure()
         report["warmup"] = self.warmup()
         report["after_warmup"] = self.measure()
+        report["expert_to_cluster"] = self.perm.tolist()
         report["seconds"] = time.perf_counter() - t0
         return report
