@@ -236,6 +236,11 @@ class Stage3Config:
     # KL to a reference policy. 0 like DAPO/Dr.GRPO for verifiable rewards: the teacher KD
     # term already anchors the policy, and it saves a reference forward.
     ref_kl: float = 0.0
+    # Rollout sampling: temperature 1 and no nucleus cut sample the policy itself, which is
+    # what the policy-gradient estimate assumes (GRPO/DAPO defaults); the response budget is
+    # data.max_response_tokens.
+    rollout_temperature: float = 1.0
+    rollout_top_p: float = 1.0
 
 
 @dataclass
@@ -283,6 +288,9 @@ class TrainConfig:
     save_every: int = 0
     # The newest checkpoint plus one fallback in case the newest write was interrupted.
     keep_last: int = 2
+    # auto: continue from the newest complete checkpoint in run.output_dir/checkpoints if
+    # there is one (a requeued or restarted job picks up where it stopped); never: start fresh.
+    resume: Literal["auto", "never"] = "auto"
 
 
 @dataclass

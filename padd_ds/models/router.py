@@ -44,7 +44,8 @@ class PaddRouter(TokenChoiceTopKRouter):
         self.mode: RoutingMode = "learned"
         self.record = False
         self.last_scores: torch.Tensor | None = None
-        self.keep_input = False  # Stage I router fit: keep the router's input [T, H] (detached)
+        self.last_selected: torch.Tensor | None = None  # [T, k] experts chosen (recorded with scores)
+        self.keep_input = False  # Stage I router fit, Stage III drift: keep the router's input [T, H]
         self.last_input: torch.Tensor | None = None
         self.register_buffer("padd_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
         # Random top-k draws use their own stream, so turning the mode on never shifts the
@@ -74,6 +75,7 @@ class PaddRouter(TokenChoiceTopKRouter):
         if self.num_expert_groups is not None:
             choice = self._get_node_limited_routing_scores(choice)
         selected = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices
+        self.last_selected = selected if self.record else None
         top = scores.gather(1, selected)
         if self.route_norm:
             top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
@@ -131,6 +133,40 @@ def router_inputs(module: torch.nn.Module) -> list[torch.Tensor]:
     if any(x is None for x in out):
         raise RuntimeError("router inputs were not kept; call keep_router_inputs(module, True) before the forward")
     return out
+
+
+def router_selected(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Each layer's chosen experts [T, k] from the last learned-mode forward (needs record=True)."""
+    out = [r.last_selected for r in routers(module)]
+    if any(x is None for x in out):
+        raise RuntimeError("no routing decisions recorded; set_routing(module, 'learned', record=True) first")
+    return out
+
+
+def router_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A copy of every router's gate weight [N, H] (gathered under ZeRO-3; every rank calls)."""
+    import contextlib
+
+    out = []
+    for r in routers(module):
+        ctx = contextlib.nullcontext()
+        if hasattr(r.gate.weight, "ds_id"):
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([r.gate.weight], modifier_rank=None)
+        with ctx:
+            out.append(r.gate.weight.detach().float().clone())
+    return out
+
+
+def set_bias(module: torch.nn.Module, bias: torch.Tensor) -> None:
+    """Stage IV: every layer's per-expert selection bias from `bias` [L, N]."""
+    rs = routers(module)
+    if tuple(bias.shape) != (len(rs), rs[0].num_experts):
+        raise ValueError(f"bias must be [{len(rs)}, {rs[0].num_experts}], got {tuple(bias.shape)}")
+    with torch.no_grad():
+        for r, b in zip(rs, bias):
+            r.padd_bias.copy_(b.to(r.padd_bias))
 
 
 def router_scores(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from padd_ds.launch.world import World
 from padd_ds.models.export import export_engine
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
+from padd_ds.rl import checkpoint as ckpt
 from padd_ds.teacher.feed import BatchPlan, TeacherFeed
 from padd_ds.teacher.service import ClusterMap, LocalTeacher, RemoteTeacher, TeacherModel, serve
 from padd_ds.teacher.sparse import sparse_kd_loss
@@ -53,11 +55,11 @@ def model_paths(cfg: PaddConfig) -> tuple[str, str | None, str]:
 
 
 def check_supported(cfg: PaddConfig) -> None:
-    """Refuse, before any process group exists, what this trainer cannot run yet: the PADD
-    Stages II-IV (train.mode=padd, issue #5)."""
-    if cfg.train.mode != "distill":
-        raise ConfigError(f"train.mode={cfg.train.mode!r} is not built yet; use train.mode=distill "
-                          "(online KD, after Stage I when stage1.enabled)")
+    """Refuse, before any process group exists, combinations the trainer cannot run."""
+    if cfg.train.mode == "padd" and cfg.train.micro_batch_size % cfg.stage3.group_size:
+        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
+                          f"stage3.group_size={cfg.stage3.group_size} in train.mode=padd (it counts rollouts "
+                          "per rank: prompts x group size)")
     if cfg.models.student is None and cfg.stage1.router_init == "keep":
         raise ConfigError("stage1.router_init=keep needs a pre-trained student; a decompressed one "
                           "(models.student=null) starts from the centroids or a random router")
@@ -213,7 +215,7 @@ def prepare_student(cfg: PaddConfig, world: World, teacher_path: str, tok, run_d
     if student_path is not None:
         return student_path, None
     out = run_dir / "stage1" / "student"
-    if world.is_main:
+    if world.is_main and not (out / PROVENANCE_FILE).exists():  # a resumed run reuses its student
         s1 = cfg.stage1
         dense = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
         t0 = time.perf_counter()
@@ -311,65 +313,37 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     logger = MetricsLogger(run_dir, to_dict(cfg), enabled=world.is_main, project=cfg.logging.wandb_project,
                            mode=cfg.logging.wandb_mode, run_name=cfg.run.name, jsonl=cfg.logging.jsonl)
 
+    # Resume: the newest complete checkpoint wins; Stage I is then already in its weights.
+    ckpt_dir = run_dir / "checkpoints"
+    found = ckpt.latest_valid(ckpt_dir) if cfg.train.resume == "auto" else None
+    state = ckpt.load(engine, found) if found is not None else None
+    records = collect_clusters() if collect_clusters is not None else None  # the teacher always replies
     stage1 = None
-    if cfg.stage1.enabled:
+    if cfg.stage1.enabled and state is None:
         from padd_ds.stage1.student import Stage1
 
-        records = collect_clusters()
         stage1 = Stage1(cfg, engine, teacher, encode, parts, rank, num_students, logger.log).run(provenance is not None)
         stage1["clusters"] = records
         if world.is_main:
             (run_dir / "stage1").mkdir(parents=True, exist_ok=True)
             (run_dir / "stage1" / "report.json").write_text(json.dumps(stage1, indent=2))
             print_stage1(stage1)
+    elif cfg.stage1.enabled and (run_dir / "stage1" / "report.json").exists():
+        stage1 = json.loads((run_dir / "stage1" / "report.json").read_text())
+    if state is not None and world.is_main:
+        print(f"[resume] continuing from {found} (step {state['step']})", flush=True)
 
-    # Main phase on D_C: online KD (Stages II-IV replace this loss in train.mode=padd).
-    plan = BatchPlan(len(parts["C"]), cfg.train.micro_batch_size, num_students, cfg.train.grad_accum, cfg.run.seed)
-    feed = TeacherFeed(teacher, encode, parts["C"], plan, rank, cfg.train.steps, cfg.teacher.prefetch)
-    history: list[dict] = []
-    progress = _progress(cfg, world, cfg.train.steps)
-    engine.train()
-    new_window = lambda: {"kd": 0.0, "lm": 0.0, "count": 0.0, "tokens": 0, "wait": feed.wait_s,  # noqa: E731
-                          "t0": time.perf_counter()}
-    window = new_window()
-    for i, (step, micro, batch, out) in enumerate(feed):
-        denom = global_token_count(batch) / num_students
-        logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-        kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
-        lm = lm_loss(logits, batch, denom=denom)
-        loss = cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm
-        engine.backward(loss)
-        engine.step()
-
-        window["kd"] += kd.item() * denom        # back to sums, for exact global means
-        window["lm"] += lm.item() * denom
-        window["count"] += float(batch.loss_mask.sum())
-        window["tokens"] += int(batch.lengths.sum())
-        last = i == len(feed) - 1
-        if micro == cfg.train.grad_accum - 1 and ((step + 1) % cfg.train.log_every == 0 or last):
-            dt = time.perf_counter() - window["t0"]
-            kd_s, lm_s, count, wait_s, tokens = _all_sum([window["kd"], window["lm"], window["count"],
-                                                          feed.wait_s - window["wait"], window["tokens"]])
-            row = {"train/kd_loss": kd_s / count, "train/lm_loss": lm_s / count,
-                   "teacher/wait_fraction": wait_s / num_students / dt, "train/tokens_per_s": tokens / dt,
-                   "train/lr": engine.get_lr()[0]}
-            history.append({"step": step + 1, **row})
-            logger.log(row, step + 1)
-            if progress is not None:
-                progress.update(step + 1, row)
-            window = new_window()
-    if progress is not None:
-        progress.close()
+    # Main phase on D_C: online KD (train.mode=distill) or Stages II-IV (train.mode=padd).
+    loop = train_distill if cfg.train.mode == "distill" else train_padd
+    history = loop(cfg, world, engine, teacher, tok, encode, parts["C"], logger, ckpt_dir, state)
     teacher.close()
 
-    ckpt_dir = run_dir / "checkpoints"
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{cfg.train.steps}",
-                           client_state={"step": cfg.train.steps, "rng": torch.get_rng_state()})
     export_dir = run_dir / "hf"
     export_engine(engine, export_dir, tokenizer=tok,
                   metadata={"source": "padd-ds", "mode": cfg.train.mode, "steps": cfg.train.steps,
                             "teacher": cfg.models.teacher, "student": cfg.models.student})
     probe, engine_logits = probe_logits(engine, tok, cfg, pool)
+    ckpt_dir = ckpt.latest_valid(ckpt_dir) or ckpt_dir
 
     result = None
     if world.is_main:
@@ -393,6 +367,225 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     logger.close()
     dist.barrier()
     return result
+
+
+def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, problems: list[dict], logger,
+                  ckpt_dir: Path, state: dict | None) -> list[dict]:
+    """Online KD on D_C: the teacher's logits for each batch, requested `prefetch` ahead."""
+    rank, num_students = world.roles.student_rank or 0, max(1, world.roles.num_student)
+    start = state["step"] if state else 0
+    history: list[dict] = list(state.get("history", [])) if state else []
+    plan = BatchPlan(len(problems), cfg.train.micro_batch_size, num_students, cfg.train.grad_accum, cfg.run.seed)
+    feed = TeacherFeed(teacher, encode, problems, plan, rank, cfg.train.steps, cfg.teacher.prefetch, start_step=start)
+    progress = _progress(cfg, world, cfg.train.steps)
+    engine.train()
+    new_window = lambda: {"kd": 0.0, "lm": 0.0, "count": 0.0, "tokens": 0, "wait": feed.wait_s,  # noqa: E731
+                          "t0": time.perf_counter()}
+    window = new_window()
+    for step, micro, batch, out in feed:
+        denom = global_token_count(batch) / num_students
+        logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+        kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
+        lm = lm_loss(logits, batch, denom=denom)
+        loss = cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm
+        engine.backward(loss)
+        engine.step()
+
+        window["kd"] += kd.item() * denom        # back to sums, for exact global means
+        window["lm"] += lm.item() * denom
+        window["count"] += float(batch.loss_mask.sum())
+        window["tokens"] += int(batch.lengths.sum())
+        if micro != cfg.train.grad_accum - 1:
+            continue
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            dt = time.perf_counter() - window["t0"]
+            kd_s, lm_s, count, wait_s, tokens = _all_sum([window["kd"], window["lm"], window["count"],
+                                                          feed.wait_s - window["wait"], window["tokens"]])
+            row = {"train/kd_loss": kd_s / count, "train/lm_loss": lm_s / count,
+                   "teacher/wait_fraction": wait_s / num_students / dt, "train/tokens_per_s": tokens / dt,
+                   "train/lr": engine.get_lr()[0]}
+            history.append({"step": step + 1, **row})
+            logger.log(row, step + 1)
+            if progress is not None:
+                progress.update(step + 1, row)
+            window = new_window()
+        _maybe_save(cfg, engine, ckpt_dir, step + 1, {"history": history})
+    if progress is not None:
+        progress.close()
+    return history
+
+
+def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, problems: list[dict], logger,
+               ckpt_dir: Path, state: dict | None) -> list[dict]:
+    """Stages II-IV on D_C, one optimiser step per batch of rollouts:
+
+        rollouts (G per prompt, all ranks in step) -> rewards -> group advantages
+        -> teacher scores the rollouts (in flight while the student runs its forward)
+        -> Stage III policy loss with router drift vs the previous step's routers
+           + Stage II advantage-tempered KD on the response tokens (+ optional aux balance loss)
+        -> backward, step -> Stage IV: all-reduced expert loads and advantages -> router bias
+
+    Ablations and baselines are config switches of this one loop: stage2.enabled=false
+    (no teacher: MoE-GRPO), stage2.temperature_coupling=fixed (online KD + GRPO),
+    stage3.enabled=false (plain GRPO ratio), stage3.policy=rspo|gspo, stage4.enabled=false.
+    With one update per rollout batch the sampling policy is the current one, so the ratio
+    pi/pi_old is 1 at the update; the drift term compares against the routers of the
+    previous step (the "previous routers" of the method), which is where routes jump."""
+    import dataclasses
+
+    import deepspeed.comm as dist
+
+    from padd_ds.models.router import (keep_router_inputs, router_inputs, router_scores, router_selected,
+                                       router_weights, routers, set_bias, set_routing)
+    from padd_ds.rl.balance import BiasController, switch_aux_loss
+    from padd_ds.rl.losses import adaptive_kd_loss, policy_loss, router_drift
+    from padd_ds.rl.rewards import group_advantages, reward
+    from padd_ds.rl.rollout import sample_rollouts, token_logprobs
+
+    s2, s3, s4 = cfg.stage2, cfg.stage3, cfg.stage4
+    rank, num_students = world.roles.student_rank or 0, max(1, world.roles.num_student)
+    G = s3.group_size
+    plan = BatchPlan(len(problems), cfg.train.micro_batch_size // G, num_students, cfg.train.grad_accum, cfg.run.seed)
+    mod = engine.module
+    L, N = len(routers(mod)), routers(mod)[0].num_experts
+    controller = BiasController(L, N, s4)
+    policy_cfg = s3 if s3.enabled else dataclasses.replace(s3, policy="grpo")
+    use_teacher = s2.enabled and s2.kd_weight > 0
+    start, history, snap_prev = 0, [], None
+    if state is not None:
+        start, history, snap_prev = state["step"], list(state["history"]), state["router_snapshot"]
+        controller.load_state_dict(state["balance"])
+        set_bias(mod, controller.bias)
+    progress = _progress(cfg, world, cfg.train.steps)
+    window: dict[str, float] = {}
+
+    def add(key: str, value: float) -> None:
+        window[key] = window.get(key, 0.0) + float(value)
+
+    t_window = time.perf_counter()
+    for step in range(start, cfg.train.steps):
+        snap_cur = router_weights(mod)   # the routers of this step: the drift reference of the next one
+        prev = snap_prev if snap_prev is not None else snap_cur
+        counts, adv_sum, adv_cnt = (torch.zeros(L, N, dtype=torch.float64) for _ in range(3))
+        for micro in range(cfg.train.grad_accum):
+            probs = [problems[i] for i in plan.indices(step, micro, rank)]
+            t0 = time.perf_counter()
+            ro = sample_rollouts(mod, tok, probs, G, s3.rollout_temperature, s3.rollout_top_p,
+                                 cfg.data.max_response_tokens, cfg.data.max_prompt_tokens, synced=num_students > 1)
+            add("gen_s", time.perf_counter() - t0)
+            batch = ro.batch
+            rid = teacher.submit(step, batch.ids, batch.lengths) if use_teacher else None
+            scored = [reward(r, probs[i // G]["answer"], policy_cfg) for i, r in enumerate(ro.responses)]
+            rewards = torch.tensor([x for x, _ in scored]).view(-1, G)
+            adv, adv_stats = group_advantages(rewards)
+            adv = adv.reshape(-1)
+
+            # Global normalisers: every rank's tokens (or responses) weigh the same.
+            n_resp_tokens, n_valid = _all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
+            denom = (n_resp_tokens if s3.loss_agg == "token_mean" else len(ro.responses) * num_students) / num_students
+            set_routing(mod, "learned", record=True)
+            keep_router_inputs(mod, True)
+            logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+            new_logp = token_logprobs(logits, batch)
+            valid = batch.attention_mask.bool().reshape(-1)
+            scores = router_scores(mod)
+            with torch.no_grad():
+                p_new = torch.stack([p.detach().float() for p in scores])                       # [L, T, N]
+                p_old = torch.stack([torch.softmax(x.float() @ w.T, dim=-1) for x, w in zip(router_inputs(mod), prev)])
+                gamma = router_drift(p_new, p_old).view(batch.ids.shape)                        # [B, S]
+            loss, pstats = policy_loss(new_logp, new_logp.detach(), adv, batch.loss_mask, policy_cfg, drift=gamma,
+                                       denom=denom)
+            add("policy_loss", float(pstats["pg_loss"]) * denom)
+            add("clip_frac", float(pstats["clip_frac"]) * float(batch.loss_mask.sum()))
+            if use_teacher:
+                w0 = teacher.stats.wait_s
+                out = teacher.result(rid)
+                add("wait_s", teacher.stats.wait_s - w0)
+                kd, kstats = adaptive_kd_loss(logits, out.logits, batch.loss_mask, adv, s2,
+                                              denom=n_resp_tokens / num_students)
+                loss = loss + s2.kd_weight * kd
+                add("kd_loss", kd.item() * n_resp_tokens / num_students)
+                add("kd_temperature", float(kstats["kd_temperature_mean"]) * len(ro.responses))
+            sel = router_selected(mod)
+            if s4.aux_loss_coeff > 0:
+                c_local = torch.stack([torch.bincount(x[valid].flatten(), minlength=N) for x in sel]).float()
+                loss = loss + s4.aux_loss_coeff * switch_aux_loss(torch.stack(scores), c_local, valid)
+            engine.backward(loss)
+            engine.step()
+            keep_router_inputs(mod, False)
+            set_routing(mod, "learned", record=False)
+
+            # Stage IV statistics: every top-k assignment of a real token; advantages of response tokens.
+            resp_tok = torch.zeros_like(batch.loss_mask)
+            resp_tok[:, 1:] = batch.loss_mask[:, :-1]           # the token at t is a response token
+            tok_adv = adv.view(-1, 1).expand_as(batch.loss_mask).reshape(-1)
+            resp = resp_tok.reshape(-1)
+            for l, x in enumerate(sel):
+                counts[l] += torch.bincount(x[valid].flatten(), minlength=N).double()
+                k = x.shape[1]
+                adv_sum[l] += torch.bincount(x[resp].flatten(), weights=tok_adv[resp].repeat_interleave(k).double(),
+                                             minlength=N)
+                adv_cnt[l] += torch.bincount(x[resp].flatten(), minlength=N).double()
+            g = gamma.reshape(-1)[resp]
+            add("drift_sum", g.sum())
+            add("drift_p95", torch.quantile(g, 0.95) if g.numel() else 0.0)
+            add("drift_n", g.numel())
+            add("reward", rewards.sum())
+            add("correct", sum(d["correct"] for _, d in scored))
+            add("responses", len(ro.responses))
+            add("zero_var_groups", adv_stats["zero_variance_groups"])
+            add("groups", adv_stats["groups"])
+            add("resp_tokens", ro.response_lengths.sum())
+            add("tokens", batch.lengths.sum())
+            add("micro", 1)
+
+        for t in (counts, adv_sum, adv_cnt):
+            dist.all_reduce(t)
+        load = (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()             # f_j per layer
+        if s4.enabled:
+            controller.update(counts, adv_sum, adv_cnt)
+            set_bias(mod, controller.bias)
+        snap_prev = snap_cur
+        add("steps", 1)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            keys = sorted(window)
+            tot = dict(zip(keys, _all_sum([window[k] for k in keys])))
+            dt = time.perf_counter() - t_window
+            nl = N * load                                                                  # 1 = perfectly even
+            row = {"train/reward": tot["reward"] / tot["responses"], "train/accuracy": tot["correct"] / tot["responses"],
+                   "train/policy_loss": tot["policy_loss"] / max(
+                       tot["resp_tokens"] if s3.loss_agg == "token_mean" else tot["responses"], 1),
+                   "train/clip_frac": tot["clip_frac"] / max(tot["resp_tokens"], 1),
+                   "train/zero_variance_groups": tot["zero_var_groups"] / tot["groups"],
+                   "train/response_tokens": tot["resp_tokens"] / tot["responses"],
+                   "train/tokens_per_s": tot["tokens"] / dt, "train/generate_fraction": tot["gen_s"] / num_students / dt,
+                   "routing/drift_mean": tot["drift_sum"] / max(tot["drift_n"], 1),
+                   "routing/drift_p95": tot["drift_p95"] / tot["micro"],
+                   "routing/load_cv": float((load.std(1, unbiased=False) / load.mean(1)).mean()),
+                   "routing/load_max": float(nl.max()), "routing/load_min": float(nl.min()),
+                   "routing/load_entropy": float(-(load * load.clamp(min=1e-12).log()).sum(1).mean() / math.log(N)),
+                   "routing/bias_norm": float(controller.bias.norm()),
+                   "train/lr": engine.get_lr()[0]}
+            if use_teacher:
+                row.update({"train/kd_loss": tot["kd_loss"] / max(tot["resp_tokens"], 1),
+                            "train/kd_temperature": tot["kd_temperature"] / tot["responses"],
+                            "teacher/wait_fraction": tot["wait_s"] / num_students / dt})
+            history.append({"step": step + 1, **row})
+            logger.log(row, step + 1)
+            if progress is not None:
+                progress.update(step + 1, row)
+            window, t_window = {}, time.perf_counter()
+        _maybe_save(cfg, engine, ckpt_dir, step + 1,
+                    {"history": history, "balance": controller.state_dict(), "router_snapshot": snap_prev})
+    if progress is not None:
+        progress.close()
+    return history
+
+
+def _maybe_save(cfg: PaddConfig, engine, ckpt_dir: Path, step: int, state: dict) -> None:
+    """Every train.save_every steps, and always after the last one."""
+    if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+        ckpt.save(engine, ckpt_dir, step, state, cfg.train.keep_last)
 
 
 def print_stage1(report: dict) -> None:

@@ -1,0 +1,99 @@
+"""G sampled responses per prompt from the student, on every student rank in step.
+
+    ro = sample_rollouts(engine.module, tok, problems, group_size=4, temperature=1.0, top_p=1.0,
+                         max_new_tokens=128, max_prompt_tokens=96, synced=num_students > 1)
+    ro.batch            # TokenBatch: prompt + response ids (right-padded), loss mask on the response
+    ro.responses        # decoded responses (for the reward)
+    ro.prompt_index     # [P*G]: which problem each row answers (rows of one group are adjacent)
+
+Generation works on token ids throughout: the sequences the policy loss, the teacher and
+the KD term see are exactly the tokens the student sampled (decoding and re-encoding text
+can change the tokenisation). Under ZeRO-3 + AutoEP every forward gathers parameters and
+exchanges tokens between ranks, so `synced=True` keeps all student ranks stepping until the
+slowest finishes (`synced_gpus`); no rank can leave a collective hanging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from padd_ds.data.batch import TokenBatch
+from padd_ds.data.prompt import format_prompt
+
+
+@dataclass
+class Rollouts:
+    batch: TokenBatch
+    responses: list[str]
+    prompt_index: torch.Tensor   # [P*G] int64
+    response_lengths: torch.Tensor  # [P*G] tokens sampled (EOS included when it was reached)
+    finished: torch.Tensor       # [P*G] bool: the response ended with EOS within the budget
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = []
+    for v in (tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids += v if isinstance(v, (list, tuple)) else [v]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+@torch.no_grad()
+def sample_rollouts(model, tok, problems: list[dict], group_size: int, temperature: float, top_p: float,
+                    max_new_tokens: int, max_prompt_tokens: int, synced: bool) -> Rollouts:
+    if temperature <= 0:
+        raise ValueError("rollouts need sampling: stage3.rollout_temperature must be > 0")
+    eos = _eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    prompts = []
+    for p in problems:
+        ids = tok(format_prompt(p["question"]))["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"problem {p.get('id')}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
+                             f"{max_prompt_tokens}; raise the limit or filter long problems")
+        prompts.append(ids)
+    P, G = len(prompts), group_size
+    width = max(len(x) for x in prompts)
+    left = torch.full((P, width), pad, dtype=torch.int64)
+    attn = torch.zeros((P, width), dtype=torch.int64)
+    for i, x in enumerate(prompts):  # left-padded: every continuation starts at column `width`
+        left[i, width - len(x):] = torch.tensor(x)
+        attn[i, width - len(x):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=temperature,
+                             top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=G,
+                             eos_token_id=eos, pad_token_id=pad, synced_gpus=synced)
+    finally:
+        model.train(was_training)
+    new = gen[:, width:].tolist()
+
+    seqs, masks, texts, rlen, done = [], [], [], [], []
+    for row, toks in enumerate(new):
+        cut = next((j for j, t in enumerate(toks) if t in eos), None)
+        resp = toks[: cut + 1] if cut is not None else toks  # keep the EOS: the policy learns to stop
+        prompt = prompts[row // G]
+        seqs.append(prompt + resp)
+        masks.append([False] * (len(prompt) - 1) + [True] * len(resp) + [False])
+        texts.append(tok.decode(resp[:cut] if cut is not None else resp, skip_special_tokens=True))
+        rlen.append(len(resp))
+        done.append(cut is not None)
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.int64)
+    loss_mask = torch.zeros((len(seqs), L), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        loss_mask[i, : len(s)] = torch.tensor(m)
+    batch = TokenBatch(ids, torch.tensor([len(s) for s in seqs]), loss_mask)
+    return Rollouts(batch, texts, torch.arange(P).repeat_interleave(G), torch.tensor(rlen), torch.tensor(done))
+
+
+def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """log pi(token t+1 | <= t) at every position [B, L] (0 where the loss mask is off)."""
+    z = logits[:, :-1].float()  # gather - logsumexp: never materialises a second [B, L, V] tensor
+    logp = z.gather(-1, batch.ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    out = torch.zeros(batch.ids.shape, dtype=logp.dtype)
+    out[:, :-1] = logp
+    return out * batch.loss_mask
