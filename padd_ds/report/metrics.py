@@ -1,15 +1,22 @@
-"""Metrics sinks: a JSONL file always, W&B when available (offline without an API key).
+"""Metrics sinks: a JSONL file always, W&B when available (offline without an API key), and
+progress bars for long work.
 
-Only the main student rank logs. Metric names are namespaced (`train/`, `teacher/`,
-`routing/`, `eval/`) so dashboards group them.
+Only the main student rank logs (``enabled``). Metric names are namespaced (``train/``,
+``teacher/``, ``routing/``, ``eval/``, ``stage1/``) so dashboards and the run report group
+them; an unnamespaced name is a bug caught at the first ``log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterator
+
+NAMESPACES = ("train", "teacher", "routing", "eval", "stage1")
 
 
 def wandb_mode(requested: str) -> str:
@@ -21,7 +28,30 @@ def wandb_mode(requested: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def check_names(metrics: dict) -> None:
+    bad = [k for k in metrics if not isinstance(k, str) or k.split("/", 1)[0] not in NAMESPACES or "/" not in k]
+    if bad:
+        raise ValueError(f"metric names {bad} need a namespace prefix, one of {[n + '/' for n in NAMESPACES]}")
+
+
+def _scalar(v):
+    """Tensors and numpy scalars as Python numbers; lists and dicts stay (JSONL only)."""
+    if isinstance(v, (bool, int, str)) or v is None:
+        return v
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        v = v.item()
+    if isinstance(v, float) or hasattr(v, "__float__"):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return v
+
+
 class MetricsLogger:
+    """``log(metrics, step)`` to ``run_dir/metrics.jsonl`` and W&B (config logged at start).
+
+    W&B mode ``auto``: online with ``WANDB_API_KEY``, else offline into ``run_dir/wandb``
+    (``wandb sync`` uploads it later); any W&B failure only disables W&B."""
+
     def __init__(self, run_dir: str | os.PathLike, config: dict, enabled: bool, project: str = "padd-ds",
                  mode: str = "auto", run_name: str | None = None, jsonl: bool = True):
         self.enabled = enabled
@@ -44,21 +74,32 @@ class MetricsLogger:
                 print(f"warning: W&B disabled ({type(e).__name__}: {e})")
                 self._wandb = None
 
+    @property
+    def wandb_run(self):
+        return self._wandb
+
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, bool)) else v)
-                 for k, v in metrics.items()}
+        check_names(metrics)
+        clean = {k: _scalar(v) for k, v in metrics.items()}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
             self._jsonl.flush()
         if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
 
     def summary(self, metrics: dict) -> None:
         if self.enabled and self._wandb is not None:
             for k, v in metrics.items():
-                self._wandb.summary[k] = v
+                self._wandb.summary[k] = _scalar(v)
+
+    def log_images(self, images: dict[str, str | os.PathLike]) -> None:
+        """Figures (name -> PNG path) to W&B; the JSONL keeps only scalars."""
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({k: wandb.Image(str(p)) for k, p in images.items()})
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -67,3 +108,35 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (a killed run) is skipped, others are errors."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (elapsed, remaining) for long work; yields ``advance(n)``.
+    Pass ``enabled=False`` on all ranks but the main one."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), transient=False) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)

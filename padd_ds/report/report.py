@@ -1,0 +1,203 @@
+"""The run report: ``write_run_report(run_dir)`` -> ``run_dir/report.md`` + ``run_dir/figures/*.png``.
+
+Reads what a run leaves behind - ``metrics.jsonl`` (per-step metrics), ``results.json``
+(teacher / student accuracies, history) and, when present, ``routing.json`` (written by
+``padd_ds.eval.routing.RoutingLog``) and ``config.yaml`` - and states plainly whether the
+student matched its teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from padd_ds.report import plots
+from padd_ds.report.metrics import read_jsonl
+
+# Namespaces plotted as "reward / accuracy over training" rather than as training losses.
+REWARD_ACCURACY_PREFIXES = ("train/reward", "eval/")
+TRAINING_PREFIXES = ("train/", "teacher/")
+ROUTING_CURVE_PREFIXES = ("routing/load_cv", "routing/load_entropy", "routing/max_over_mean", "routing/nmi",
+                          "routing/drift_")
+
+
+def verdict(teacher: dict | None, student: dict | None) -> str:
+    """Did the student match its teacher? Yes when its accuracy is at least the teacher's;
+    otherwise say whether the gap is within two standard errors (sampling noise) or not."""
+    t, s = plots.accuracy_of(teacher), plots.accuracy_of(student)
+    if t is None or s is None:
+        return "Unknown: results.json has no teacher and trained-student accuracy to compare."
+    nt, ns = int(teacher.get("n") or 0), int(student.get("n") or 0)
+    if s >= t:
+        return (f"**Yes.** The trained student matched its teacher: accuracy {s:.3f} (n={ns}) vs the "
+                f"teacher's {t:.3f} (n={nt}).")
+    se = math.sqrt(t * (1 - t) / max(nt, 1) + s * (1 - s) / max(ns, 1))
+    gap = t - s
+    if gap <= 2 * se:
+        return (f"**No, but within noise.** The trained student reached {s:.3f} (n={ns}) vs the teacher's "
+                f"{t:.3f} (n={nt}); the gap {gap:.3f} is under two standard errors ({2 * se:.3f}), so this sample "
+                f"cannot tell them apart.")
+    return (f"**No.** The trained student reached {s:.3f} (n={ns}), {gap:.3f} below the teacher's {t:.3f} "
+            f"(n={nt}); the gap exceeds two standard errors ({2 * se:.3f}).")
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _wandb_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir()) if (run_dir / "wandb").is_dir() else []
+
+
+def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
+    """Make ``run_dir/figures/*.png`` and ``run_dir/report.md`` from the run's files; with a
+    ``MetricsLogger`` the figures also go to W&B. Returns the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+    results = _read_json(run_dir / "results.json") or {}
+    routing = _read_json(run_dir / "routing.json")
+    cfg = _config(run_dir)
+    if not rows and not results and routing is None:
+        raise FileNotFoundError(f"{run_dir} has none of metrics.jsonl, results.json, routing.json: nothing to report")
+    fig_dir = run_dir / "figures"
+    history = results.get("history") or []
+    curve_rows = rows or history  # results.json keeps the history when JSONL logging was off
+    figures = {
+        "accuracy": plots.plot_accuracy(results, fig_dir / "accuracy.png"),
+        "training": plots.plot_curves(curve_rows, TRAINING_PREFIXES, fig_dir / "training.png", "Training"),
+        "reward_accuracy": plots.plot_curves(curve_rows, REWARD_ACCURACY_PREFIXES, fig_dir / "reward_accuracy.png",
+                                             "Reward and accuracy over training"),
+        "routing_curves": plots.plot_curves(curve_rows, ROUTING_CURVE_PREFIXES, fig_dir / "routing_curves.png",
+                                            "Routing over training"),
+    }
+    if routing is not None:
+        figures["load_heatmap"] = plots.plot_load_heatmaps(routing, fig_dir / "load_heatmap.png")
+        figures["drift"] = plots.plot_drift(routing, fig_dir / "drift.png")
+        figures["specialization"] = plots.plot_specialization(routing, fig_dir / "specialization.png")
+    figures = {k: v for k, v in figures.items() if v is not None}
+
+    run = cfg.get("run", {})
+    models = cfg.get("models", {})
+    train = cfg.get("train", {})
+    title = run.get("name") or run_dir.name
+    md = [f"# Run report: {title}", "",
+          f"Written {datetime.now().strftime('%Y-%m-%d %H:%M')} from `{run_dir}`.", ""]
+    if cfg:
+        md += ["| setting | value |", "|---|---|",
+               f"| mode | {_fmt(train.get('mode'))} |", f"| teacher | `{_fmt(models.get('teacher'))}` |",
+               f"| student | `{_fmt(models.get('student'))}` |", f"| steps | {_fmt(train.get('steps'))} |",
+               f"| data | {_fmt(cfg.get('data', {}).get('source'))} |", ""]
+    md += ["## Did the student match its teacher?", "",
+           verdict(results.get("teacher"), results.get("student_after")), ""]
+    acc_rows = [(label, results.get(key)) for label, key in (("teacher", "teacher"), ("student before", "student_before"),
+                                                             ("student after", "student_after"))]
+    if any(plots.accuracy_of(r) is not None for _, r in acc_rows):
+        md += ["| model | accuracy | n |", "|---|---|---|"]
+        md += [f"| {label} | {plots.accuracy_of(r):.3f} | {r.get('n', '-')} |" for label, r in acc_rows
+               if plots.accuracy_of(r) is not None]
+        md += [""]
+    if "accuracy" in figures:
+        md += ["![held-out accuracy](figures/accuracy.png)", ""]
+
+    md += ["## Training", ""]
+    last = rows[-1] if rows else (history[-1] if history else None)
+    first = rows[0] if rows else (history[0] if history else None)
+    if last:
+        keys = [k for k in last if k.startswith(TRAINING_PREFIXES + REWARD_ACCURACY_PREFIXES)
+                and isinstance(last[k], (int, float))]
+        md += [f"{len(rows or history)} logged steps, last at step {last.get('step')}.", "",
+               "| metric | first | last |", "|---|---|---|"]
+        md += [f"| {k} | {_fmt(first.get(k))} | {_fmt(last[k])} |" for k in sorted(keys)]
+        md += [""]
+    for key, caption in (("training", "training curves"), ("reward_accuracy", "reward and accuracy"),
+                         ("routing_curves", "routing metrics over training")):
+        if key in figures:
+            md += [f"![{caption}](figures/{figures[key].name})", ""]
+    if "export_max_abs_logit_diff" in results:
+        md += [f"Exported HF checkpoint reproduces the engine's logits to "
+               f"{results['export_max_abs_logit_diff']:.2e} (max |difference|).", ""]
+
+    if routing is not None:
+        md += _routing_section(routing, figures)
+
+    md += ["## Files", ""]
+    for name in ("metrics.jsonl", "results.json", "routing.json", "config.yaml", "ds_config.json", "hf", "checkpoints"):
+        if (run_dir / name).exists():
+            md.append(f"- [`{name}`]({name})")
+    for d in _wandb_dirs(run_dir):
+        md.append(f"- W&B run: [`{d.relative_to(run_dir)}`]({d.relative_to(run_dir)})"
+                  + (" (offline; upload with `wandb sync`)" if d.name.startswith("offline-") else ""))
+    md.append("")
+    report = run_dir / "report.md"
+    report.write_text("\n".join(md))
+    if logger is not None:
+        logger.log_images({f"report/{k}": v for k, v in figures.items()})
+    return report
+
+
+def _routing_section(routing: dict, figures: dict[str, Path]) -> list[str]:
+    snaps = routing.get("snapshots") or []
+    md = ["## Routing", ""]
+    if not snaps:
+        return md + ["routing.json holds no snapshots.", ""]
+    first, last = snaps[0], snaps[-1]
+    md += [f"{len(snaps)} snapshots (steps {first['step']} to {last['step']}), {routing.get('num_experts')} experts, "
+           f"top-{routing.get('top_k')}. Load CV: 0 is perfectly balanced; entropy: 1 is uniform.", "",
+           "| layer | load CV (first -> last) | entropy (last) | max/mean load (last) | NMI with subject (last) |",
+           "|---|---|---|---|---|"]
+    before = {x["layer"]: x for x in first["layers"]}
+    for x in last["layers"]:
+        b = before.get(x["layer"], {})
+        md.append(f"| {x['layer']} | {_fmt(b.get('cv'))} -> {_fmt(x['cv'])} | {_fmt(x['entropy'])} | "
+                  f"{_fmt(x['max_over_mean'])} | {_fmt(x.get('nmi'))} |")
+    md.append("")
+    if last.get("drift"):
+        d = last["drift"]
+        md += [f"Router drift at step {last['step']} (per token, vs the previous snapshot): mean {d['mean']:.4g}, "
+               f"p90 {d['p90']:.4g}, max {d['max']:.4g} over {d['tokens']} tokens.", ""]
+    for key, caption in (("load_heatmap", "expert load per layer"), ("drift", "router drift"),
+                         ("specialization", "expert specialization")):
+        if key in figures:
+            md += [f"![{caption}](figures/{figures[key].name})", ""]
+    prov = routing.get("provenance")
+    if prov and prov.get("layers"):
+        loads = {x["layer"]: x["fraction"] for x in last["layers"]}
+        md += ["### Expert provenance (Stage I)", "",
+               f"Experts were cut from the teacher `{prov.get('teacher')}`: expert j of a layer holds neuron cluster j "
+               "of the mapped teacher layer.", "",
+               "| student layer | teacher layer | neurons per expert | final load fraction per expert |",
+               "|---|---|---|---|"]
+        for layer in prov["layers"]:
+            frac = loads.get(layer["student_layer"])
+            md.append(f"| {layer['student_layer']} | {layer['teacher_layer']} | "
+                      f"{', '.join(str(e['neurons']) for e in layer['experts'])} | "
+                      f"{', '.join(f'{f:.3f}' for f in frac) if frac else '-'} |")
+        md.append("")
+    return md
