@@ -5,7 +5,7 @@
     padd train [--nproc N] [--recipe R] [--set k=v]   launch train.py with the deepspeed launcher
     padd config show [--recipe R] [--set k=v]         the resolved config as YAML
     padd config validate [--recipe R] [--world-size N]
-    padd eval --model PATH [--suite toy]              greedy pass@1 of an HF checkpoint
+    padd eval --model PATH --suite toy|gsm8k|math5 [--limit N] [--samples K --temperature T]
 """
 
 from __future__ import annotations
@@ -104,25 +104,44 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """Evaluate an HF checkpoint on a suite: rich table on stdout, full results as JSON."""
     import torch
+    from rich.console import Console
 
-    from padd_ds.data.math import load_heldout_problems
-    from padd_ds.eval.evaluate import evaluate_problems
+    from padd_ds.config import ConfigError, PaddConfig, resolve_model_path
+    from padd_ds.eval.evaluate import evaluate_suite, results_table, save_results
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
     from padd_ds.toy.resolve import use_toy_world_for
 
-    if args.suite != "toy":
-        print(f"padd-ds: --suite {args.suite} is not available yet; use --suite toy", file=sys.stderr)
+    try:
+        if args.suite == "toy" or args.model.startswith("toy://"):
+            use_toy_world_for(PaddConfig())
+        model_path = resolve_model_path(args.model, field_name="--model")
+        tok_path = resolve_model_path(args.tokenizer, field_name="--tokenizer", need_config=False) \
+            if args.tokenizer else model_path
+        if args.samples < 0 or (args.limit is not None and args.limit < 1):
+            raise ConfigError("--samples must be >= 0 and --limit >= 1")
+        if args.samples and args.temperature <= 0:
+            raise ConfigError("--samples needs --temperature > 0 (sampled answers)")
+    except ConfigError as e:
+        print(f"padd-ds: config error: {e}", file=sys.stderr)
         return 2
-    from padd_ds.config import PaddConfig
-
-    use_toy_world_for(PaddConfig())
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    tok = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, "float32")
-    res = evaluate_problems(model, tok, load_heldout_problems("toy", limit=args.num_problems),
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(f"suite=toy n={res['n']} accuracy={res['accuracy']:.4f}")
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
+    tok = load_tokenizer(tok_path)
+    model = load_causal_lm(model_path, args.dtype)
+    res = evaluate_suite(model, tok, args.suite, limit=args.limit, samples=args.samples,
+                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, prompt_style=args.prompt, seed=args.seed)
+    res["model"] = model_path
+    if args.output:
+        out = Path(args.output)
+    elif Path(model_path).is_dir() and not args.model.startswith("toy://"):  # keep the toy cache clean
+        out = Path(model_path) / f"eval_{args.suite}.json"
+    else:
+        out = Path("runs/eval") / f"{Path(model_path).name}_{args.suite}.json"
+    save_results(res, out)
+    Console().print(results_table(res))
+    print(f"results: {out} ({res['seconds']:.0f} s)")
     return 0
 
 
@@ -152,12 +171,24 @@ def main(argv=None) -> int:
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
 
-    e = sub.add_parser("eval", help="greedy pass@1 of an HF checkpoint")
-    e.add_argument("--model", required=True)
-    e.add_argument("--suite", default="toy", choices=["toy", "gsm8k", "math5"])
-    e.add_argument("--num-problems", type=int, default=200)
-    e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=64)
+    e = sub.add_parser("eval", help="pass@1 / avg@k of an HF checkpoint on a benchmark suite")
+    e.add_argument("--model", required=True, help="HF model directory, hub id or toy://student")
+    e.add_argument("--tokenizer", default=None, help="default: the model's")
+    e.add_argument("--suite", default="toy", choices=["toy", "gsm8k", "math5"],
+                   help="math5: AIME24, AMC23, MATH500, Minerva, OlympiadBench")
+    e.add_argument("--limit", "--num-problems", dest="limit", type=int, default=None,
+                   help="first N problems of each benchmark (default: all)")
+    e.add_argument("--samples", type=int, default=0, help="K > 0: also K sampled answers each (avg@K, pass@K)")
+    e.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (with --samples)")
+    e.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (with --samples)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default per suite: toy 128, gsm8k 512, math5 2048")
+    e.add_argument("--batch-size", type=int, default=32, help="sequences generated together")
+    e.add_argument("--prompt", default="auto", choices=["auto", "chat", "plain"],
+                   help="auto: the chat template when the tokenizer has one")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    e.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_SUITE.json)")
     e.set_defaults(fn=cmd_eval)
 
     args = p.parse_args(argv)
