@@ -43,6 +43,15 @@ def main(argv=None) -> None:
         from padd_ds.rl.trainer import check_supported
 
         check_supported(cfg)
+        # Memory plan of this launch on this device (GPU memory, or on CPU this host's RAM
+        # shared by its ranks): refuse now rather than die out of memory after the load.
+        from padd_ds.plan import plan_for_launch
+
+        plan = plan_for_launch(cfg, env)
+        if env.rank == 0:
+            print(plan.brief() if plan else "padd-ds plan: skipped (cannot read this device's memory)", flush=True)
+        if plan is not None and not plan.fits:
+            raise ConfigError(plan.refusal())
     except (ConfigError, ValueError) as e:
         print(f"padd-ds: config error: {e}", file=sys.stderr)
         sys.exit(2)

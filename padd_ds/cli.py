@@ -5,6 +5,7 @@
     padd train [--nproc N] [--recipe R] [--set k=v]   launch train.py with the deepspeed launcher
     padd config show [--recipe R] [--set k=v]         the resolved config as YAML
     padd config validate [--recipe R] [--world-size N]
+    padd plan [--recipe R] --nodes N [--gpus-per-node G] [--gpu-mem-gb M]   memory/speed plan, fits or not
     padd eval --model PATH --suite toy|gsm8k|math5 [--limit N] [--samples K --temperature T]
 """
 
@@ -47,6 +48,33 @@ def cmd_config(args) -> int:
         print(f"padd-ds: config error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Exit 0 when the plan fits, 1 when it does not (the report says why and how to fix it),
+    2 on a config error."""
+    from padd_ds.config import ConfigError, load_config, validate
+    from padd_ds.plan import make_plan, resolve_cluster, slurm_shape
+    from padd_ds.toy.resolve import use_toy_world_for
+
+    try:
+        overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed}"] if args.deepspeed else [])
+        cfg = load_config(args.recipe, overrides)
+        use_toy_world_for(cfg)
+        validate(cfg)
+        if args.slurm:
+            nodes, per_node, world = slurm_shape()
+        elif args.nodes is None:
+            raise ConfigError("give the cluster: --nodes N [--gpus-per-node G --gpu-mem-gb M], or --slurm inside an allocation")
+        else:
+            nodes, per_node, world = args.nodes, args.gpus_per_node, args.nodes * args.gpus_per_node
+        cluster = resolve_cluster(nodes, per_node, world, args.gpu_mem_gb, args.host_mem_gb, args.gpu_tflops, args.mfu)
+        plan = make_plan(cfg, cluster, args.recipe or "")
+    except ConfigError as e:
+        print(f"padd-ds: config error: {e}", file=sys.stderr)
+        return 2
+    print(plan.report())
+    return 0 if plan.fits else 1
 
 
 def cmd_toy(args) -> int:
@@ -154,6 +182,19 @@ def main(argv=None) -> int:
     c.add_argument("--world-size", type=int, default=None)
     _add_recipe_args(c)
     c.set_defaults(fn=cmd_config)
+
+    pl = sub.add_parser("plan", help="per-GPU memory, divisibility and speed of a recipe on a cluster")
+    _add_recipe_args(pl)
+    pl.add_argument("--deepspeed", default=None, metavar="JSON", help="DeepSpeed config; overrides deepspeed.config")
+    pl.add_argument("--nodes", type=int, default=None)
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--gpu-mem-gb", type=float, default=None,
+                    help="memory per GPU in GB (default: measure this host's GPU, else plan for its CPU)")
+    pl.add_argument("--host-mem-gb", type=float, default=None, help="RAM per node in GB (default: not checked)")
+    pl.add_argument("--gpu-tflops", type=float, default=None, help="peak dense bf16 TFLOPs per GPU (default 989, H100)")
+    pl.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilization for the speed estimate (default 0.30)")
+    pl.add_argument("--slurm", action="store_true", help="take nodes and tasks per node from this SLURM allocation")
+    pl.set_defaults(fn=cmd_plan)
 
     t = sub.add_parser("toy", help="the built-in toy world")
     t.add_argument("action", choices=["build"])

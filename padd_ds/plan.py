@@ -1,0 +1,921 @@
+"""Will this recipe fit this cluster? Per-GPU memory, divisibility and speed, before any launch.
+
+    padd plan --recipe recipes/qwen25_72b_to_qwen3_30b_a3b.yaml --nodes 8 --gpus-per-node 8 --gpu-mem-gb 80
+
+    cluster = Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=80)
+    plan = make_plan(cfg, cluster)         # arithmetic on model shapes: no weights, no network
+    print(plan.report())                   # last line: PLAN fits=<true|false> peak_gpu_gb=<x>
+
+Model shapes come from a local model's config.json, else from the Hugging Face cache, else
+from KNOWN_CONFIGS below (the published config.json values of the models our recipes name).
+The memory model follows what this code base actually runs (see each term's comment):
+students train with DeepSpeed ZeRO (stage and offload from the DeepSpeed JSON) and AutoEP,
+without activation checkpointing; teachers score full sequences with the KV cache on and
+return full-vocabulary logits before compressing them. GB means 10^9 bytes throughout.
+
+`train.py` runs `plan_for_launch` on every rank before any process group exists and refuses
+a plan that cannot fit (on CPU the "device" is this host's RAM, shared by its processes).
+
+This module imports neither torch nor deepspeed (the CLI plans in a second).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from padd_ds.config import (REPO_ROOT, ConfigError, PaddConfig, _model_field, _read_model_config,
+                            read_deepspeed_config, resolve_model_path)
+
+GB = 1e9
+
+# --------------------------------------------------------------------------------------
+# Published shapes of the models our recipes name (so planning needs no network)
+# --------------------------------------------------------------------------------------
+# Each entry holds the fields of the model's config.json on the Hugging Face hub that the
+# planner reads, with the same names, so one parser serves these and local checkpoints. The
+# parameter counts they give are checked against the published totals in tests/test_plan.py.
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    # huggingface.co/Qwen/Qwen2.5-Math-7B/blob/main/config.json (7.6B; 4k context, rope 10k)
+    "Qwen/Qwen2.5-Math-7B": {
+        "model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    # huggingface.co/Qwen/Qwen2.5-72B-Instruct/blob/main/config.json (72.7B, 70.0B non-embedding)
+    "Qwen/Qwen2.5-72B-Instruct": {
+        "model_type": "qwen2", "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 29568,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
+        "max_position_embeddings": 32768, "tie_word_embeddings": False},
+    # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json (30.5B total, 3.3B activated;
+    # head_dim 128 with 32 heads, so q_proj is 2048 -> 4096)
+    "Qwen/Qwen3-30B-A3B": {
+        "model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048, "intermediate_size": 6144,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "max_position_embeddings": 40960, "tie_word_embeddings": False},
+    # huggingface.co/deepseek-ai/deepseek-math-7b-base/blob/main/config.json (6.9B, Llama
+    # architecture, 4k context); the -instruct and -rl variants share it
+    "deepseek-ai/deepseek-math-7b-base": {
+        "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 102400,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    # huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json (15.7B total, 2.4B
+    # activated): MLA without q compression, layer 0 dense (10944 wide), then 64 routed + 2
+    # shared experts of 1408, top-6
+    "deepseek-ai/DeepSeek-V2-Lite": {
+        "model_type": "deepseek_v2", "num_hidden_layers": 27, "hidden_size": 2048, "intermediate_size": 10944,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 102400,
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+        "moe_intermediate_size": 1408, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "max_position_embeddings": 163840, "tie_word_embeddings": False},
+}
+# Same architecture, another checkpoint.
+for _alias, _base in {"Qwen/Qwen2.5-Math-7B-Instruct": "Qwen/Qwen2.5-Math-7B",
+                      "Qwen/Qwen2.5-72B": "Qwen/Qwen2.5-72B-Instruct",
+                      "Qwen/Qwen3-30B-A3B-Base": "Qwen/Qwen3-30B-A3B",
+                      "deepseek-ai/deepseek-math-7b-instruct": "deepseek-ai/deepseek-math-7b-base",
+                      "deepseek-ai/deepseek-math-7b-rl": "deepseek-ai/deepseek-math-7b-base",
+                      "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-ai/DeepSeek-V2-Lite"}.items():
+    KNOWN_CONFIGS[_alias] = KNOWN_CONFIGS[_base]
+
+
+# --------------------------------------------------------------------------------------
+# Architecture: parameter counts, activations, KV cache
+# --------------------------------------------------------------------------------------
+
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape numbers that memory and FLOPs depend on, for HF decoder-only LMs
+    (Llama/Qwen2/Qwen3 dense, Qwen3-MoE/Qwen2-MoE/Mixtral, DeepSeek-V2 with MLA)."""
+
+    name: str
+    model_type: str
+    layers: int
+    hidden: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int                 # FFN width of dense layers
+    tied_embeddings: bool = False
+    qkv_bias: bool = False            # Qwen2: bias on q, k, v
+    o_bias: bool = False              # Llama attention_bias=true: bias on o_proj too
+    qk_norm: bool = False             # Qwen3: RMSNorm over each head of q and k
+    experts: int = 0                  # routed experts; 0 = dense model
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0      # total width of the always-on shared expert(s)
+    shared_gate: bool = False         # Qwen2-MoE: sigmoid gate on the shared expert
+    moe_layers: int = 0               # layers with routed experts (the others are dense)
+    # Multi-head latent attention (DeepSeek-V2); kv_lora_rank 0 = ordinary attention.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    max_positions: int | None = None
+
+    # -- widths --------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim)
+
+    @property
+    def k_dim(self) -> int:
+        return self.q_dim if self.kv_lora_rank else self.kv_heads * self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        return self.heads * self.v_head_dim if self.kv_lora_rank else self.kv_heads * self.head_dim
+
+    @property
+    def attn_out_dim(self) -> int:
+        return self.heads * self.v_head_dim if self.kv_lora_rank else self.heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    # -- parameters (exact for the HF implementations; tests compare with transformers) ---
+    def attention_params(self) -> int:
+        h = self.hidden
+        if self.kv_lora_rank:
+            q = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * self.q_dim if self.q_lora_rank
+                 else h * self.q_dim)
+            kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank  # + its RMSNorm
+            kv_b = self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv_a + kv_b + self.attn_out_dim * h
+        qkv = h * (self.q_dim + 2 * self.k_dim)
+        if self.qkv_bias or self.o_bias:
+            qkv += self.q_dim + 2 * self.k_dim
+        o = self.attn_out_dim * h + (h if self.o_bias else 0)
+        norms = 2 * self.head_dim if self.qk_norm else 0
+        return qkv + o + norms
+
+    def dense_ffn_params(self) -> int:
+        return 3 * self.hidden * self.intermediate
+
+    def expert_params(self) -> int:
+        """One routed expert (SwiGLU: gate, up, down)."""
+        return 3 * self.hidden * self.expert_intermediate
+
+    def moe_non_expert_params(self) -> int:
+        """Router, shared expert(s) and their gate in one MoE layer."""
+        h = self.hidden
+        return h * self.experts + 3 * h * self.shared_intermediate + (h if self.shared_gate else 0)
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def lm_head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    def routed_expert_params(self) -> int:
+        return self.moe_layers * self.experts * self.expert_params()
+
+    def total_params(self) -> int:
+        per_layer = self.attention_params() + 2 * self.hidden  # + input and post-attention RMSNorm
+        ffn = self.dense_layers * self.dense_ffn_params() + self.moe_layers * self.moe_non_expert_params()
+        return (self.layers * per_layer + ffn + self.routed_expert_params() + self.embedding_params()
+                + self.lm_head_params() + self.hidden)
+
+    def active_params(self) -> int:
+        """Parameters that touch one token, the input embedding included (the convention of
+        the "3.3B activated" style numbers)."""
+        routed_inactive = self.moe_layers * (self.experts - self.top_k) * self.expert_params()
+        return self.total_params() - routed_inactive
+
+    def forward_flops_per_token(self, context: int) -> float:
+        """Matmul FLOPs of one token's forward: 2 per active weight (the embedding lookup is
+        free) plus attention scores and values over `context` earlier tokens."""
+        weights = 2 * (self.active_params() - self.embedding_params()
+                       + (self.embedding_params() if self.tied_embeddings else 0))
+        attention = 2 * self.layers * context * (self.q_dim + self.attn_out_dim)  # q.k and p.v per head
+        return float(weights + attention)
+
+    # -- activations (training, no activation checkpointing) ------------------------------
+    def train_activation_bytes_per_token(self, elem: int) -> float:
+        """Bytes one token leaves saved for backward in the decoder layers, with `elem`-byte
+        activations (2 in bf16), as HF's modules save them:
+        - each RMSNorm of width w keeps an fp32 copy of its input and its output: w(4 + elem);
+        - attention keeps the q/k projections (or their norms), RoPE's rotated copies and the
+          rotated q/k, v, and its output (o_proj's input); MLA also its latent projections;
+        - a dense SwiGLU FFN keeps gate, act(gate), up and their product: 4I;
+        - an MoE layer keeps each of the top-k copies of the token going in and coming out
+          (2kh), 4 widths per chosen expert and per shared expert, and fp32 router logits and
+          probabilities (8E bytes; DeepSeek-V2's router also an fp32 copy of the token).
+        tests/test_plan.py compares this with the tensors autograd really saves."""
+        h, k = self.hidden, self.top_k
+        norm = lambda width: width * (4 + elem)  # noqa: E731
+        if self.kv_lora_rank:
+            latent = self.kv_lora_rank + self.qk_rope_head_dim
+            projections = self.q_dim + latent + self.heads * (self.qk_nope_head_dim + self.v_head_dim)
+            rope = (self.heads + 1) * self.qk_rope_head_dim
+            attn = elem * (projections + rope + self.q_dim + self.k_dim + self.v_dim + self.attn_out_dim)
+            attn += norm(self.kv_lora_rank) + (norm(self.q_lora_rank) if self.q_lora_rank else 0)
+        else:
+            qk = self.q_dim + self.k_dim
+            attn = elem * ((0 if self.qk_norm else qk) + 2 * qk + self.v_dim + self.attn_out_dim)
+            attn += norm(qk) if self.qk_norm else 0
+        dense = elem * 4 * self.intermediate
+        moe = elem * (2 * k * h + 4 * k * self.expert_intermediate + 4 * self.shared_intermediate) + 8 * self.experts
+        if self.model_type == "deepseek_v2":
+            moe += 4 * h  # its router multiplies an fp32 copy of the token
+        per_layer = attn + 2 * norm(h)
+        return float(self.layers * per_layer + self.dense_layers * dense + self.moe_layers * moe + norm(h))
+
+    def kv_cache_bytes_per_token(self, elem: int) -> float:
+        """HF's cache holds each layer's keys and values (DeepSeek-V2 in transformers caches
+        the decompressed per-head K and V, not the latent)."""
+        return float(self.layers * (self.k_dim + self.v_dim) * elem)
+
+    def inference_transient_bytes_per_token(self, elem: int) -> float:
+        """The largest per-layer temporaries of a no-grad forward: the FFN's gate, up and
+        product (3 widths; top-k experts and the shared one in an MoE) plus q, k, v, output."""
+        ffn = 3 * (self.intermediate if self.dense_layers else 0)
+        if self.is_moe:
+            ffn = max(ffn, 3 * (self.top_k * self.expert_intermediate + self.shared_intermediate) + 2 * self.top_k * self.hidden)
+        return float((ffn + self.q_dim + self.k_dim + self.v_dim + 3 * self.hidden) * elem)
+
+    def largest_module_params(self, local_experts: int) -> int:
+        """Largest single module ZeRO-3 gathers at once: the embedding, the LM head, one
+        layer's attention, dense FFN, or the experts of one MoE layer held by this rank."""
+        units = [self.embedding_params(), self.lm_head_params(), self.attention_params()]
+        if self.dense_layers:
+            units.append(self.dense_ffn_params())
+        if self.is_moe:
+            units.append(local_experts * self.expert_params() + self.moe_non_expert_params())
+        return max(units)
+
+
+def arch_from_config(conf: Mapping[str, Any], name: str) -> Arch:
+    """An `Arch` from the fields of an HF config.json (multimodal configs: text_config)."""
+    f = lambda key, default=None: (v if (v := _model_field(conf, key)) is not None else default)  # noqa: E731
+    model_type = str(f("model_type", ""))
+    try:
+        hidden, layers, vocab = int(f("hidden_size")), int(f("num_hidden_layers")), int(f("vocab_size"))
+        heads = int(f("num_attention_heads"))
+    except TypeError:
+        raise ConfigError(f"{name}: config.json lacks hidden_size, num_hidden_layers, vocab_size or "
+                          "num_attention_heads; the planner needs a decoder-only LM config") from None
+    kv_heads = int(f("num_key_value_heads", heads))
+    head_dim = int(f("head_dim", hidden // heads))
+    experts = next((int(v) for k in _EXPERT_COUNT_FIELDS if (v := f(k)) and int(v) > 0), 0)
+    top_k = int(f("num_experts_per_tok", 0)) if experts else 0
+    moe_width = int(f("moe_intermediate_size", 0) or 0)
+    if experts and not moe_width:  # Mixtral: every expert is an intermediate_size-wide FFN
+        moe_width = int(f("intermediate_size"))
+    intermediate = int(f("intermediate_size", 0) or 0)
+    shared = 0
+    if f("n_shared_experts"):
+        shared = int(f("n_shared_experts")) * moe_width
+    elif f("shared_expert_intermediate_size"):
+        shared = int(f("shared_expert_intermediate_size"))
+    moe_layers = 0
+    if experts:
+        if "first_k_dense_replace" in conf or f("first_k_dense_replace") is not None:
+            first, freq = int(f("first_k_dense_replace", 0)), int(f("moe_layer_freq", 1))
+            moe_layers = sum(1 for i in range(layers) if i >= first and i % freq == 0)
+        else:
+            dense_ids = set(f("mlp_only_layers", []) or [])
+            step = int(f("decoder_sparse_step", 1) or 1)
+            moe_layers = sum(1 for i in range(layers) if i not in dense_ids and (i + 1) % step == 0)
+    attention_bias = bool(f("attention_bias", False))
+    kv_lora = int(f("kv_lora_rank", 0) or 0)
+    return Arch(
+        name=name, model_type=model_type, layers=layers, hidden=hidden, vocab=vocab, heads=heads,
+        kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
+        tied_embeddings=bool(f("tie_word_embeddings", False)),
+        qkv_bias=model_type in ("qwen2", "qwen2_moe") or attention_bias,
+        o_bias=attention_bias and model_type not in ("qwen2", "qwen2_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        experts=experts, top_k=top_k, expert_intermediate=moe_width if experts else 0,
+        shared_intermediate=shared, shared_gate=model_type == "qwen2_moe" and shared > 0, moe_layers=moe_layers,
+        q_lora_rank=int(f("q_lora_rank", 0) or 0), kv_lora_rank=kv_lora,
+        qk_nope_head_dim=int(f("qk_nope_head_dim", 0) or 0), qk_rope_head_dim=int(f("qk_rope_head_dim", 0) or 0),
+        v_head_dim=int(f("v_head_dim", 0) or 0), max_positions=f("max_position_embeddings"),
+    )
+
+
+def decompressed(teacher: Arch, experts: int, top_k: int) -> Arch:
+    """The MoE that Stage I builds from a dense teacher: each FFN split into `experts` equal
+    neuron clusters; attention, embeddings and widths otherwise unchanged."""
+    return dataclasses.replace(teacher, name=f"{teacher.name} decompressed", experts=experts, top_k=top_k,
+                               expert_intermediate=teacher.intermediate // experts, moe_layers=teacher.layers)
+
+
+def _cached_hub_config(repo_id: str) -> dict | None:
+    """config.json of a hub model already in the local HF cache (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    path = try_to_load_from_cache(repo_id, "config.json")
+    return _read_model_config(Path(path).parent) if isinstance(path, str) else None
+
+
+def load_arch(ref: str, field_name: str) -> Arch:
+    """Shape of the model a config field names: local directory, HF cache, or the table."""
+    resolved = resolve_model_path(ref, field_name=field_name)
+    if Path(resolved).is_dir():
+        return arch_from_config(_read_model_config(resolved), ref)
+    conf = _cached_hub_config(resolved) or KNOWN_CONFIGS.get(resolved)
+    if conf is None:
+        raise ConfigError(f"{field_name}: the planner does not know the shape of '{ref}' and it is not in the "
+                          "local Hugging Face cache; download it (huggingface-cli download "
+                          f"{ref} config.json) or point {field_name} at a local directory")
+    return arch_from_config(conf, ref)
+
+
+# --------------------------------------------------------------------------------------
+# The cluster
+# --------------------------------------------------------------------------------------
+
+# Memory no estimate here covers: the CUDA context (~0.5-1 GB), NCCL buffers (~1 GB with 8
+# GPUs a node) and caching-allocator fragmentation. 4 GB of 80 is the margin we keep free.
+GPU_RESERVE_GB = 4.0
+# A CPU rank's Python, torch, DeepSpeed, transformers, gloo and tokenizer before any model
+# (imports alone measured 0.27 GB here; 1 GB leaves room for buffers and the data).
+CPU_PROCESS_GB = 1.0
+# H100 SXM dense bf16 peak, the usual 80 GB training GPU; A100 is 312.
+DEFAULT_PEAK_TFLOPS = 989.0
+# Model-FLOPs utilization for the speed estimate: mid-range for bf16 MoE training with
+# ZeRO-3 gathers and all-to-all. Rollout decoding usually runs far below it, so the
+# student's rate is an upper bound. Measure yours and pass --mfu.
+DEFAULT_MFU = 0.30
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int                 # ranks per node (the largest count when they differ)
+    gpu_memory_gb: float               # per device; on CPU, this process's share of host RAM
+    device: Literal["gpu", "cpu"] = "gpu"
+    world_size: int | None = None      # None = nodes * gpus_per_node (srun "2,1" layouts differ)
+    host_memory_gb: float | None = None  # RAM per node; None = unknown, not checked
+    peak_tflops: float | None = DEFAULT_PEAK_TFLOPS
+    mfu: float = DEFAULT_MFU
+
+    @property
+    def world(self) -> int:
+        return self.world_size if self.world_size is not None else self.nodes * self.gpus_per_node
+
+    @property
+    def usable_gb(self) -> float:
+        if self.device == "gpu":
+            return self.gpu_memory_gb - GPU_RESERVE_GB
+        return self.gpu_memory_gb - CPU_PROCESS_GB
+
+    def describe(self) -> str:
+        shape = f"{self.nodes} node{'s' if self.nodes != 1 else ''} x {self.gpus_per_node}"
+        if self.world != self.nodes * self.gpus_per_node:
+            shape += f" ({self.world} ranks)"
+        if self.device == "gpu":
+            return f"{shape} GPUs of {self.gpu_memory_gb:g} GB"
+        return f"{shape} CPU processes, {self.gpu_memory_gb:.1f} GB of host RAM each"
+
+
+# --------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    label: str
+    gb: float
+
+
+@dataclass
+class Check:
+    ok: bool
+    message: str
+    fatal: bool = True   # False: a warning, shown but not a reason to refuse
+
+
+@dataclass
+class Fix:
+    """One change that makes the plan fit: config overrides, a node count or a DeepSpeed JSON."""
+    why: str                                                 # e.g. "peak 61.2 GB"
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
+    nodes: int | None = None
+    deepspeed: str | None = None
+
+    @property
+    def what(self) -> str:
+        parts = [f"--set {k}={v}" for k, v in self.overrides.items()]
+        if self.deepspeed:
+            parts.append(f"--deepspeed {self.deepspeed}")
+        if self.nodes:
+            parts.append(f"{self.nodes} nodes (sbatch --nodes={self.nodes})")
+        return " ".join(parts)
+
+    def apply(self, cfg: PaddConfig, cluster: Cluster) -> tuple[PaddConfig, Cluster]:
+        cfg = _with(cfg, self.overrides)
+        if self.deepspeed:
+            cfg = _with(cfg, {"deepspeed.config": self.deepspeed})
+        return cfg, (dataclasses.replace(cluster, nodes=self.nodes) if self.nodes else cluster)
+
+
+@dataclass
+class Plan:
+    recipe: str
+    cluster: Cluster
+    layout: list[str]
+    student: list[Item]
+    teacher: list[Item]
+    checks: list[Check]
+    speed: list[str]
+    host: list[str]
+    student_peak_gb: float
+    teacher_peak_gb: float
+    host_gb: float = 0.0        # RAM per node while loading (plus CPU offload)
+    fixes: list[Fix] = field(default_factory=list)
+
+    @property
+    def peak_gb(self) -> float:
+        return max(self.student_peak_gb, self.teacher_peak_gb)
+
+    @property
+    def problems(self) -> list[str]:
+        return [c.message for c in self.checks if not c.ok and c.fatal]
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def report(self) -> str:
+        usable = self.cluster.usable_gb
+        out = [f"padd plan: {self.recipe} on {self.cluster.describe()}"]
+        out += [f"layout   {line}" for line in self.layout]
+        for title, items, peak in (("student", self.student, self.student_peak_gb),
+                                   ("teacher", self.teacher, self.teacher_peak_gb)):
+            if not items:
+                continue
+            out.append(f"{title} memory per {'GPU' if self.cluster.device == 'gpu' else 'process'} (GB)")
+            out += [f"  {it.label:<58} {it.gb:8.2f}" for it in items]
+            verdict = "ok" if peak <= usable else "TOO BIG"
+            out.append(f"  {'peak':<58} {peak:8.2f}  of {usable:.1f} usable: {verdict}")
+        out += [f"host     {line}" for line in self.host]
+        for c in self.checks:
+            tag = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
+            out.append(f"check    {tag} {c.message}")
+        out += [f"speed    {line}" for line in self.speed]
+        if self.fits:
+            out.append("verdict  fits")
+        else:
+            out.append("verdict  does NOT fit:")
+            out += [f"  - {p}" for p in self.problems]
+            if self.fixes:
+                out.append("fixes (each alone makes it fit):")
+                out += [f"  {f.what:<56} {f.why}" for f in self.fixes]
+            else:
+                out.append("fixes    no single change found; use more or larger GPUs, or a smaller model")
+        out.append(f"PLAN fits={'true' if self.fits else 'false'} peak_gpu_gb={self.peak_gb:.1f}")
+        return "\n".join(out)
+
+    def refusal(self) -> str:
+        """One line for a launch that must not start."""
+        fixes = "; ".join(f"{f.what} ({f.why})" for f in self.fixes[:3]) or "use more or larger devices"
+        return f"plan: does not fit on {self.cluster.describe()}: {'; '.join(self.problems)}. Fixes: {fixes}"
+
+    def brief(self) -> str:
+        where = "GPU" if self.cluster.device == "gpu" else "process"
+        return (f"padd-ds plan: {'fits' if self.fits else 'does NOT fit'} on {self.cluster.describe()}: "
+                f"peak {self.peak_gb:.2f} GB per {where} of {self.cluster.usable_gb:.1f} usable")
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _span(ranks: range, per_node: int) -> str:
+    if not ranks:
+        return "none"
+    first, last = ranks[0] // per_node, ranks[-1] // per_node
+    nodes = f"node {first}" if first == last else f"nodes {first}-{last}"
+    return f"{ranks[0]}-{ranks[-1]} ({nodes})" if len(ranks) > 1 else f"{ranks[0]} ({nodes})"
+
+
+def _ds_int(section: Mapping, key: str, default: int) -> int:
+    v = section.get(key, default)
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+@dataclass
+class _Inputs:
+    """What make_plan needs besides the config; resolved once so fix searches are cheap."""
+    teacher: Arch
+    student: Arch
+    ds: dict
+
+
+def _inputs(cfg: PaddConfig) -> _Inputs:
+    teacher = load_arch(cfg.models.teacher, "models.teacher")
+    if cfg.models.student is None:
+        student = decompressed(teacher, cfg.stage1.decompress_experts, cfg.stage1.decompress_top_k)
+    else:
+        student = load_arch(cfg.models.student, "models.student")
+    return _Inputs(teacher, student, read_deepspeed_config(cfg))
+
+
+def _elem_bytes(cfg: PaddConfig, cluster: Cluster) -> int:
+    """models.dtype auto = bf16 on GPU, fp32 on CPU (models/loading.py)."""
+    if cfg.models.dtype == "auto":
+        return 2 if cluster.device == "gpu" else 4
+    return 2 if cfg.models.dtype == "bfloat16" else 4
+
+
+def _ep(cfg: PaddConfig, ds: dict) -> int:
+    if cfg.deepspeed.expert_parallel_size is not None:
+        return cfg.deepspeed.expert_parallel_size
+    ep = ds.get("expert_parallel") or {}
+    return int(ep.get("autoep_size", 1)) if isinstance(ep, dict) and ep.get("enabled") else 1
+
+
+def min_shards(model_gb: float, device_gb: float) -> int:
+    """Fewest devices whose memory holds `model_gb` of weights split evenly (a lower bound:
+    a real shard also needs room to gather a layer and to compute)."""
+    return max(1, math.ceil(model_gb / device_gb - 1e-9))
+
+
+def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fixes: bool = True,
+              _inp: _Inputs | None = None) -> Plan:
+    inp = _inp or _inputs(cfg)
+    T, S = inp.teacher, inp.student
+    ds = inp.ds
+    world, gpn = cluster.world, cluster.gpus_per_node
+    colocated = cfg.topology.colocated
+    n_teacher = 0 if colocated else cfg.topology.teacher_ranks
+    n_student = world - n_teacher
+    ep = _ep(cfg, ds)
+    elem = _elem_bytes(cfg, cluster)
+    seq = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    mbs = cfg.train.micro_batch_size
+    tokens = mbs * seq  # per student rank per micro-step, right-padded to the longest sequence
+    checks: list[Check] = []
+    S_ranks = max(1, n_student)
+
+    # ---- layout ---------------------------------------------------------------------
+    parallel = cfg.teacher.parallel if n_teacher > 1 else "replicas"
+    layout = [f"{world} ranks: students {_span(range(0, max(0, n_student)), gpn)}, "
+              + ("teacher inside each student process (colocated)" if colocated
+                 else f"teacher {_span(range(max(0, n_student), world), gpn)}, teacher.parallel={parallel}")]
+    dp = n_student // ep if ep and n_student % ep == 0 else None
+    local_experts = S.experts // ep if S.is_moe and S.experts % ep == 0 else max(1, math.ceil(S.experts / max(1, ep)))
+    layout.append(f"student {S.name}: {_count(S.total_params())} params ({_count(S.active_params())} active)"
+                  + (f", {S.experts} experts top-{S.top_k}, EP {ep} -> {local_experts} local experts per rank"
+                     f"{f', DP {dp}' if dp else ''}" if S.is_moe else ""))
+    layout.append(f"teacher {T.name}: {_count(T.total_params())} params"
+                  + (f", ZeRO-3 over {n_teacher} ranks" if parallel == "zero3"
+                     else f", {max(1, n_teacher)} full replica{'s' if n_teacher > 1 else ''}" if not colocated else ""))
+
+    # ---- divisibility and layout checks --------------------------------------------
+    def check(ok: bool, good: str, bad: str, fatal: bool = True) -> None:
+        checks.append(Check(ok, good if ok else bad, fatal))
+
+    if not colocated:
+        check(n_student >= 1, f"{n_student} student ranks after topology.teacher_ranks={n_teacher}",
+              f"no GPU left for students: the {world} ranks all go to topology.teacher_ranks={n_teacher}")
+        if n_student >= 1:
+            check(n_teacher <= n_student, f"{n_teacher} teacher rank(s) for {n_student} students",
+                  f"topology.teacher_ranks={n_teacher} exceeds the {n_student} student ranks (each teacher rank "
+                  "must serve a student)")
+    if S.is_moe:
+        check(S.experts % ep == 0, f"{S.experts} experts divide over expert-parallel size {ep}",
+              f"{S.experts} experts do not divide over expert-parallel size {ep}")
+        if n_student >= 1:
+            check(n_student % ep == 0, f"{n_student} student ranks = {n_student // ep} data-parallel x {ep} expert-parallel",
+                  f"{n_student} student ranks do not divide into expert-parallel groups of {ep}")
+    if parallel == "replicas" and n_teacher > 1 and n_student >= 1:
+        check(n_student % n_teacher == 0, f"{n_student} students spread evenly over {n_teacher} teacher replicas",
+              f"{n_student} students do not spread evenly over {n_teacher} teacher replicas (some serve one more)",
+              fatal=False)
+    if parallel == "zero3" and n_student >= 1:
+        first_node, last_node = n_student // gpn, (world - 1) // gpn
+        check(first_node == last_node, f"the {n_teacher} ZeRO-3 teacher ranks share node {last_node}",
+              f"the {n_teacher} ZeRO-3 teacher ranks span nodes {first_node}-{last_node}; a sharded teacher's world "
+              f"meets on one node: use at most {gpn} teacher ranks, all on the last node")
+    for name, arch in (("models.teacher", T), ("models.student", S)):
+        if isinstance(arch.max_positions, int):
+            check(seq <= arch.max_positions, f"{name}: {seq}-token sequences within its {arch.max_positions} positions",
+                  f"{name}: data.max_prompt_tokens + data.max_response_tokens = {seq} exceeds its "
+                  f"max_position_embeddings {arch.max_positions}")
+    per_rank = mbs * cfg.train.grad_accum
+    if cfg.train.mode == "padd" and cfg.stage3.enabled:
+        check(per_rank % cfg.stage3.group_size == 0,
+              f"{per_rank} responses per rank and step = whole groups of G={cfg.stage3.group_size}",
+              f"train.micro_batch_size x train.grad_accum = {per_rank} responses per rank and step is not a "
+              f"multiple of stage3.group_size={cfg.stage3.group_size} (groups split across ranks)", fatal=False)
+
+    # ---- student memory ---------------------------------------------------------------
+    zero = ds.get("zero_optimization") or {}
+    stage = _ds_int(zero, "stage", 0)
+    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") if isinstance(zero.get("offload_optimizer"), dict) else "none"
+    off_par = (zero.get("offload_param") or {}).get("device", "none") if isinstance(zero.get("offload_param"), dict) else "none"
+    P = S.total_params()
+    P_expert = S.routed_expert_params()
+    P_replica = (P - P_expert) + P_expert / max(1, ep)  # what one rank holds unpartitioned: its local experts
+    opt_bytes = 12 if elem == 2 else 8  # bf16: fp32 master + Adam m, v; fp32: Adam m, v
+    student: list[Item] = []
+    cpu_offload_per_rank = 0.0
+    if stage >= 3:
+        param_part = P / S_ranks
+        if off_par in ("cpu", "nvme"):
+            student.append(Item(f"params: offloaded to {off_par} (ZeRO-3)", 0.0))
+        else:
+            student.append(Item(f"params {elem} B x {_count(P)} / {S_ranks} ranks (ZeRO-3)", elem * param_part / GB))
+        if off_opt in ("cpu", "nvme"):
+            student.append(Item(f"grads + optimizer: offloaded to {off_opt}", 0.0))
+        else:
+            student.append(Item(f"grads + Adam state {elem + opt_bytes} B x params / {S_ranks} ranks",
+                                (elem + opt_bytes) * param_part / GB))
+        cpu_offload_per_rank = ((4 + opt_bytes) * param_part if off_opt == "cpu" else 0) + \
+                               (elem * param_part if off_par == "cpu" else 0)
+        largest = S.largest_module_params(local_experts)
+        prefetch = _ds_int(zero, "stage3_prefetch_bucket_size", 50_000_000)
+        student.append(Item(f"gathered params + grads (2 x {_count(largest)} module) + prefetch",
+                            (2 * largest + min(prefetch, P_replica)) * elem / GB))
+    else:
+        student.append(Item(f"params {elem} B x {_count(P_replica)} (local experts only; ZeRO-{stage})",
+                            elem * P_replica / GB))
+        grads_part = P / S_ranks if stage >= 2 else P_replica
+        opt_part = P / S_ranks if stage >= 1 else P_replica
+        if off_opt in ("cpu", "nvme"):
+            student.append(Item(f"grads + optimizer: offloaded to {off_opt}", 0.0))
+            cpu_offload_per_rank = (4 + opt_bytes) * P / S_ranks if off_opt == "cpu" else 0
+        else:
+            student.append(Item(f"grads ({'partitioned' if stage >= 2 else 'replicated'}) + Adam state "
+                                f"({'partitioned' if stage >= 1 else 'replicated'})",
+                                (elem * grads_part + opt_bytes * opt_part) / GB))
+        bucket = _ds_int(zero, "reduce_bucket_size", 500_000_000) + _ds_int(zero, "allgather_bucket_size", 500_000_000)
+        student.append(Item("reduce + allgather buckets", bucket * elem / GB))
+    act = tokens * S.train_activation_bytes_per_token(elem)
+    student.append(Item(f"activations ({mbs} x {seq} tokens, no checkpointing)", act / GB))
+    # Logits: the model's own (elem bytes), then fp32: the KD loss's log-softmax, the LM
+    # loss's masked copy and its log-softmax, and one fp32 gradient in backward.
+    logits = tokens * S.vocab * (elem + 16)
+    student.append(Item(f"logits + loss ({mbs} x {seq} x vocab {S.vocab}, {elem + 16} B each)", logits / GB))
+    train_peak = sum(it.gb for it in student)
+    student_peak = train_peak
+    if cfg.train.mode == "padd":
+        # Rollouts (G responses per prompt, micro-batch at a time) are not live during the
+        # update; they replace activations and logits with a KV cache.
+        kv = tokens * S.kv_cache_bytes_per_token(elem) / GB
+        rollout_peak = train_peak - act / GB - logits / GB + kv
+        student.append(Item(f"(rollouts instead of activations: KV cache {mbs} x {seq} tokens)", kv))
+        student_peak = max(train_peak, rollout_peak)
+
+    # ---- teacher memory ---------------------------------------------------------------
+    teacher: list[Item] = []
+    PT = T.total_params()
+    if parallel == "zero3":
+        share = math.ceil(mbs / max(1, n_teacher))  # each rank scores a slice of the request
+        teacher.append(Item(f"weights {elem} B x {_count(PT)} / {n_teacher} ranks (ZeRO-3)", elem * PT / n_teacher / GB))
+        largest_t = T.largest_module_params(T.experts)
+        # DeepSpeed's default prefetch bucket (teacher/sharded.py sets none).
+        teacher.append(Item(f"gathered weights (2 x {_count(largest_t)} module) + prefetch",
+                            (2 * largest_t + min(50_000_000, PT)) * elem / GB))
+    else:
+        share = mbs
+        teacher.append(Item(f"weights {elem} B x {_count(PT)} (full replica)", elem * PT / GB))
+    t_tokens = share * seq
+    teacher.append(Item(f"KV cache while scoring ({share} x {seq} tokens)", t_tokens * T.kv_cache_bytes_per_token(elem) / GB))
+    teacher.append(Item("layer temporaries (FFN widths, q/k/v)", t_tokens * T.inference_transient_bytes_per_token(elem) / GB))
+    # Full-vocabulary logits, then their fp32 copy before compression (teacher/service.py).
+    teacher.append(Item(f"logits ({share} x {seq} x vocab {T.vocab}, {elem} B + fp32 copy)",
+                        t_tokens * T.vocab * (elem + 4) / GB))
+    teacher_peak = sum(it.gb for it in teacher)
+    if colocated:
+        student.append(Item("colocated teacher (everything above under 'teacher')", teacher_peak))
+        student_peak += teacher_peak
+        teacher, teacher_peak = [], 0.0
+    if n_student < 1:
+        student, student_peak = [], 0.0
+    if n_teacher < 1:
+        teacher, teacher_peak = [], 0.0
+
+    # ---- host RAM at load (every rank loads its full model on the CPU first) -----------
+    load_student = P * elem + (PT * elem if colocated else 0)
+    load_teacher = PT * elem
+    host: list[str] = []
+    per_node_student = min(gpn, max(0, n_student)) * (load_student + cpu_offload_per_rank)
+    per_node_teacher = min(gpn, n_teacher) * load_teacher
+    host_need = max(per_node_student, per_node_teacher) / GB
+    if cluster.device == "cpu":
+        # One pool: a process's share of RAM holds its load-time copy and its training state.
+        student_peak = max(student_peak, load_student / GB) if student else student_peak
+        teacher_peak = max(teacher_peak, load_teacher / GB) if teacher else teacher_peak
+        host.append(f"device = host RAM: each rank's load-time copy counted in its peak "
+                    f"(student {load_student / GB:.2f} GB, teacher {load_teacher / GB:.2f} GB)")
+    else:
+        host.append(f"RAM per node while loading (each rank reads its full model on the CPU): "
+                    f"{host_need:.0f} GB" + (f" incl. {cpu_offload_per_rank * min(gpn, n_student) / GB:.0f} GB offload"
+                                              if cpu_offload_per_rank else ""))
+        if cluster.host_memory_gb is not None:
+            check(host_need <= 0.9 * cluster.host_memory_gb,
+                  f"host RAM {host_need:.0f} GB per node within 90% of {cluster.host_memory_gb:g} GB",
+                  f"loading needs {host_need:.0f} GB of RAM per node, more than 90% of {cluster.host_memory_gb:g} GB")
+        else:
+            host.append("node RAM not given (--host-mem-gb): not checked")
+
+    usable = cluster.usable_gb
+    where = "GPU" if cluster.device == "gpu" else "process"
+    if student:
+        check(student_peak <= usable, f"student peak {student_peak:.1f} GB within {usable:.1f} GB usable",
+              f"student needs {student_peak:.1f} GB per {where}, {usable:.1f} GB usable")
+    if teacher:
+        weights = elem * PT / GB
+        shard_hint = ("" if parallel == "zero3" or weights <= usable else
+                      f" (its weights alone are {weights:.0f} GB: shard it with teacher.parallel=zero3 over at least "
+                      f"{min_shards(weights, usable)} ranks)")
+        check(teacher_peak <= usable, f"teacher peak {teacher_peak:.1f} GB within {usable:.1f} GB usable",
+              f"teacher needs {teacher_peak:.1f} GB per {where}, {usable:.1f} GB usable{shard_hint}")
+
+    # ---- speed ------------------------------------------------------------------------
+    speed: list[str] = []
+    if cluster.peak_tflops and n_student >= 1:
+        rate = cluster.peak_tflops * 1e12 * cluster.mfu
+        ctx = seq / 2  # causal attention: a token sees half the sequence on average
+        passes = 3 + (1 if cfg.train.mode == "padd" else 0)  # fwd + bwd (2x) [+ rollout forward]
+        s_flops = passes * S.forward_flops_per_token(ctx)
+        t_flops = T.forward_flops_per_token(ctx)
+        student_tps = n_student * rate / s_flops
+        busy = (mbs / math.ceil(mbs / n_teacher)) if parallel == "zero3" else max(1, n_teacher)
+        teacher_tps = (busy if not colocated else n_student) * rate / t_flops
+        if colocated:  # the same devices do both
+            both = 1 / (1 / student_tps + 1 / teacher_tps)
+            student_tps = teacher_tps = both
+        step_tokens = n_student * tokens * cfg.train.grad_accum
+        tps = min(student_tps, teacher_tps)
+        speed.append(f"at MFU {cluster.mfu:.2f} of {cluster.peak_tflops:g} TFLOPs: student {student_tps:,.0f} tok/s "
+                     f"({s_flops / 1e9:.1f} GFLOP/token over {passes} passes), teacher {teacher_tps:,.0f} tok/s "
+                     f"({t_flops / 1e9:.1f} GFLOP/token" + (f", {busy:g} of {n_teacher} ranks busy per request"
+                                                             if parallel == "zero3" else "") + ")")
+        bound = "teacher" if teacher_tps < student_tps else "student"
+        speed.append(f"{bound}-bound: ~{tps:,.0f} tok/s, {step_tokens:,} tokens per step -> ~{step_tokens / tps:.1f} s/step"
+                     + (f"; the sharded teacher splits each request's {mbs} sequence(s) over {n_teacher} ranks, "
+                        f"so raise train.micro_batch_size or add teacher ranks" if bound == "teacher" and parallel == "zero3"
+                        and busy < n_teacher else ""))
+    elif n_student >= 1:
+        speed.append("not estimated (no peak TFLOPs for this device; pass --gpu-tflops)")
+
+    plan = Plan(recipe or "(defaults)", cluster, layout, student, teacher, checks, speed, host,
+                student_peak, teacher_peak, host_need)
+    if search_fixes and not plan.fits:
+        plan.fixes = find_fixes(cfg, cluster, inp)
+    return plan
+
+
+# --------------------------------------------------------------------------------------
+# Fixes: single changes that make a failing plan fit
+# --------------------------------------------------------------------------------------
+
+
+def _with(cfg: PaddConfig, changes: Mapping[str, Any]) -> PaddConfig:
+    new = copy.deepcopy(cfg)
+    for dotted, value in changes.items():
+        section, name = dotted.split(".")
+        setattr(getattr(new, section), name, value)
+    return new
+
+
+def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
+    """Single changes that make a failing plan fit, each checked by planning it again."""
+    fixes: list[Fix] = []
+
+    def attempt(fix: Fix, inputs: _Inputs = inp) -> bool:
+        c, cl = fix.apply(cfg, cluster)
+        p = make_plan(c, cl, search_fixes=False, _inp=inputs)
+        if p.fits:
+            fix.why = f"peak {p.peak_gb:.1f} GB" + (f"; {fix.why}".format(host=p.host_gb) if fix.why else "")
+            fixes.append(fix)
+        return p.fits
+
+    # More nodes of the same kind (the smallest count that fits).
+    if cluster.world_size is None:
+        any(attempt(Fix("", nodes=n)) for n in range(cluster.nodes + 1, 4 * max(2 * cluster.nodes, cluster.nodes + 8)))
+    # Another teacher/student split: the fitting one nearest to the recipe's.
+    if not cfg.topology.colocated:
+        options = [(abs(t - cfg.topology.teacher_ranks), par != cfg.teacher.parallel, t, par)
+                   for t in range(1, cluster.world) for par in ("replicas", "zero3")
+                   if (t, par) != (cfg.topology.teacher_ranks, cfg.teacher.parallel)]
+        for *_, t, par in sorted(options):
+            change = {"topology.teacher_ranks": t}
+            if par != cfg.teacher.parallel:
+                change["teacher.parallel"] = par
+            if attempt(Fix("", change)):
+                break
+    # A smaller micro-batch; more accumulation keeps the global batch.
+    mbs, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
+    any(attempt(Fix("", {"train.micro_batch_size": m, "train.grad_accum": math.ceil(mbs * ga / m)}))
+        for m in range(mbs - 1, 0, -1))
+    # Another expert-parallel size, nearest first.
+    if inp.student.is_moe:
+        ep_now = _ep(cfg, inp.ds)
+        sizes = sorted((d for d in range(1, inp.student.experts + 1) if inp.student.experts % d == 0 and d != ep_now),
+                       key=lambda d: abs(d - ep_now))
+        any(attempt(Fix("", {"deepspeed.expert_parallel_size": e})) for e in sizes)
+    # ZeRO-3 with CPU offload (host RAM permitting).
+    offload = REPO_ROOT / "ds_configs" / "zero3_offload.json"
+    if offload.is_file() and not (inp.ds.get("zero_optimization") or {}).get("offload_optimizer"):
+        import json
+
+        attempt(Fix("needs {host:.0f} GB RAM per node", deepspeed="ds_configs/zero3_offload.json"),
+                dataclasses.replace(inp, ds=json.loads(offload.read_text())))
+    # Shorter responses (multiples of 256 tokens).
+    resp = cfg.data.max_response_tokens
+    any(attempt(Fix("", {"data.max_response_tokens": r})) for r in range((resp - 1) // 256 * 256, 0, -256))
+    return fixes
+
+
+# --------------------------------------------------------------------------------------
+# Where am I? The cluster shape from a launch (train.py) or from SLURM (the sbatch scripts)
+# --------------------------------------------------------------------------------------
+
+
+def host_memory_gb() -> float | None:
+    """Physical RAM of this host (MemTotal, not MemAvailable: a verdict must not depend on
+    what else happens to run at the moment)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_cluster(world_size: int, ranks_per_node: int, local_rank: int = 0) -> Cluster | None:
+    """The cluster as one rank sees it: CUDA device memory, else host RAM / ranks on this
+    node. None when neither can be read (the caller skips planning, saying so)."""
+    nodes = math.ceil(world_size / ranks_per_node)
+    world = None if world_size == nodes * ranks_per_node else world_size
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count())
+            return Cluster(nodes, ranks_per_node, props.total_memory / GB, "gpu", world, host_memory_gb(),
+                           peak_tflops=None)
+    except ImportError:
+        pass
+    host = host_memory_gb()
+    if host is None:
+        return None
+    return Cluster(nodes, ranks_per_node, host / ranks_per_node, "cpu", world, host, peak_tflops=None)
+
+
+def plan_for_launch(cfg: PaddConfig, env) -> Plan | None:
+    """train.py's check: plan this launch (a `LaunchEnv`) on the device it runs on."""
+    cluster = device_cluster(env.world_size, env.local_size, env.local_rank)
+    return None if cluster is None else make_plan(cfg, cluster)
+
+
+def slurm_shape(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(nodes, ranks per node, world size) of a SLURM allocation, from its variables."""
+    from padd_ds.launch.roles import expand_tasks_per_node
+
+    env = os.environ if environ is None else environ
+    if "SLURM_NTASKS" not in env:
+        raise ConfigError("not inside a SLURM allocation (SLURM_NTASKS is not set); pass --nodes and --gpus-per-node")
+    world = int(env["SLURM_NTASKS"])
+    spec = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or str(world)
+    counts = expand_tasks_per_node(spec)
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(counts))
+    return nodes, max(counts), world
+
+
+def resolve_cluster(nodes: int, gpus_per_node: int, world_size: int | None = None, gpu_memory_gb: float | None = None,
+                    host_memory_gb: float | None = None, peak_tflops: float | None = None,
+                    mfu: float | None = None) -> Cluster:
+    """A cluster from command-line facts; without --gpu-mem-gb the device this command runs
+    on is measured (a GPU node's CUDA memory, else this host's RAM shared by its ranks)."""
+    world = world_size if world_size is not None and world_size != nodes * gpus_per_node else None
+    if gpu_memory_gb is not None:
+        cluster = Cluster(nodes, gpus_per_node, gpu_memory_gb, "gpu", world, host_memory_gb)
+    else:
+        detected = device_cluster(world_size or nodes * gpus_per_node, gpus_per_node)
+        if detected is None:
+            raise ConfigError("cannot measure this host's memory; pass --gpu-mem-gb")
+        cluster = dataclasses.replace(detected, nodes=nodes, world_size=world,
+                                      host_memory_gb=host_memory_gb or detected.host_memory_gb,
+                                      peak_tflops=DEFAULT_PEAK_TFLOPS if detected.device == "gpu" else None)
+    if peak_tflops is not None:
+        cluster = dataclasses.replace(cluster, peak_tflops=peak_tflops)
+    if mfu is not None:
+        if not 0 < mfu <= 1:
+            raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+        cluster = dataclasses.replace(cluster, mfu=mfu)
+    return cluster
