@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from padd_ds.report.metrics import MetricsLogger, read_jsonl, wandb_mode
 from padd_ds.report.report import verdict, write_run_report
 
@@ -34,7 +34,8 @@ def toy_run(toy_world, tmp_path_factory):
            "--set", "logging.wandb_mode=auto", "--set", "topology.colocated=true",
            "--set", "deepspeed.expert_parallel_size=1", "--set", f"run.output_dir={out}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-                       env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+                       env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+                            "MASTER_PORT": str(free_port())})  # not the default 29500 another run may hold
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     assert "W&B disabled" not in p.stdout + p.stderr
     problems = load_problems("math500", limit=16)
