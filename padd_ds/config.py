@@ -877,6 +877,52 @@ def _check_data_source(cfg: PaddConfig, repo_root: str | Path | None) -> None:
         raise ConfigError(f"data.source: file '{src}' does not exist; use toy, gsm8k, an existing file or a hub name")
 
 
+def _tokenizer_ids(path: str | Path) -> dict[int, str] | None:
+    """id -> token of a fast tokenizer's tokenizer.json (model vocabulary plus added
+    tokens), or None when the directory has none."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"'{file}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    # BPE/WordPiece/WordLevel: {token: id}; Unigram: [[piece, score], ...] in id order.
+    ids = {i: p[0] for i, p in enumerate(vocab)} if isinstance(vocab, list) else {i: t for t, i in vocab.items()}
+    ids.update({t["id"]: t["content"] for t in data.get("added_tokens") or []})
+    return ids or None
+
+
+def _check_padded_vocab(tokenizer: str, student: str, tv: int, sv: int) -> None:
+    """Teacher and student embedding tables may differ in size when the difference is only
+    padding (Qwen2.5 pads to 152064 rows, Qwen3 to 151936, both over one tokenizer): every
+    id the shared tokenizer produces must exist in both tables, and a student that ships its
+    own tokenizer must map those ids to the same tokens. Rows beyond the tokenizer are never
+    produced by it; the teacher's such rows are padding the student can never be asked for."""
+    ids = _tokenizer_ids(tokenizer)
+    _require(
+        ids is not None,
+        f"models.student: vocab_size {sv} differs from the teacher's {tv} and '{tokenizer}' has no tokenizer.json "
+        "to show the extra rows are only padding; point models.tokenizer at the shared tokenizer's directory",
+    )
+    n, smaller = max(ids) + 1, min(tv, sv)
+    _require(
+        n <= smaller,
+        f"models.student: vocab_size {sv} differs from the teacher's {tv}, and the tokenizer in '{tokenizer}' "
+        f"produces ids up to {n - 1}, beyond the {smaller} rows of the "
+        f"{'student' if sv < tv else 'teacher'}; teacher and student need one tokenizer family",
+    )
+    own = _tokenizer_ids(student) if Path(student).resolve() != Path(tokenizer).resolve() else None
+    if own is not None:
+        bad = next(((i, t) for i, t in sorted(ids.items()) if own.get(i) != t), None)
+        _require(
+            bad is None,
+            f"models.student: its tokenizer maps id {bad and bad[0]} to {bad and own.get(bad[0])!r}, the shared "
+            f"tokenizer to {bad and bad[1]!r}; teacher and student need one tokenizer family (same ids, same tokens)",
+        )
+
+
 def _check_models(cfg: PaddConfig, ep: int, repo_root: str | Path | None) -> None:
     m = cfg.models
     teacher = resolve_model_path(m.teacher, repo_root, field_name="models.teacher")
@@ -897,11 +943,9 @@ def _check_models(cfg: PaddConfig, ep: int, repo_root: str | Path | None) -> Non
 
     if t_conf is not None and s_conf is not None:
         tv, sv = _model_field(t_conf, "vocab_size"), _model_field(s_conf, "vocab_size")
-        _require(
-            tv == sv,
-            f"models.student: vocab_size {sv} differs from the teacher's {tv}; "
-            "teacher and student must share a tokenizer and vocabulary",
-        )
+        if tv != sv:
+            tok = teacher if m.tokenizer is None else resolve_model_path(m.tokenizer, repo_root, field_name="models.tokenizer", need_config=False)
+            _check_padded_vocab(tok, student, tv, sv)
 
     if student is None:
         shape = (cfg.stage1.decompress_experts, cfg.stage1.decompress_top_k)
