@@ -22,3 +22,23 @@ def test_padd_router_in_a_zero3_autoep_engine():
     assert r["layer_top_k"] == [2, 2] and r["layer_top_k_after"] == [2, 2]
     assert r["learned_again_vs_hf"] < 1e-5
     assert r["bias_forces_expert0"]
+
+
+def test_router_gradients_on_two_ranks_equal_one_process(tmp_path):
+    """ZeRO-3 + AutoEP over 2 ranks (experts split, tokens exchanged) gives the PADD router the
+    same gradient as one process holding the whole batch."""
+    script = str(REPO / "tests" / "_router_grad.py")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    run_cmd([sys.executable, script, str(one)], timeout=240, env=env)
+    run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+             script, str(two)], timeout=240)
+    g1, g2 = json.loads(one.read_text()), json.loads(two.read_text())
+    import torch
+
+    assert len(g1) == len(g2) == 2
+    for a, b in zip(g1, g2):
+        a, b = torch.tensor(a), torch.tensor(b)
+        assert a.abs().max() > 1e-4  # the loss really reaches the router
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
