@@ -123,7 +123,7 @@ def test_report_input_errors(tmp_path):
         write_run_report(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5}\n{"step": 3, "tr')
     report = write_run_report(tmp_path)  # a torn last line (killed run) is skipped
-    assert "2 logged steps" in report.read_text() and (tmp_path / "figures" / "training.png").is_file()
+    assert "2 logged rows" in report.read_text() and (tmp_path / "figures" / "training.png").is_file()
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         write_run_report(tmp_path)

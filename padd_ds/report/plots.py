@@ -53,7 +53,7 @@ def numeric_series(rows: list[dict], prefixes: tuple[str, ...]) -> dict[str, tup
 
 
 def plot_curves(rows: list[dict], prefixes: tuple[str, ...], path: str | Path, title: str,
-                max_panels: int = 12) -> Path | None:
+                max_panels: int = 16) -> Path | None:
     """One panel per metric (name starting with one of ``prefixes``) against the step."""
     series = numeric_series(rows, prefixes)
     if not series:

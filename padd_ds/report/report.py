@@ -19,10 +19,11 @@ from padd_ds.report import plots
 from padd_ds.report.metrics import read_jsonl
 
 # Namespaces plotted as "reward / accuracy over training" rather than as training losses.
-REWARD_ACCURACY_PREFIXES = ("train/reward", "eval/")
+REWARD_ACCURACY_PREFIXES = ("train/reward", "train/accuracy", "eval/")
 TRAINING_PREFIXES = ("train/", "teacher/")
-ROUTING_CURVE_PREFIXES = ("routing/load_cv", "routing/load_entropy", "routing/max_over_mean", "routing/nmi",
-                          "routing/drift_")
+STAGE1_PREFIXES = ("stage1/",)
+# Layer-averaged routing scalars (per-layer `routing/layerN/...` would crowd the figure).
+ROUTING_CURVE_PREFIXES = ("routing/load_", "routing/drift_", "routing/nmi", "routing/bias", "routing/max_over_mean")
 
 
 def verdict(teacher: dict | None, student: dict | None) -> str:
@@ -34,7 +35,8 @@ def verdict(teacher: dict | None, student: dict | None) -> str:
     nt, ns = int(teacher.get("n") or 0), int(student.get("n") or 0)
     if s >= t:
         return (f"**Yes.** The trained student matched its teacher: accuracy {s:.3f} (n={ns}) vs the "
-                f"teacher's {t:.3f} (n={nt}).")
+                f"teacher's {t:.3f} (n={nt})." + (" Both are 0, so this says nothing about the distillation."
+                                                   if t == 0 else ""))
     se = math.sqrt(t * (1 - t) / max(nt, 1) + s * (1 - s) / max(ns, 1))
     gap = t - s
     if gap <= 2 * se:
@@ -96,6 +98,7 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
                                              "Reward and accuracy over training"),
         "routing_curves": plots.plot_curves(curve_rows, ROUTING_CURVE_PREFIXES, fig_dir / "routing_curves.png",
                                             "Routing over training"),
+        "stage1": plots.plot_curves(curve_rows, STAGE1_PREFIXES, fig_dir / "stage1.png", "Stage I warmup"),
     }
     if routing is not None:
         figures["load_heatmap"] = plots.plot_load_heatmaps(routing, fig_dir / "load_heatmap.png")
@@ -127,17 +130,17 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
         md += ["![held-out accuracy](figures/accuracy.png)", ""]
 
     md += ["## Training", ""]
-    last = rows[-1] if rows else (history[-1] if history else None)
-    first = rows[0] if rows else (history[0] if history else None)
-    if last:
-        keys = [k for k in last if k.startswith(TRAINING_PREFIXES + REWARD_ACCURACY_PREFIXES)
-                and isinstance(last[k], (int, float))]
-        md += [f"{len(rows or history)} logged steps, last at step {last.get('step')}.", "",
-               "| metric | first | last |", "|---|---|---|"]
-        md += [f"| {k} | {_fmt(first.get(k))} | {_fmt(last[k])} |" for k in sorted(keys)]
+    logged = rows or history
+    series = plots.numeric_series(logged, TRAINING_PREFIXES + REWARD_ACCURACY_PREFIXES + ROUTING_CURVE_PREFIXES
+                                  + STAGE1_PREFIXES)
+    if logged:
+        md += [f"{len(logged)} logged rows, the last at step {logged[-1].get('step')}.", ""]
+    if series:
+        md += ["| metric | first (step) | last (step) |", "|---|---|---|"]
+        md += [f"| {k} | {_fmt(ys[0])} ({xs[0]}) | {_fmt(ys[-1])} ({xs[-1]}) |" for k, (xs, ys) in sorted(series.items())]
         md += [""]
-    for key, caption in (("training", "training curves"), ("reward_accuracy", "reward and accuracy"),
-                         ("routing_curves", "routing metrics over training")):
+    for key, caption in (("stage1", "Stage I warmup"), ("training", "training curves"),
+                         ("reward_accuracy", "reward and accuracy"), ("routing_curves", "routing metrics over training")):
         if key in figures:
             md += [f"![{caption}](figures/{figures[key].name})", ""]
     if "export_max_abs_logit_diff" in results:
