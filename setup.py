@@ -11,7 +11,7 @@ setup(
     description="PADD: distill a dense teacher into a Mixture-of-Experts student with DeepSpeed ZeRO-3 + AutoEP",
     packages=find_packages(include=["padd_ds", "padd_ds.*"]),
     python_requires=">=3.10",
-    install_requires=[r for r in reqs if not r.startswith(("pytest",))],
-    extras_require={"test": [r for r in reqs if r.startswith("pytest")]},
+    install_requires=[r for r in reqs if not r.startswith(("pytest", "shellcheck"))],
+    extras_require={"test": [r for r in reqs if r.startswith(("pytest", "shellcheck"))]},
     entry_points={"console_scripts": ["padd=padd_ds.cli:main"]},
 )
