@@ -88,11 +88,13 @@ def _fit_layout(name: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tens
 
 
 def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float32,
-                  metadata: dict | None = None) -> Path | None:
+                  metadata: dict | None = None, router_weights: list[torch.Tensor] | None = None) -> Path | None:
     """Write the engine's model as an HF checkpoint at `out_dir` (collective; rank 0 writes).
 
-    Returns the directory on rank 0, None elsewhere. The write goes to a temp dir that is
-    renamed at the end, so a crash never leaves a checkpoint that looks complete.
+    `router_weights` (one [N, H] per MoE layer, e.g. from `fold_router_bias`) replace the
+    routers' gate weights in the checkpoint. Returns the directory on rank 0, None elsewhere.
+    The write goes to a temp dir that is renamed at the end, so a crash never leaves a
+    checkpoint that looks complete.
     """
     import deepspeed.comm as dist
     from safetensors.torch import save_file
@@ -120,10 +122,16 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
             weight_map.update({k: fname for k in shard})
             shard, shard_bytes = {}, 0
 
+    router_names = [n for n, _ in module.named_parameters() if _ROUTER.match(n) and n.endswith(".weight")]
+    if router_weights is not None and len(router_weights) != len(router_names):
+        raise ValueError(f"export: {len(router_weights)} router weights for {len(router_names)} MoE layers")
+    replace = dict(zip(router_names, router_weights or []))
     for name, p in module.named_parameters():
         t = _gather_full(engine, name, p)
         if rank != 0:
             continue
+        if name in replace:
+            t = replace[name].to(t)
         for hf_name, ht in hf_name_and_tensor(name, t, pending):
             if hf_name not in expected:
                 raise ValueError(f"export: engine parameter {name} maps to '{hf_name}', which the "
@@ -169,3 +177,111 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     os.replace(tmp, out_dir)
     dist.barrier()
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------
+# Stage IV bias: fold it into the router when the architecture has no slot for it
+# ----------------------------------------------------------------------------------------
+
+def fold_router_bias(engine, batches: list, max_tokens: int = 4096, iters: int = 100
+                     ) -> tuple[list[torch.Tensor] | None, list]:
+    """Router weights W' whose plain top-k reproduces the engine's biased choice, or None
+    when every bias is zero (the checkpoint is then exact as it is).
+
+    Qwen3-MoE and Mixtral routers have no bias slot: they pick top-k of softmax(W x), while
+    the engine picks top-k of p + b with p = softmax(W x). The fold fits W' (starting from W)
+    so that softmax(W' x) matches the biased distribution q = (p + b)+ / sum on held-out
+    router inputs: min_W' sum_tokens KL(q || softmax(W' x)), a convex softmax regression
+    solved with L-BFGS. KL weights each expert by q, so the fit is most accurate where
+    selection happens (the top of q) and ignores the order of experts nobody picks. Its
+    quality is measured by the caller as routing fidelity (same top-k set per token and
+    layer). Collective: every student rank passes its own `batches` (TokenBatch list); the
+    loss and gradients are summed over ranks, so every rank ends with the same W'. Returns
+    (weights, the engine's choices on this rank's batches [batch][layer] -> [T, k]).
+    """
+    import deepspeed.comm as dist
+
+    from padd_ds.models.router import keep_router_inputs, router_inputs, router_scores, router_selected
+    from padd_ds.models.router import router_weights, routers, set_routing
+
+    rs = routers(engine.module)
+    biases = torch.stack([r.padd_bias.detach().float().cpu() for r in rs])
+    xs: list[list[torch.Tensor]] = [[] for _ in rs]
+    qs: list[list[torch.Tensor]] = [[] for _ in rs]
+    chosen = []
+    was_training = engine.module.training
+    engine.eval()
+    set_routing(engine.module, "learned", record=True)
+    keep_router_inputs(engine.module, True)
+    with torch.no_grad():
+        for b in batches:
+            engine(input_ids=b.ids, attention_mask=b.attention_mask)
+            valid = b.attention_mask.bool().reshape(-1)
+            for l, (x, p) in enumerate(zip(router_inputs(engine.module), router_scores(engine.module))):
+                q = (p.float() + biases[l]).clamp(min=1e-6)
+                xs[l].append(x[valid].float())
+                qs[l].append((q / q.sum(-1, keepdim=True))[valid])
+            chosen.append([s.clone() for s in router_selected(engine.module)])
+    keep_router_inputs(engine.module, False)
+    set_routing(engine.module, "learned", record=False)
+    engine.train(was_training)
+    current = router_weights(engine.module)
+    if not bool((biases != 0).any()):
+        return None, chosen
+
+    folded = []
+    for l in range(len(rs)):
+        x, q = torch.cat(xs[l])[:max_tokens], torch.cat(qs[l])[:max_tokens]
+        n_tok = torch.tensor([float(x.shape[0])], dtype=torch.float64)
+        dist.all_reduce(n_tok)
+        w = current[l].clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([w], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-9, tolerance_change=1e-12)
+
+        def closure():
+            opt.zero_grad()
+            logp = torch.log_softmax(x @ w.T, dim=-1)
+            loss = -(q * logp).sum() / float(n_tok)
+            loss.backward()
+            packed = torch.cat([loss.detach().reshape(1), w.grad.reshape(-1)]).double()
+            dist.all_reduce(packed)  # every rank sees the global loss and gradient
+            w.grad.copy_(packed[1:].view_as(w.grad).to(w.grad.dtype))
+            return packed[0].to(loss.dtype)
+
+        opt.step(closure)
+        folded.append(w.detach().clone())
+    return folded, chosen
+
+
+@torch.no_grad()
+def engine_routes(engine, batches: list) -> list[list[torch.Tensor]]:
+    """The engine's chosen experts [batch][layer] -> [T, k] on this rank's `batches` (collective)."""
+    from padd_ds.models.router import router_selected, set_routing
+
+    was_training = engine.module.training
+    engine.eval()
+    set_routing(engine.module, "learned", record=True)
+    out = []
+    for b in batches:
+        engine(input_ids=b.ids, attention_mask=b.attention_mask)
+        out.append([s.clone() for s in router_selected(engine.module)])
+    set_routing(engine.module, "learned", record=False)
+    engine.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def routing_fidelity(hf_model, batches: list, engine_choices: list) -> float:
+    """Fraction of (token, MoE layer) pairs whose top-k expert set in `hf_model` equals the
+    engine's (`engine_choices` from `fold_router_bias`, on the same batches)."""
+    same = total = 0
+    k = None
+    for b, chosen in zip(batches, engine_choices):
+        out = hf_model(input_ids=b.ids, attention_mask=b.attention_mask, output_router_logits=True)
+        valid = b.attention_mask.bool().reshape(-1)
+        for logits, eng in zip(out.router_logits, chosen):
+            k = eng.shape[1]
+            mine = logits.float().topk(k, dim=-1).indices
+            same += int((mine.sort(-1).values == eng.sort(-1).values).all(-1)[valid].sum())
+            total += int(valid.sum())
+    return same / max(total, 1)

@@ -26,13 +26,48 @@ What it adds over DeepSpeed's router:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 
 from deepspeed.moe.ep_count import count_tokens_per_expert
 from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+
+class RouterFit:
+    """Least-squares router weights from per-token targets: accumulate X^T X and X^T Z over
+    batches (and ranks), solve (X^T X + ridge) W^T = X^T Z per layer. Used by the Stage I
+    centroid projection and by the export's bias fold."""
+
+    def __init__(self, num_layers: int, hidden: int, num_experts: int, ridge: float = 1e-3):
+        self.xtx = torch.zeros(num_layers, hidden, hidden, dtype=torch.float64)
+        self.xtz = torch.zeros(num_layers, hidden, num_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(num_layers, dtype=torch.float64)
+        self.ridge = ridge
+
+    def add(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> None:
+        if x.shape[0] != z.shape[0]:
+            raise ValueError(f"router fit: {x.shape[0]} student tokens vs {z.shape[0]} teacher tokens")
+        x, z = x.detach().double(), z.detach().double()
+        self.xtx[layer] += x.T @ x
+        self.xtz[layer] += x.T @ z
+        self.tokens[layer] += x.shape[0]
+
+    def solve(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+        """Router weights [N, H] per layer; `all_reduce` sums the statistics over student ranks
+        first, so every rank gets the same weights."""
+        if all_reduce is not None:
+            for t in (self.xtx, self.xtz, self.tokens):
+                all_reduce(t)
+        out = []
+        for l in range(self.xtx.shape[0]):
+            if self.tokens[l] < 1:
+                raise RuntimeError(f"router fit: no D_A tokens reached MoE layer {l}")
+            a = self.xtx[l]
+            a = a + self.ridge * a.diagonal().mean().clamp(min=1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
+            out.append(torch.linalg.solve(a, self.xtz[l]).T.float().contiguous())  # [N, H]
+        return out
+
 
 RoutingMode = Literal["learned", "uniform_all", "uniform_random_topk"]
 MODES = ("learned", "uniform_all", "uniform_random_topk")

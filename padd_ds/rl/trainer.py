@@ -27,7 +27,7 @@ from padd_ds.data.math import load_heldout_problems, load_train_problems
 from padd_ds.data.splits import split_pool
 from padd_ds.eval.evaluate import evaluate_problems
 from padd_ds.launch.world import World
-from padd_ds.models.export import export_engine
+from padd_ds.models.export import engine_routes, export_engine, fold_router_bias, routing_fidelity
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.rl import checkpoint as ckpt
@@ -338,10 +338,21 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     history = loop(cfg, world, engine, teacher, tok, encode, parts["C"], logger, ckpt_dir, state)
     teacher.close()
 
+    # Export. A Stage IV bias has no slot in Qwen3-MoE/Mixtral routers: fold it into the router
+    # weights (fitted on held-out D_D tokens) and measure how often the exported model still
+    # picks the engine's experts.
+    held = BatchPlan(len(parts["D"]), cfg.train.micro_batch_size, num_students, 1, cfg.run.seed + 29)
+    held_batches = [encode([parts["D"][j] for j in held.indices(i, 0, rank)])
+                    for i in range(min(8, held.batches_per_epoch))]
+    fit_batches, fidelity_batches = held_batches[0::2], held_batches[1::2]  # fidelity on tokens the fold never saw
+    folded, _ = fold_router_bias(engine, fit_batches)
+    engine_choices = engine_routes(engine, fidelity_batches)
     export_dir = run_dir / "hf"
-    export_engine(engine, export_dir, tokenizer=tok,
+    export_engine(engine, export_dir, tokenizer=tok, router_weights=folded,
                   metadata={"source": "padd-ds", "mode": cfg.train.mode, "steps": cfg.train.steps,
-                            "teacher": cfg.models.teacher, "student": cfg.models.student})
+                            "teacher": cfg.models.teacher, "student": cfg.models.student,
+                            "router_bias": "folded into the router weights (least squares, see "
+                                           "padd_ds/models/export.py)" if folded is not None else "zero"})
     probe, engine_logits = probe_logits(engine, tok, cfg, pool)
     ckpt_dir = ckpt.latest_valid(ckpt_dir) or ckpt_dir
 
@@ -349,6 +360,7 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     if world.is_main:
         after_model = load_causal_lm(str(export_dir), "float32")
         export_diff = max_logit_diff(after_model, probe, engine_logits)  # export fidelity
+        fidelity = routing_fidelity(after_model, fidelity_batches, engine_choices)
         after = _evaluate(after_model, tok, cfg)
         if roles.role == "colocated":
             teacher_eval = _evaluate(teacher.teacher.model, tok, cfg)
@@ -357,7 +369,8 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
                                                   timeout_s=cfg.topology.timeout_s)["teacher_eval"]
         result = {"teacher": teacher_eval, "student_before": before, "student_after": after,
                   "history": history, "teacher_wait_s": teacher.stats.wait_s,
-                  "export_max_abs_logit_diff": export_diff, "stage1": stage1,
+                  "export_max_abs_logit_diff": export_diff, "export_routing_fidelity": fidelity,
+                  "export_bias_folded": folded is not None, "stage1": stage1,
                   "checkpoint": str(ckpt_dir), "export": str(export_dir)}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
         logger.summary({"eval/teacher_acc": teacher_eval["accuracy"],
@@ -616,30 +629,34 @@ def print_table(result: dict) -> None:
         t.add_row(name, f"{r['accuracy']:.3f}", str(r["n"]))
     Console().print(t)
     h = result["history"]
-    if h:
-        print(f"KD loss: {h[0]['train/kd_loss']:.4f} (step {h[0]['step']}) -> "
-              f"{h[-1]['train/kd_loss']:.4f} (step {h[-1]['step']}); export max |logit diff| "
-              f"{result['export_max_abs_logit_diff']:.2e}", flush=True)
+    for key in ("train/kd_loss", "train/reward"):
+        if h and key in h[0]:
+            print(f"{key}: {h[0][key]:.4f} (step {h[0]['step']}) -> {h[-1][key]:.4f} (step {h[-1]['step']})")
+    print(f"export: max |logit diff| vs the engine {result['export_max_abs_logit_diff']:.2e}, routing fidelity "
+          f"{result['export_routing_fidelity']:.4f}{' (Stage IV bias folded)' if result['export_bias_folded'] else ''}",
+          flush=True)
 
 
 class _Progress:
-    def __init__(self, total: int):
+    SHOWN = {"train/kd_loss": "kd", "train/lm_loss": "lm", "train/reward": "reward", "routing/drift_mean": "drift",
+             "routing/load_cv": "load cv", "teacher/wait_fraction": "wait"}
+
+    def __init__(self, total: int, label: str):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.p = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        self.p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           TextColumn("{task.fields[info]}"))
         self.task = self.p.add_task("train", total=total, info="")
         self.p.start()
 
     def update(self, step: int, row: dict) -> None:
         self.p.update(self.task, completed=step,
-                      info=f"kd {row['train/kd_loss']:.3f} lm {row['train/lm_loss']:.3f} "
-                           f"wait {row['teacher/wait_fraction']:.2f}")
+                      info=" ".join(f"{short} {row[k]:.3f}" for k, short in self.SHOWN.items() if k in row))
 
     def close(self) -> None:
         self.p.stop()
 
 
 def _progress(cfg: PaddConfig, world: World, total: int):
-    return _Progress(total) if (world.is_main and cfg.logging.progress) else None
+    return _Progress(total, cfg.train.mode) if (world.is_main and cfg.logging.progress) else None
 

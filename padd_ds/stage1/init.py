@@ -20,40 +20,9 @@ term (relative to the mean diagonal) keeps the solve stable when D_A has few tok
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
-
 import torch
 
-
-class RouterFit:
-    def __init__(self, num_layers: int, hidden: int, num_experts: int, ridge: float = 1e-3):
-        self.xtx = torch.zeros(num_layers, hidden, hidden, dtype=torch.float64)
-        self.xtz = torch.zeros(num_layers, hidden, num_experts, dtype=torch.float64)
-        self.tokens = torch.zeros(num_layers, dtype=torch.float64)
-        self.ridge = ridge
-
-    def add(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> None:
-        if x.shape[0] != z.shape[0]:
-            raise ValueError(f"router fit: {x.shape[0]} student tokens vs {z.shape[0]} teacher tokens")
-        x, z = x.detach().double(), z.detach().double()
-        self.xtx[layer] += x.T @ x
-        self.xtz[layer] += x.T @ z
-        self.tokens[layer] += x.shape[0]
-
-    def solve(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-        """Router weights [N, H] per layer; `all_reduce` sums the statistics over student ranks
-        first, so every rank gets the same weights."""
-        if all_reduce is not None:
-            for t in (self.xtx, self.xtz, self.tokens):
-                all_reduce(t)
-        out = []
-        for l in range(self.xtx.shape[0]):
-            if self.tokens[l] < 1:
-                raise RuntimeError(f"router fit: no D_A tokens reached MoE layer {l}")
-            a = self.xtx[l]
-            a = a + self.ridge * a.diagonal().mean().clamp(min=1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
-            out.append(torch.linalg.solve(a, self.xtz[l]).T.float().contiguous())  # [N, H]
-        return out
+from padd_ds.models.router import RouterFit  # noqa: F401  (re-exported: the Stage I fit)
 
 
 def _gathered_for_write(params: list[torch.nn.Parameter]):
