@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    from padd_ds.launch import signals
+
+    signals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step and exit 0 (never lost while loading)
     args = parse_args(argv)
     import torch
 

@@ -279,6 +279,8 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
 
     from padd_ds.models.engine import initialize_engine
 
+    from padd_ds.launch import signals as preempt  # installed by train.py before anything else
+
     roles = world.roles
     rank, num_students = roles.student_rank or 0, max(1, roles.num_student)
     teacher_path, _, tok_path = model_paths(cfg)
@@ -335,8 +337,17 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
 
     # Main phase on D_C: online KD (train.mode=distill) or Stages II-IV (train.mode=padd).
     loop = train_distill if cfg.train.mode == "distill" else train_padd
-    history = loop(cfg, world, engine, teacher, tok, encode, parts["C"], logger, ckpt_dir, state)
+    history, stopped = loop(cfg, world, engine, teacher, tok, encode, parts["C"], logger, ckpt_dir, state, preempt)
     teacher.close()
+    if stopped is not None:  # preempted: the checkpoint is written; no export or evaluation
+        if world.is_main and roles.role != "colocated":  # take the teacher's posted evaluation so it can exit
+            world.bridge.recv_json(src=roles.num_student, tag=RESULT_TAG, timeout_s=cfg.topology.timeout_s)
+        if world.is_main:
+            print(f"[preempted] signal received; checkpoint at step {stopped} written to {ckpt_dir}; "
+                  "restart with train.resume=auto to continue", flush=True)
+        logger.close()
+        dist.barrier()
+        return {"preempted_at": stopped}
 
     # Export. A Stage IV bias has no slot in Qwen3-MoE/Mixtral routers: fold it into the router
     # weights (fitted on held-out D_D tokens) and measure how often the exported model still
@@ -383,8 +394,9 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
 
 
 def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, problems: list[dict], logger,
-                  ckpt_dir: Path, state: dict | None) -> list[dict]:
-    """Online KD on D_C: the teacher's logits for each batch, requested `prefetch` ahead."""
+                  ckpt_dir: Path, state: dict | None, preempt) -> tuple[list[dict], int | None]:
+    """Online KD on D_C: the teacher's logits for each batch, requested `prefetch` ahead.
+    Returns (history, the step it stopped at when preempted, else None)."""
     rank, num_students = world.roles.student_rank or 0, max(1, world.roles.num_student)
     start = state["step"] if state else 0
     history: list[dict] = list(state.get("history", [])) if state else []
@@ -394,7 +406,7 @@ def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, p
     engine.train()
     new_window = lambda: {"kd": 0.0, "lm": 0.0, "count": 0.0, "tokens": 0, "wait": feed.wait_s,  # noqa: E731
                           "t0": time.perf_counter()}
-    window = new_window()
+    window, stopped = new_window(), None
     for step, micro, batch, out in feed:
         denom = global_token_count(batch) / num_students
         logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
@@ -422,14 +434,16 @@ def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, p
             if progress is not None:
                 progress.update(step + 1, row)
             window = new_window()
-        _maybe_save(cfg, engine, ckpt_dir, step + 1, {"history": history})
+        if _maybe_save(cfg, engine, ckpt_dir, step + 1, {"history": history}, preempt):
+            stopped = step + 1
+            break
     if progress is not None:
         progress.close()
-    return history
+    return history, stopped
 
 
 def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, problems: list[dict], logger,
-               ckpt_dir: Path, state: dict | None) -> list[dict]:
+               ckpt_dir: Path, state: dict | None, preempt) -> tuple[list[dict], int | None]:
     """Stages II-IV on D_C, one optimiser step per batch of rollouts:
 
         rollouts (G per prompt, all ranks in step) -> rewards -> group advantages
@@ -588,17 +602,23 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
             if progress is not None:
                 progress.update(step + 1, row)
             window, t_window = {}, time.perf_counter()
-        _maybe_save(cfg, engine, ckpt_dir, step + 1,
-                    {"history": history, "balance": controller.state_dict(), "router_snapshot": snap_prev})
+        if _maybe_save(cfg, engine, ckpt_dir, step + 1,
+                       {"history": history, "balance": controller.state_dict(), "router_snapshot": snap_prev}, preempt):
+            if progress is not None:
+                progress.close()
+            return history, step + 1
     if progress is not None:
         progress.close()
-    return history
+    return history, None
 
 
-def _maybe_save(cfg: PaddConfig, engine, ckpt_dir: Path, step: int, state: dict) -> None:
-    """Every train.save_every steps, and always after the last one."""
-    if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+def _maybe_save(cfg: PaddConfig, engine, ckpt_dir: Path, step: int, state: dict, preempt) -> bool:
+    """Checkpoint every train.save_every steps, after the last one, and when preempted.
+    Returns True when the run must stop here (preempted before its last step)."""
+    stop = preempt.agreed() and step < cfg.train.steps
+    if stop or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
         ckpt.save(engine, ckpt_dir, step, state, cfg.train.keep_last)
+    return stop
 
 
 def print_stage1(report: dict) -> None:
