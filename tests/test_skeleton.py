@@ -64,10 +64,12 @@ def test_single_process_run_matches_three_process_run(three_process_run, tmp_pat
     assert kd1 == pytest.approx(kd3, rel=2e-3), (kd1, kd3)
 
 
-@pytest.mark.parametrize("override, field", [("train.mode=padd", "train.mode")])
-def test_unbuilt_features_are_refused_before_any_process_group(toy_world, override, field):
+def test_impossible_combination_is_refused_before_any_process_group(toy_world):
+    """PADD rollouts per rank must split into whole groups: refused in a second, not after loading."""
     p = run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", "topology.colocated=true",
-                 "--set", "deepspeed.expert_parallel_size=1", "--set", override], timeout=120, check=False)
+                 "--set", "deepspeed.expert_parallel_size=1", "--set", "train.mode=padd",
+                 "--set", "train.micro_batch_size=6"], timeout=120, check=False)
     assert p.returncode == 2
-    assert f"config error: {field}" in p.stderr and "not" in p.stderr, p.stderr[-2000:]
+    assert "config error: train.micro_batch_size=6 must be a multiple of stage3.group_size=4" in p.stderr, \
+        p.stderr[-2000:]
     assert "init_distributed" not in p.stdout + p.stderr

@@ -462,12 +462,11 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
 
     import deepspeed.comm as dist
 
-    from padd_ds.models.router import (keep_router_inputs, router_inputs, router_scores, router_selected,
-                                       router_weights, routers, set_bias, set_routing)
-    from padd_ds.rl.balance import BiasController, switch_aux_loss
-    from padd_ds.rl.losses import adaptive_kd_loss, policy_loss, router_drift
+    from padd_ds.models.router import router_weights, routers, set_bias
+    from padd_ds.rl.balance import BiasController
     from padd_ds.rl.rewards import group_advantages, reward
-    from padd_ds.rl.rollout import sample_rollouts, token_logprobs
+    from padd_ds.rl.rollout import sample_rollouts
+    from padd_ds.rl.step import update_on_rollouts
 
     s2, s3, s4 = cfg.stage2, cfg.stage3, cfg.stage4
     rank, num_students = world.roles.student_rank or 0, max(1, world.roles.num_student)
@@ -507,56 +506,22 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
             adv, adv_stats = group_advantages(rewards)
             adv = adv.reshape(-1)
 
-            # Global normalisers: every rank's tokens (or responses) weigh the same.
-            n_resp_tokens, n_valid = _all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
-            denom = (n_resp_tokens if s3.loss_agg == "token_mean" else len(ro.responses) * num_students) / num_students
-            set_routing(mod, "learned", record=True)
-            keep_router_inputs(mod, True)
-            logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-            new_logp = token_logprobs(logits, batch)
-            valid = batch.attention_mask.bool().reshape(-1)
-            scores = router_scores(mod)
-            with torch.no_grad():
-                p_new = torch.stack([p.detach().float() for p in scores])                       # [L, T, N]
-                p_old = torch.stack([torch.softmax(x.float() @ w.T, dim=-1) for x, w in zip(router_inputs(mod), prev)])
-                gamma = router_drift(p_new, p_old).view(batch.ids.shape)                        # [B, S]
-            loss, pstats = policy_loss(new_logp, new_logp.detach(), adv, batch.loss_mask, policy_cfg, drift=gamma,
-                                       denom=denom)
-            add("policy_loss", float(pstats["pg_loss"]) * denom)
-            add("clip_frac", float(pstats["clip_frac"]) * float(batch.loss_mask.sum()))
+            fetch = None
             if use_teacher:
-                w0 = teacher.stats.wait_s
-                out = teacher.result(rid)
-                add("wait_s", teacher.stats.wait_s - w0)
-                kd, kstats = adaptive_kd_loss(logits, out.logits, batch.loss_mask, adv, s2,
-                                              denom=n_resp_tokens / num_students)
-                loss = loss + s2.kd_weight * kd
-                add("kd_loss", kd.item() * n_resp_tokens / num_students)
-                add("kd_temperature", float(kstats["kd_temperature_mean"]) * len(ro.responses))
-            sel = router_selected(mod)
-            if s4.aux_loss_coeff > 0:
-                c_local = torch.stack([torch.bincount(x[valid].flatten(), minlength=N) for x in sel]).float()
-                loss = loss + s4.aux_loss_coeff * switch_aux_loss(torch.stack(scores), c_local, valid)
-            engine.backward(loss)
-            engine.step()
-            keep_router_inputs(mod, False)
-            set_routing(mod, "learned", record=False)
-
-            # Stage IV statistics: every top-k assignment of a real token; advantages of response tokens.
-            resp_tok = torch.zeros_like(batch.loss_mask)
-            resp_tok[:, 1:] = batch.loss_mask[:, :-1]           # the token at t is a response token
-            tok_adv = adv.view(-1, 1).expand_as(batch.loss_mask).reshape(-1)
-            resp = resp_tok.reshape(-1)
-            for l, x in enumerate(sel):
-                counts[l] += torch.bincount(x[valid].flatten(), minlength=N).double()
-                k = x.shape[1]
-                adv_sum[l] += torch.bincount(x[resp].flatten(), weights=tok_adv[resp].repeat_interleave(k).double(),
-                                             minlength=N)
-                adv_cnt[l] += torch.bincount(x[resp].flatten(), minlength=N).double()
-            g = gamma.reshape(-1)[resp]
-            add("drift_sum", g.sum())
-            add("drift_p95", torch.quantile(g, 0.95) if g.numel() else 0.0)
-            add("drift_n", g.numel())
+                def fetch(rid=rid):
+                    w0 = teacher.stats.wait_s
+                    out = teacher.result(rid)
+                    add("wait_s", teacher.stats.wait_s - w0)
+                    return out.logits
+            res = update_on_rollouts(engine, batch, adv, prev, cfg, policy_cfg, num_students, fetch)
+            counts += res.counts
+            adv_sum += res.adv_sum
+            adv_cnt += res.adv_count
+            for key, value in res.stats.items():
+                add(key, value)
+            add("drift_sum", res.drift.sum())
+            add("drift_p95", torch.quantile(res.drift, 0.95) if res.drift.numel() else 0.0)
+            add("drift_n", res.drift.numel())
             add("reward", rewards.sum())
             add("correct", sum(d["correct"] for _, d in scored))
             add("responses", len(ro.responses))
