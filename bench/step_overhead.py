@@ -69,6 +69,9 @@ def main() -> None:
     use_toy_world_for(cfg)
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
+    from padd_ds.launch.world import release_shm_names
+
+    release_shm_names()
     teacher_path, student_path, tok_path = model_paths(cfg)
     tok = load_tokenizer(tok_path)
     engine, _ = initialize_engine(cfg, load_causal_lm(student_path, "float32"), 1)

@@ -17,6 +17,11 @@ def main() -> None:
     from test_decompress import N, TOP_K, make_teacher, tokens
 
     deepspeed.init_distributed(dist_backend="gloo")
+
+    from padd_ds.launch.world import release_shm_names
+
+
+    release_shm_names()
     teacher = make_teacher("qwen3")
     moe, _ = decompress(teacher, num_experts=N, top_k=TOP_K, seed=0, expert_scale=float(N))
     ids = tokens(3)

@@ -20,6 +20,11 @@ def main(out_path: str) -> None:
     from test_decompress import N, TOP_K, VOCAB, make_teacher
 
     deepspeed.init_distributed(dist_backend="gloo")
+
+    from padd_ds.launch.world import release_shm_names
+
+
+    release_shm_names()
     rank, world = dist.get_rank(), dist.get_world_size()
     moe, _ = decompress(make_teacher("qwen3"), num_experts=N, top_k=TOP_K, seed=0, expert_scale=float(N))
     moe.train()

@@ -33,6 +33,9 @@ def _sharded_child(rank: int, port: int, q):
 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        from padd_ds.launch.world import release_shm_names
+
+        release_shm_names()
         from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
         from test_teacher_outputs import cluster_map
 

@@ -78,8 +78,32 @@ def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
 
         deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=cfg.topology.timeout_s))
+        release_shm_names()
     parallel = cfg.teacher.parallel if roles.num_teacher > 1 else "replicas"
     return World(env, roles, bridge, teacher_parallel=parallel)
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer once every local rank
+    has mapped it (collective: call right after init_distributed).
+
+    On CPU, DeepSpeed's shm comm op creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank> (69 MB) per rank and never unlinks it: every run leaks it, and on this
+    machine a few hundred runs filled /dev/shm and starved the host of memory. After a
+    barrier all peers have opened it, so removing the name is safe; the memory goes away
+    when the last process that maps it exits, however it exits (even SIGKILL)."""
+    import deepspeed.comm as dist
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass  # the op is not built, or the ranks are not all local (no shm path)
 
 
 def _backend() -> str:

@@ -388,6 +388,9 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
                         "eval/student_before_acc": before["accuracy"],
                         "eval/student_after_acc": after["accuracy"]})
         print_table(result)
+        from padd_ds.report.report import write_run_report
+
+        print(f"report: {write_run_report(run_dir, logger)}", flush=True)
     logger.close()
     dist.barrier()
     return result
@@ -484,6 +487,11 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
         set_bias(mod, controller.bias)
     progress = _progress(cfg, world, cfg.train.steps)
     window: dict[str, float] = {}
+    routing_log = None
+    if world.is_main:  # per-layer expert loads over training, for the report's heatmap
+        from padd_ds.eval.routing import RoutingLog
+
+        routing_log = RoutingLog(Path(cfg.run.output_dir) / "routing.json")
 
     def add(key: str, value: float) -> None:
         window[key] = window.get(key, 0.0) + float(value)
@@ -564,6 +572,8 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
                             "teacher/wait_fraction": tot["wait_s"] / num_students / dt})
             history.append({"step": step + 1, **row})
             logger.log(row, step + 1)
+            if routing_log is not None:
+                routing_log.add_counts(step + 1, {l: counts[l].tolist() for l in range(L)})
             if progress is not None:
                 progress.update(step + 1, row)
             window, t_window = {}, time.perf_counter()
