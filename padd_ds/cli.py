@@ -127,7 +127,9 @@ def cmd_demo(args) -> int:
 
     world = build_toy_world("demo")
     os.environ["PADD_TOY_DIR"] = str(world.root)
-    ns = argparse.Namespace(recipe=str(REPO_ROOT / "recipes" / "toy_cpu.yaml"), overrides=args.overrides, nproc=3)
+    # A demo always trains from the start; a cluster job resumes (train.resume=auto, the default).
+    ns = argparse.Namespace(recipe=str(REPO_ROOT / "recipes" / "toy_cpu.yaml"),
+                            overrides=["train.resume=never", *args.overrides], nproc=3)
     return cmd_train(ns)
 
 
