@@ -48,6 +48,10 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     hb = [{k: v for k, v in h.items() if k not in TIMING} for h in read_results(split)["history"]]
     assert len(ha) == N and ha == hb
     assert ha[-1]["routing/bias_norm"] > 0  # Stage IV really moved the bias
+    # The bias has no slot in Qwen3-MoE: the export folds it and reports how often it still
+    # picks the engine's experts on held-out tokens.
+    res = read_results(split)
+    assert res["export_bias_folded"] and 0.8 < res["export_routing_fidelity"] <= 1.0
 
 
 def test_checkpoints_are_complete_and_pruned(runs):

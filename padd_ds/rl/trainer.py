@@ -573,7 +573,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
             history.append({"step": step + 1, **row})
             logger.log(row, step + 1)
             if routing_log is not None:
-                routing_log.add_counts(step + 1, {l: counts[l].tolist() for l in range(L)})
+                routing_log.add_counts(step + 1, {l: counts[l].tolist() for l in range(L)}, drift=res.drift)
             if progress is not None:
                 progress.update(step + 1, row)
             window, t_window = {}, time.perf_counter()
