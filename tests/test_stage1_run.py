@@ -62,6 +62,24 @@ def test_stage1_moves_routes_towards_the_teacher_paths(pretrained_runs):
     assert json.loads((out / "stage1" / "report.json").read_text())["router_init"] == s3["router_init"]
 
 
+def test_fitted_router_beats_a_random_one(pretrained_runs, tmp_path):
+    """Issue acceptance: Stage I's router init measurably helps against a random router.
+    Same data and steps (1 process each); measured on the test world: top-1 agreement with
+    the teacher's clusters 0.21 vs 0.12 after the init and 0.37 vs 0.27 after 6 warmup
+    steps; warmup KD 0.874 vs 0.863 (too few steps to separate them here; bench/stage1.py
+    measures 1.38 vs 1.90 after 100 steps on the demo world)."""
+    _, fitted, _ = pretrained_runs
+    _one(tmp_path, "--set", "stage1.router_init=random")
+    rand = read_results(tmp_path)["stage1"]
+    assert rand["router_init"].startswith("random")
+    assert fitted["before"] == pytest.approx(rand["before"])  # same student, same held-out tokens
+    for phase in ("after_init", "after_warmup"):
+        assert fitted[phase]["agreement_top1"] > rand[phase]["agreement_top1"] + 0.05, (phase, fitted, rand)
+        assert fitted[phase]["agreement_topk"] > rand[phase]["agreement_topk"] + 0.03, (phase, fitted, rand)
+    # Loose: the fitted router must not make the warmup worse at distillation.
+    assert fitted["after_warmup"]["kd_loss"] < 1.05 * rand["after_warmup"]["kd_loss"], (fitted, rand)
+
+
 def test_decompressed_student_starts_warmup_as_its_teacher(toy_world, tmp_path):
     _three(tmp_path, "--set", "models.student=null", "--set", "train.log_every=1")
     res = read_results(tmp_path)
