@@ -5,13 +5,15 @@ from setuptools import find_packages, setup
 reqs = [l.strip() for l in Path(__file__).with_name("requirements.txt").read_text().splitlines()
         if l.strip() and not l.startswith("#")]
 
+TEST_ONLY = ("pytest", "shellcheck", "hypothesis")
+
 setup(
     name="padd-ds",
     version="0.1.0",
     description="PADD: distill a dense teacher into a Mixture-of-Experts student with DeepSpeed ZeRO-3 + AutoEP",
     packages=find_packages(include=["padd_ds", "padd_ds.*"]),
     python_requires=">=3.10",
-    install_requires=[r for r in reqs if not r.startswith(("pytest", "shellcheck"))],
-    extras_require={"test": [r for r in reqs if r.startswith(("pytest", "shellcheck"))]},
+    install_requires=[r for r in reqs if not r.startswith(TEST_ONLY)],
+    extras_require={"test": [r for r in reqs if r.startswith(TEST_ONLY)]},
     entry_points={"console_scripts": ["padd=padd_ds.cli:main"]},
 )

@@ -31,7 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConfigError(ValueError):
-    """A recipe, override or config value is wrong. The message is one line: field and fix."""
+    """A recipe, override or config value is wrong. The message is one line: field and fix
+    (control characters of user text in it, such as a newline in a key, are escaped)."""
+
+    def __init__(self, message: str):
+        super().__init__(re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(message)))
 
 
 # --------------------------------------------------------------------------------------
@@ -82,6 +86,10 @@ class DataConfig:
     # Real math recipes raise both (e.g. 256 prompt / 1024+ response).
     max_prompt_tokens: int = 96
     max_response_tokens: int = 96
+    # A training problem whose prompt is longer than max_prompt_tokens. error: stop before
+    # training, naming it (cutting a question would train on a different problem); skip: drop
+    # such problems with a count in the log (an error if none is left).
+    long_prompts: Literal["error", "skip"] = "error"
     # Toy pool size: its 5% held-out part (200 problems) matches eval.num_problems.
     num_problems: int = 4000
 
@@ -291,6 +299,10 @@ class TrainConfig:
     # auto: continue from the newest complete checkpoint in run.output_dir/checkpoints if
     # there is one (a requeued or restarted job picks up where it stopped); never: start fresh.
     resume: Literal["auto", "never"] = "auto"
+    # A NaN/inf loss on any student rank skips that optimiser step on all of them (counted in
+    # train/nonfinite_skipped); this many skipped steps in a row stop the run with an error. 3:
+    # one bad batch is survivable, a streak means the weights or the data are broken.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -557,8 +569,17 @@ def _set_path(cfg: PaddConfig, key: str, value: Any, where: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def expand_user(path: str | os.PathLike) -> Path:
+    """`~` and `~user` expanded; a `~user` that does not exist stays as written (pathlib
+    raises RuntimeError for it) and then simply names no file."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def _find_recipe(recipe: str) -> Path:
-    candidates = [Path(recipe).expanduser()]
+    candidates = [expand_user(recipe)]
     if not candidates[0].is_absolute():
         candidates += [REPO_ROOT / recipe, REPO_ROOT / "recipes" / recipe, REPO_ROOT / "recipes" / f"{recipe}.yaml"]
     for path in candidates:
@@ -628,7 +649,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def _local(path: str, repo_root: str | Path | None) -> Path | None:
     """`path` as an existing file system entry: as given, else relative to the repository."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if p.exists():
         return p.resolve()
     if not p.is_absolute():
@@ -858,6 +879,7 @@ def _check_ranges(cfg: PaddConfig) -> None:
     positive("train.log_every", tr.log_every)
     non_negative("train.save_every", tr.save_every)
     positive("train.keep_last", tr.keep_last)
+    positive("train.max_nonfinite_steps", tr.max_nonfinite_steps)
 
     ep = cfg.deepspeed.expert_parallel_size
     _require(ep is None or ep >= 1, f"deepspeed.expert_parallel_size must be >= 1 or null, got {ep}")
@@ -913,8 +935,14 @@ def _check_padded_vocab(tokenizer: str, student: str, tv: int, sv: int) -> None:
         f"produces ids up to {n - 1}, beyond the {smaller} rows of the "
         f"{'student' if sv < tv else 'teacher'}; teacher and student need one tokenizer family",
     )
+    _check_student_tokenizer(ids, tokenizer, student)
+
+
+def _check_student_tokenizer(ids: dict[int, str] | None, tokenizer: str, student: str) -> None:
+    """A student that ships its own tokenizer must map every id of the shared one to the same
+    token (it may add tokens after them); otherwise KD compares unrelated tokens."""
     own = _tokenizer_ids(student) if Path(student).resolve() != Path(tokenizer).resolve() else None
-    if own is not None:
+    if own is not None and ids is not None:
         bad = next(((i, t) for i, t in sorted(ids.items()) if own.get(i) != t), None)
         _require(
             bad is None,
@@ -943,9 +971,11 @@ def _check_models(cfg: PaddConfig, ep: int, repo_root: str | Path | None) -> Non
 
     if t_conf is not None and s_conf is not None:
         tv, sv = _model_field(t_conf, "vocab_size"), _model_field(s_conf, "vocab_size")
+        tok = teacher if m.tokenizer is None else resolve_model_path(m.tokenizer, repo_root, field_name="models.tokenizer", need_config=False)
         if tv != sv:
-            tok = teacher if m.tokenizer is None else resolve_model_path(m.tokenizer, repo_root, field_name="models.tokenizer", need_config=False)
             _check_padded_vocab(tok, student, tv, sv)
+        else:
+            _check_student_tokenizer(_tokenizer_ids(tok), tok, student)
 
     if student is None:
         shape = (cfg.stage1.decompress_experts, cfg.stage1.decompress_top_k)
@@ -976,6 +1006,53 @@ def _check_models(cfg: PaddConfig, ep: int, repo_root: str | Path | None) -> Non
         num_experts % ep == 0,
         f"{where}: {num_experts} experts do not divide over expert-parallel size {ep}; "
         "set deepspeed.expert_parallel_size (or expert_parallel.autoep_size) to a divisor",
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _check_weights(path: Path, name: str) -> None:
+    """A local model directory holds safetensors weights, every shard its index lists."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set((json.loads(index.read_text()).get("weight_map") or {}).values()))
+        except (json.JSONDecodeError, AttributeError):
+            raise ConfigError(f"{name}: '{index}' is not a valid safetensors index (JSON with a weight_map)") from None
+        missing = [f for f in shards if not (path / f).is_file()]
+        _require(
+            not missing and bool(shards),
+            f"{name}: '{path / (missing[0] if missing else index.name)}' "
+            + (f"is missing ({len(missing)} of {len(shards)} shards listed in {index.name}); the checkpoint is "
+               "incomplete, copy or download it again" if missing else "lists no shards"),
+        )
+        return
+    if any(path.glob("*.safetensors")):
+        return
+    pickle = next((f.name for f in (path / "pytorch_model.bin", path / "pytorch_model.bin.index.json") if f.is_file()), None)
+    raise ConfigError(
+        f"{name}: '{path}' has only pickle weights ({pickle}); padd-ds loads safetensors only, convert them"
+        if pickle else
+        f"{name}: '{path}' has no model weights (model.safetensors or model.safetensors.index.json); "
+        "point it at a complete Hugging Face model directory"
+    )
+
+
+def _check_model_files(cfg: PaddConfig, repo_root: str | Path | None) -> None:
+    """Weights of the local teacher and student, and the tokenizer files, exist: a missing
+    file fails here, before any process group, not on one rank after minutes of loading."""
+    m = cfg.models
+    for name, ref in (("models.teacher", m.teacher), ("models.student", m.student)):
+        if ref is not None and Path(path := resolve_model_path(ref, repo_root, field_name=name)).is_dir():
+            _check_weights(Path(path), name)
+    name, ref = ("models.teacher", m.teacher) if m.tokenizer is None else ("models.tokenizer", m.tokenizer)
+    path = Path(resolve_model_path(ref, repo_root, field_name=name, need_config=False))
+    _require(
+        not path.is_dir() or any((path / f).is_file() for f in _TOKENIZER_FILES),
+        f"{name}: '{path}' has no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+        + ("set models.tokenizer to the shared tokenizer's directory" if m.tokenizer is None else
+           "point models.tokenizer at a directory that holds one"),
     )
 
 
@@ -1020,5 +1097,6 @@ def validate(cfg: PaddConfig, world_size: int | None = None, repo_root: str | Pa
     read_deepspeed_config(cfg, repo_root)  # exists and parses even when EP comes from the config
     _check_data_source(cfg, repo_root)
     _check_models(cfg, ep, repo_root)
+    _check_model_files(cfg, repo_root)
     if world_size is not None:
         _check_world(cfg, world_size, ep)

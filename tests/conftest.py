@@ -54,3 +54,17 @@ def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
 
 def read_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def start_ranks(run_dir: Path, args: list[str], world_size: int = 3) -> list[subprocess.Popen]:
+    """The ranks of a launch as independent processes, with the environment the deepspeed
+    launcher would set but without the launcher: a supervising launcher kills every rank as
+    soon as one exits, and fault tests are about each rank noticing on its own."""
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")}
+    base.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port, WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size), PYTHONUNBUFFERED="1")
+    return [subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--set", f"run.output_dir={run_dir}"],
+                             env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+            for r in range(world_size)]

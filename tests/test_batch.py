@@ -38,3 +38,50 @@ def test_overlong_prompt_is_an_error(toy_world):
     row = load_jsonl(toy_world.train_file, limit=1)[0]
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         encode_examples(tok, [row], max_prompt_tokens=3, max_response_tokens=96)
+
+
+def _pool(toy_world, n: int = 40) -> tuple[object, list[dict]]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_world.teacher_dir), load_jsonl(toy_world.train_file, limit=n)
+
+
+def test_long_prompts_are_refused_up_front_naming_the_problem(toy_world):
+    from padd_ds.data.batch import usable_problems
+
+    tok, pool = _pool(toy_world)
+    lengths = [len(tok(format_prompt(p["question"]))["input_ids"]) for p in pool]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer
+    first = next(i for i, n in enumerate(lengths) if n > limit)
+    n_long = sum(n > limit for n in lengths)
+    with pytest.raises(ValueError) as e:
+        usable_problems(tok, pool, limit, "error", source="data.source=toy")
+    assert str(e.value) == (f"data.source=toy: problem {pool[first]['id']} has a {lengths[first]}-token prompt, "
+                            f"longer than data.max_prompt_tokens={limit} ({n_long} of 40 problems are); raise "
+                            "data.max_prompt_tokens or set data.long_prompts=skip")
+    kept = usable_problems(tok, pool, limit, "skip")
+    assert kept == [p for p, n in zip(pool, lengths) if n <= limit] and len(kept) == 40 - n_long
+    assert usable_problems(tok, pool, max(lengths), "error") == pool
+
+
+def test_empty_pool_after_skipping_is_an_error(toy_world):
+    from padd_ds.data.batch import usable_problems
+
+    tok, pool = _pool(toy_world)
+    with pytest.raises(ValueError) as e:
+        usable_problems(tok, pool, 3, "skip", source="data.source=toy")
+    assert str(e.value) == ("data.source=toy: all 40 problems have prompts longer than data.max_prompt_tokens=3; "
+                            "nothing is left to train on after data.long_prompts=skip, raise data.max_prompt_tokens")
+    with pytest.raises(ValueError, match="^data.source=toy: no problems to train on$"):
+        usable_problems(tok, [], 96, source="data.source=toy")
+
+
+def test_problem_without_solution_is_refused_up_front(toy_world):
+    from padd_ds.data.batch import usable_problems
+
+    tok, pool = _pool(toy_world)
+    pool[7] = {**pool[7], "solution": None}
+    with pytest.raises(ValueError) as e:
+        usable_problems(tok, pool, 96, source="data.source=toy")
+    assert str(e.value).startswith(f"data.source=toy: problem {pool[7]['id']} has no solution text (1 of 40 "
+                                   "problems have none)")

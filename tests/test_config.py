@@ -1,7 +1,9 @@
 """Config loading, overrides and validation (padd_ds/config.py).
 
-The model directories made here hold only a `config.json`: that file is all validation
-reads, so they are real inputs, not stand-ins for a component.
+The model directories made here hold a `config.json`, which is all validation reads, plus an
+empty `model.safetensors` and `tokenizer_config.json`: validation only checks that weights and
+a tokenizer exist (reading them is the loader's job), so they are real inputs, not stand-ins
+for a component.
 """
 
 import json
@@ -39,6 +41,8 @@ def write_model(root: Path, name: str, conf: dict) -> Path:
     path = root / name
     path.mkdir()
     (path / "config.json").write_text(json.dumps(conf))
+    (path / "model.safetensors").write_bytes(b"")
+    (path / "tokenizer_config.json").write_text("{}")
     return path
 
 
@@ -153,6 +157,20 @@ def test_unknown_override_key(override, expected):
 ])
 def test_wrong_types_name_the_field(override, expected):
     assert expected in error_of(load_config, None, [override])
+
+
+def test_errors_stay_on_one_line():
+    # user text with control characters is escaped, not printed raw
+    assert error_of(load_config, None, ["train.l\nr=1"]).startswith("unknown key 'train.l\\nr' in --set train.l\\nr=1;")
+
+
+def test_unknown_home_directory_is_a_missing_path(setup):
+    cfg, root = setup
+    cfg.data.source = "~no-such-user-0/problems.jsonl"  # pathlib raises RuntimeError expanding it
+    assert "data.source: file '~no-such-user-0/problems.jsonl' does not exist" in error_of(validate, cfg, repo_root=root)
+    cfg.data.source = "toy"
+    cfg.models.teacher = "~no-such-user-0"
+    assert error_of(validate, cfg, repo_root=root) == "models.teacher: path '~no-such-user-0' does not exist"
 
 
 def test_override_without_equals():
@@ -290,6 +308,46 @@ def test_model_dir_without_config_json(setup):
     (root / "empty").mkdir()
     cfg.models.student = str(root / "empty")
     assert "has no config.json" in error_of(validate, cfg, repo_root=root)
+
+
+def test_missing_weights_name_the_directory(setup):
+    cfg, root = setup
+    student = Path(cfg.models.student)
+    (student / "model.safetensors").unlink()
+    assert error_of(validate, cfg, repo_root=root) == (
+        f"models.student: '{student}' has no model weights (model.safetensors or model.safetensors.index.json); "
+        "point it at a complete Hugging Face model directory")
+    (student / "pytorch_model.bin").write_bytes(b"")
+    assert error_of(validate, cfg, repo_root=root) == (
+        f"models.student: '{student}' has only pickle weights (pytorch_model.bin); padd-ds loads safetensors "
+        "only, convert them")
+
+
+def test_missing_shard_names_the_file(setup):
+    cfg, root = setup
+    teacher = Path(cfg.models.teacher)
+    (teacher / "model.safetensors").unlink()
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    (teacher / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {f"layers.{i}.weight": f for i, f in enumerate(shards)}}))
+    for f in shards[::2]:
+        (teacher / f).write_bytes(b"")
+    assert error_of(validate, cfg, repo_root=root) == (
+        f"models.teacher: '{teacher / shards[1]}' is missing (1 of 3 shards listed in model.safetensors.index.json); "
+        "the checkpoint is incomplete, copy or download it again")
+    (teacher / shards[1]).write_bytes(b"")
+    validate(cfg, repo_root=root)
+
+
+def test_missing_tokenizer_names_the_directory(setup):
+    cfg, root = setup
+    teacher = Path(cfg.models.teacher)
+    (teacher / "tokenizer_config.json").unlink()
+    msg = error_of(validate, cfg, repo_root=root)
+    assert msg.startswith(f"models.teacher: '{teacher}' has no tokenizer (tokenizer.json, tokenizer.model, ")
+    assert msg.endswith("set models.tokenizer to the shared tokenizer's directory")
+    cfg.models.tokenizer = cfg.models.student  # a directory that has one
+    validate(cfg, repo_root=root)
 
 
 def test_hub_ids_pass_through(setup):

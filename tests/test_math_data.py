@@ -140,6 +140,18 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         load_problems(path)
 
 
+def test_absurdly_nested_line_names_file_and_line(tmp_path):
+    # json.loads raises RecursionError (not a JSONDecodeError) for this
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n' + "[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: JSON nested too deeply")):
+        load_problems(path)
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match=re.escape(f"{array}: JSON nested too deeply")):
+        load_problems(array)
+
+
 def test_missing_field_names_file_line_and_fix(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"question": "q", "answer": "1"}\n{"question": "q2"}\n')

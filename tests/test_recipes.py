@@ -116,6 +116,7 @@ def _model_dir(root: Path, name: str, conf: dict, tokenizer=None) -> str:
     d = root / name
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"max_position_embeddings": 512, "hidden_size": 64, **conf}))
+    (d / "model.safetensors").write_bytes(b"")  # validation checks that weights exist, not their content
     if tokenizer is not None:
         tokenizer.save(str(d / "tokenizer.json"))
     return str(d)
@@ -173,3 +174,22 @@ def test_unknown_tokenizer_with_different_vocab_sizes_is_refused(padded):
     with pytest.raises(ConfigError) as e:
         validate(make(None), world_size=3, repo_root=root)
     assert "has no tokenizer.json" in str(e.value) and "models.tokenizer" in str(e.value)
+
+
+def test_same_vocab_size_but_different_tokens_is_refused(tmp_path, monkeypatch):
+    """Equal table sizes prove nothing: a student with its own tokenizer must agree on every id."""
+    monkeypatch.chdir(tmp_path)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"expert_parallel": {"enabled": True, "autoep_size": 2}}))
+    cfg = PaddConfig()
+    cfg.deepspeed.config = str(ds)
+    cfg.models.teacher = _model_dir(tmp_path, "teacher", {"model_type": "qwen2", "vocab_size": 128,
+                                                          "intermediate_size": 256}, _tokenizer(100))
+    student = {"model_type": "qwen3_moe", "vocab_size": 128, "num_experts": 8, "num_experts_per_tok": 2}
+    cfg.models.student = _model_dir(tmp_path, "student", student, _tokenizer(100))
+    validate(cfg, world_size=3, repo_root=tmp_path)
+    cfg.models.student = _model_dir(tmp_path, "other", student, _tokenizer(100, rename={42: "forty-two"}))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=3, repo_root=tmp_path)
+    assert str(e.value) == ("models.student: its tokenizer maps id 42 to 'forty-two', the shared tokenizer to 't42'; "
+                            "teacher and student need one tokenizer family (same ids, same tokens)")

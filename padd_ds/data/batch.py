@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from padd_ds.data.prompt import format_example
+from padd_ds.data.prompt import format_example, format_prompt
 
 
 @dataclass
@@ -50,3 +50,38 @@ def encode_examples(tokenizer, problems: list[dict], max_prompt_tokens: int, max
         loss_mask[i, :len(s)] = torch.tensor(m)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     return TokenBatch(ids, lengths, loss_mask)
+
+
+def usable_problems(tokenizer, problems: list[dict], max_prompt_tokens: int, long_prompts: str = "error",
+                    need_solution: bool = True, source: str = "data.source", log: bool = False) -> list[dict]:
+    """The training pool, checked up front on every rank alike (not one rank mid-run, which
+    would leave the others waiting in a collective): a prompt longer than max_prompt_tokens is
+    an error naming the problem (`long_prompts="error"`) or dropped with a count ("skip"); a
+    problem without a solution, when the run trains on solutions, is an error; an empty pool
+    after dropping is an error. Raises ValueError with one line."""
+    if not problems:
+        raise ValueError(f"{source}: no problems to train on")
+    lengths = [len(ids) for ids in tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
+    if long and long_prompts == "error":
+        i = long[0]
+        raise ValueError(f"{source}: problem {problems[i].get('id')} has a {lengths[i]}-token prompt, longer than "
+                         f"data.max_prompt_tokens={max_prompt_tokens} ({len(long)} of {len(problems)} problems are); "
+                         "raise data.max_prompt_tokens or set data.long_prompts=skip")
+    if long:
+        drop = set(long)
+        problems = [p for i, p in enumerate(problems) if i not in drop]
+        if not problems:
+            raise ValueError(f"{source}: all {len(drop)} problems have prompts longer than data.max_prompt_tokens="
+                             f"{max_prompt_tokens}; nothing is left to train on after data.long_prompts=skip, raise "
+                             "data.max_prompt_tokens")
+        if log:
+            print(f"[data] skipped {len(drop)} of {len(drop) + len(problems)} problems whose prompt is longer than "
+                  f"data.max_prompt_tokens={max_prompt_tokens} (data.long_prompts=skip)", flush=True)
+    if need_solution:
+        missing = [p for p in problems if not (isinstance(p.get("solution"), str) and p["solution"].strip())]
+        if missing:
+            raise ValueError(f"{source}: problem {missing[0].get('id')} has no solution text ({len(missing)} of "
+                             f"{len(problems)} problems have none); KD, Stage I and the export's held-out check use "
+                             "worked solutions (a solution, reasoning or rationale field)")
+    return problems

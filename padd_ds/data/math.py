@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from padd_ds.config import REPO_ROOT
+from padd_ds.config import REPO_ROOT, expand_user
 from padd_ds.eval.grading import last_boxed
 
 
@@ -139,9 +139,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{lineno}", json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a problem record") from None
+            yield f"{path}:{lineno}", row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -149,6 +152,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to hold problem records") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of problem objects, got a {type(data).__name__}; "
                          f"write one object per array element (or use JSONL)")
@@ -181,7 +186,7 @@ _HUB_ID = re.compile(r"^(?:hf:)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?::([\w.\-]+))?$"
 
 def _rows(source: str | os.PathLike, split: str) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs; location names the file and line/row for error messages."""
-    path = Path(source).expanduser()
+    path = expand_user(source)
     if path.is_dir():
         return _dataset_rows(str(path), None, split)
     if path.is_file():

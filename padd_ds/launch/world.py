@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import Bridge
+from padd_ds.launch.liveness import Liveness
 from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
                                   student_to_teacher, students_of_teacher, sub_world_env)
 
@@ -29,6 +30,8 @@ class World:
     # replicas: each teacher rank serves its own block of students; zero3: the teacher ranks
     # hold one sharded teacher and the first of them serves every student.
     teacher_parallel: str = "replicas"
+    # Heartbeats of every rank, to name the lost one when a collective fails (launch/liveness.py).
+    liveness: Liveness | None = None
 
     @property
     def is_student(self) -> bool:
@@ -65,10 +68,13 @@ def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
     """Detect the launcher, assign roles, connect the bridge, init the student DS world."""
     env = env or detect_launch()
     roles = assign_roles(env, cfg.topology.teacher_ranks, cfg.topology.colocated)
-    bridge = None
+    bridge = liveness = None
     if roles.role != "colocated":
         addr, port = bridge_address(env, cfg.topology.bridge_port)
         bridge = Bridge(addr, port, env.rank, env.world_size, cfg.topology.timeout_s)
+        liveness = Liveness(addr, port, env.rank, env.world_size,
+                            {r: "student" if r < roles.num_student else "teacher" for r in range(env.world_size)},
+                            exit_after_s=cfg.topology.timeout_s)
     apply_env(sub_world_env(env, roles))
     sharded_teacher = roles.role == "teacher" and cfg.teacher.parallel == "zero3" and roles.num_teacher > 1
     if roles.role in ("student", "colocated") or sharded_teacher:
@@ -80,7 +86,7 @@ def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
                                    timeout=datetime.timedelta(seconds=cfg.topology.timeout_s))
         release_shm_names()
     parallel = cfg.teacher.parallel if roles.num_teacher > 1 else "replicas"
-    return World(env, roles, bridge, teacher_parallel=parallel)
+    return World(env, roles, bridge, teacher_parallel=parallel, liveness=liveness)
 
 
 def release_shm_names() -> None:
@@ -138,6 +144,7 @@ def run_guarded(main, world_factory):
         who = (f"rank {world.env.rank} ({world.roles.role})" if world is not None
                else f"rank {os.environ.get('RANK', '?')}")
         traceback.print_exc()
-        print(f"padd-ds: {who} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        lost = world.liveness.diagnose(e) if world is not None and world.liveness is not None else None
+        print(f"padd-ds: {who} failed: {lost + ': ' if lost else ''}{type(e).__name__}: {e}", file=sys.stderr)
         finish(None, 1)
     finish(world, 0)

@@ -46,7 +46,7 @@ def _all_sum(values: list[float]) -> list[float]:
 
 def update_on_rollouts(engine, batch: TokenBatch, adv: torch.Tensor, prev_routers: list[torch.Tensor],
                        cfg: PaddConfig, policy_cfg: Stage3Config, num_students: int,
-                       teacher_logits: Callable[[], object] | None = None) -> StepResult:
+                       teacher_logits: Callable[[], object] | None = None, guard=None, step: int = 0) -> StepResult:
     s2, s4 = cfg.stage2, cfg.stage4
     mod = engine.module
     n_experts = routers(mod)[0].num_experts
@@ -78,8 +78,11 @@ def update_on_rollouts(engine, batch: TokenBatch, adv: torch.Tensor, prev_router
     if s4.aux_loss_coeff > 0:
         local = torch.stack([torch.bincount(x[valid].flatten(), minlength=n_experts) for x in sel]).float()
         loss = loss + s4.aux_loss_coeff * switch_aux_loss(torch.stack(scores), local, valid)
-    engine.backward(loss)
-    engine.step()
+    if guard is None:
+        engine.backward(loss)
+        engine.step()
+    else:  # rl/guard.py: a non-finite loss on any rank skips this step on all of them
+        guard.backward_step(engine, loss, step)
     keep_router_inputs(mod, False)
     set_routing(mod, "learned", record=False)
 

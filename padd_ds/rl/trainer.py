@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from padd_ds.config import ConfigError, PaddConfig, dump_yaml, resolve_model_path, to_dict
-from padd_ds.data.batch import TokenBatch, encode_examples
+from padd_ds.data.batch import TokenBatch, encode_examples, usable_problems
 from padd_ds.data.math import load_heldout_problems, load_train_problems
 from padd_ds.data.splits import split_pool
 from padd_ds.eval.evaluate import evaluate_problems
@@ -31,6 +31,7 @@ from padd_ds.models.export import engine_routes, export_engine, fold_router_bias
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.rl import checkpoint as ckpt
+from padd_ds.rl.guard import NonFiniteGuard
 from padd_ds.teacher.feed import BatchPlan, TeacherFeed
 from padd_ds.teacher.service import ClusterMap, LocalTeacher, RemoteTeacher, TeacherModel, serve
 from padd_ds.teacher.sparse import sparse_kd_loss
@@ -307,6 +308,8 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
     pool = load_train_problems(cfg.data.source, cfg.data.question_field, cfg.data.answer_field)
+    pool = usable_problems(tok, pool, cfg.data.max_prompt_tokens, cfg.data.long_prompts,  # long prompts, no solution
+                           source=f"data.source={cfg.data.source}", log=world.is_main)
     parts = split_pool(pool, cfg.data.split_fractions, cfg.run.seed)
 
     def encode(problems: list[dict]) -> TokenBatch:
@@ -403,6 +406,8 @@ def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, p
     rank, num_students = world.roles.student_rank or 0, max(1, world.roles.num_student)
     start = state["step"] if state else 0
     history: list[dict] = list(state.get("history", [])) if state else []
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # NaN/inf loss on any rank: skip the step everywhere
+    guard.load_state_dict(state and state.get("nonfinite"))
     plan = BatchPlan(len(problems), cfg.train.micro_batch_size, num_students, cfg.train.grad_accum, cfg.run.seed)
     feed = TeacherFeed(teacher, encode, problems, plan, rank, cfg.train.steps, cfg.teacher.prefetch, start_step=start)
     progress = _progress(cfg, world, cfg.train.steps)
@@ -416,8 +421,7 @@ def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, p
         kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
         lm = lm_loss(logits, batch, denom=denom)
         loss = cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm
-        engine.backward(loss)
-        engine.step()
+        guard.backward_step(engine, loss, step)
 
         window["kd"] += kd.item() * denom        # back to sums, for exact global means
         window["lm"] += lm.item() * denom
@@ -431,13 +435,14 @@ def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, p
                                                           feed.wait_s - window["wait"], window["tokens"]])
             row = {"train/kd_loss": kd_s / count, "train/lm_loss": lm_s / count,
                    "teacher/wait_fraction": wait_s / num_students / dt, "train/tokens_per_s": tokens / dt,
-                   "train/lr": engine.get_lr()[0]}
+                   "train/lr": engine.get_lr()[0], "train/nonfinite_skipped": guard.skipped}
             history.append({"step": step + 1, **row})
             logger.log(row, step + 1)
             if progress is not None:
                 progress.update(step + 1, row)
             window = new_window()
-        if _maybe_save(cfg, engine, ckpt_dir, step + 1, {"history": history}, preempt):
+        if _maybe_save(cfg, engine, ckpt_dir, step + 1, {"history": history, "nonfinite": guard.state_dict()},
+                       preempt):
             stopped = step + 1
             break
     if progress is not None:
@@ -485,6 +490,8 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
         start, history, snap_prev = state["step"], list(state["history"]), state["router_snapshot"]
         controller.load_state_dict(state["balance"])
         set_bias(mod, controller.bias)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # NaN/inf loss on any rank: skip the step everywhere
+    guard.load_state_dict(state and state.get("nonfinite"))
     progress = _progress(cfg, world, cfg.train.steps)
     window: dict[str, float] = {}
     routing_log = None
@@ -521,7 +528,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
                     out = teacher.result(rid)
                     add("wait_s", teacher.stats.wait_s - w0)
                     return out.logits
-            res = update_on_rollouts(engine, batch, adv, prev, cfg, policy_cfg, num_students, fetch)
+            res = update_on_rollouts(engine, batch, adv, prev, cfg, policy_cfg, num_students, fetch, guard, step)
             counts += res.counts
             adv_sum += res.adv_sum
             adv_cnt += res.adv_count
@@ -565,7 +572,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
                    "routing/load_max": float(nl.max()), "routing/load_min": float(nl.min()),
                    "routing/load_entropy": float(-(load * load.clamp(min=1e-12).log()).sum(1).mean() / math.log(N)),
                    "routing/bias_norm": float(controller.bias.norm()),
-                   "train/lr": engine.get_lr()[0]}
+                   "train/lr": engine.get_lr()[0], "train/nonfinite_skipped": guard.skipped}
             if use_teacher:
                 row.update({"train/kd_loss": tot["kd_loss"] / max(tot["resp_tokens"], 1),
                             "train/kd_temperature": tot["kd_temperature"] / tot["responses"],
@@ -578,7 +585,8 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
                 progress.update(step + 1, row)
             window, t_window = {}, time.perf_counter()
         if _maybe_save(cfg, engine, ckpt_dir, step + 1,
-                       {"history": history, "balance": controller.state_dict(), "router_snapshot": snap_prev}, preempt):
+                       {"history": history, "balance": controller.state_dict(), "router_snapshot": snap_prev,
+                        "nonfinite": guard.state_dict()}, preempt):
             if progress is not None:
                 progress.close()
             return history, step + 1

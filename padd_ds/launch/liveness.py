@@ -1,0 +1,152 @@
+"""Which rank was lost? Heartbeats in the launch's store, read when a rank fails.
+
+When a rank dies, its peers fail inside whatever collective or bridge call they were in, and
+gloo says only "Connection reset by peer [127.0.0.1]:41234". So every rank of the launch
+bumps a counter in the bridge's TCPStore (hosted by rank 0) every `period_s` and keeps the
+time it last saw each peer's counter move. A rank that fails with a communication error then
+waits a few seconds for the picture to settle and names the peers whose heartbeat stopped,
+longest silent first (the first to go is the one that was lost; the others followed it).
+If the store itself is gone, its host, rank 0, is the one that was lost.
+
+It is also the watchdog for hangs: not every collective honours a timeout (gloo groups that
+DeepSpeed creates itself, e.g. AutoEP's expert-parallel groups, wait 30 minutes, and a
+student whose peer is frozen was seen waiting there indefinitely), so a rank whose peer has
+been silent for `exit_after_s` (topology.timeout_s) prints the same diagnosis and exits 1.
+
+    live = Liveness(addr, port, rank, world_size, names={0: "student", 1: "student", 2: "teacher"})
+    ...
+    live.diagnose(error)   # "lost rank 1 (student): no heartbeat for 4s" or None
+
+Cost: one background thread per rank, two small store requests per period.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from datetime import timedelta
+
+_PEER_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket|"
+                         r"peer|bridge", re.I)
+
+
+def looks_like_peer_failure(error: BaseException) -> bool:
+    """A failure of communication (a collective or the bridge), not of this rank's own work."""
+    from padd_ds.launch.bridge import BridgeError
+
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, BridgeError):
+            return True
+        try:
+            import torch.distributed as dist
+
+            if isinstance(e, dist.DistError):
+                return True
+        except (ImportError, AttributeError):
+            pass
+        if type(e) is RuntimeError and _PEER_ERROR.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class Liveness:
+    def __init__(self, addr: str, port: int, rank: int, world_size: int, names: dict[int, str],
+                 period_s: float = 1.0, stale_s: float = 3.0, host: int = 0, exit_after_s: float | None = None):
+        self.addr, self.port, self.rank, self.world_size = addr, port, rank, world_size
+        self.names, self.period_s, self.stale_s, self.host = names, period_s, stale_s, host
+        self.exit_after_s = exit_after_s
+        self.peers = [r for r in range(world_size) if r != rank]
+        self._lock = threading.Lock()
+        self._values: dict[int, int] = {}
+        self._changed: dict[int, float] = {}   # peer -> monotonic time its counter last moved
+        self._store_lost: float | None = None  # when the store stopped answering
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="padd-liveness", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import torch.distributed as dist
+
+        keys = {r: f"padd/heartbeat/{r}" for r in range(self.world_size)}
+        try:
+            store = dist.TCPStore(self.addr, self.port, self.world_size, False,
+                                  timeout=timedelta(seconds=max(5.0, 3 * self.period_s)), wait_for_workers=False)
+            all_seen = False
+            while True:
+                store.add(keys[self.rank], 1)
+                peer_keys = [keys[r] for r in self.peers]
+                all_seen = all_seen or store.check(peer_keys)
+                if all_seen and peer_keys:
+                    values = [int(v) for v in store.multi_get(peer_keys)]
+                    now = time.monotonic()
+                    with self._lock:
+                        for r, v in zip(self.peers, values):
+                            if self._values.get(r) != v:
+                                self._values[r], self._changed[r] = v, now
+                    quiet = self.silent()[0]
+                    if self.exit_after_s is not None and quiet and quiet[0][1] > self.exit_after_s:
+                        self._exit()
+                if self._stop.wait(self.period_s):
+                    return
+        except Exception:  # noqa: BLE001 - the store (rank 0) is gone or unreachable; that is the news
+            with self._lock:
+                self._store_lost = time.monotonic()
+        # A process that outlives its store by exit_after_s (a normal exit takes milliseconds) hangs.
+        if self.exit_after_s is not None and not self._stop.wait(self.exit_after_s):
+            self._exit()
+
+    def _exit(self) -> None:
+        """The watchdog: a peer has been silent longer than any wait may last."""
+        import os
+        import sys
+
+        quiet, store_lost = self.silent()
+        lost = self._explain(quiet, store_lost) or "lost a peer"
+        print(f"padd-ds: {self.describe(self.rank)} failed: {lost}: nothing may wait longer than "
+              f"topology.timeout_s={self.exit_after_s:.0f}; exiting", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def silent(self) -> tuple[list[tuple[int, float]], bool]:
+        """(peers whose heartbeat stopped, with seconds of silence, longest first; store lost?).
+        Silence is measured up to the moment the store was lost: after that nothing is known."""
+        with self._lock:
+            until = self._store_lost if self._store_lost is not None else time.monotonic()
+            quiet = [(r, until - t) for r, t in self._changed.items() if until - t > self.stale_s]
+            return sorted(quiet, key=lambda x: -x[1]), self._store_lost is not None
+
+    def describe(self, r: int) -> str:
+        return f"rank {r} ({self.names.get(r, '?')})"
+
+    def diagnose(self, error: BaseException, wait_s: float | None = None) -> str | None:
+        """For a communication failure: which peer(s) were lost, as one clause, or None when
+        every peer still has a heartbeat (or the error is this rank's own)."""
+        try:
+            return self._diagnose(error, wait_s)
+        except Exception:  # noqa: BLE001 - a diagnosis must never hide the error it explains
+            return None
+
+    def _diagnose(self, error: BaseException, wait_s: float | None) -> str | None:
+        if not looks_like_peer_failure(error):
+            return None
+        deadline = time.monotonic() + (self.stale_s + 2 * self.period_s if wait_s is None else wait_s)
+        while True:
+            quiet, store_lost = self.silent()
+            if quiet or store_lost or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        return self._explain(quiet, store_lost)
+
+    def _explain(self, quiet: list[tuple[int, float]], store_lost: bool) -> str | None:
+        parts = [f"{self.describe(r)}: no heartbeat for {s:.0f}s" for r, s in quiet]
+        if store_lost and self.host != self.rank and self.host not in [r for r, _ in quiet]:
+            parts.append(f"{self.describe(self.host)}: unreachable (it hosts the launch's store)")
+        return ("lost " + "; ".join(parts)) if parts else None
