@@ -41,6 +41,8 @@ def agreed() -> bool:
     import deepspeed.comm as dist
     import torch
 
+    from padd_ds.launch.comm import all_reduce_
+
     flag = torch.tensor([1 if _received else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    all_reduce_(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from padd_ds.launch.comm import all_reduce_
+
 SHARD_BYTES = 4 * 1024**3
 _EXPERT = re.compile(r"^(.*\.experts)\.(w1|w2|w3)$")
 _ROUTER = re.compile(r"^(.*)\.router\.gate\.(weight|bias)$")
@@ -199,7 +201,6 @@ def fold_router_bias(engine, batches: list, max_tokens: int = 4096, iters: int =
     loss and gradients are summed over ranks, so every rank ends with the same W'. Returns
     (weights, the engine's choices on this rank's batches [batch][layer] -> [T, k]).
     """
-    import deepspeed.comm as dist
 
     from padd_ds.models.router import keep_router_inputs, router_inputs, router_scores, router_selected
     from padd_ds.models.router import router_weights, routers, set_routing
@@ -233,7 +234,7 @@ def fold_router_bias(engine, batches: list, max_tokens: int = 4096, iters: int =
     for l in range(len(rs)):
         x, q = torch.cat(xs[l])[:max_tokens], torch.cat(qs[l])[:max_tokens]
         n_tok = torch.tensor([float(x.shape[0])], dtype=torch.float64)
-        dist.all_reduce(n_tok)
+        all_reduce_(n_tok)
         w = current[l].clone().requires_grad_(True)
         opt = torch.optim.LBFGS([w], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-9, tolerance_change=1e-12)
@@ -244,7 +245,7 @@ def fold_router_bias(engine, batches: list, max_tokens: int = 4096, iters: int =
             loss = -(q * logp).sum() / float(n_tok)
             loss.backward()
             packed = torch.cat([loss.detach().reshape(1), w.grad.reshape(-1)]).double()
-            dist.all_reduce(packed)  # every rank sees the global loss and gradient
+            all_reduce_(packed)  # every rank sees the global loss and gradient
             w.grad.copy_(packed[1:].view_as(w.grad).to(w.grad.dtype))
             return packed[0].to(loss.dtype)
 

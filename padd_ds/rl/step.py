@@ -37,11 +37,9 @@ class StepResult:
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import deepspeed.comm as dist
+    from padd_ds.launch.comm import all_sum
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_sum(values)
 
 
 def update_on_rollouts(engine, batch: TokenBatch, adv: torch.Tensor, prev_routers: list[torch.Tensor],

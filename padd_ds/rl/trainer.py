@@ -26,6 +26,7 @@ from padd_ds.data.batch import TokenBatch, encode_examples, usable_problems
 from padd_ds.data.math import load_heldout_problems, load_train_problems
 from padd_ds.data.splits import split_pool
 from padd_ds.eval.evaluate import evaluate_problems
+from padd_ds.launch.comm import all_reduce_
 from padd_ds.launch.world import World
 from padd_ds.models.export import engine_routes, export_engine, fold_router_bias, routing_fidelity
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
@@ -170,11 +171,9 @@ def lm_loss(logits: torch.Tensor, batch: TokenBatch, denom: float | torch.Tensor
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import deepspeed.comm as dist
+    from padd_ds.launch.comm import all_sum
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_sum(values)
 
 
 def global_token_count(batch: TokenBatch) -> float:
@@ -468,7 +467,6 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
     previous step (the "previous routers" of the method), which is where routes jump."""
     import dataclasses
 
-    import deepspeed.comm as dist
 
     from padd_ds.models.router import router_weights, routers, set_bias
     from padd_ds.rl.balance import BiasController
@@ -547,7 +545,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
             add("micro", 1)
 
         for t in (counts, adv_sum, adv_cnt):
-            dist.all_reduce(t)
+            all_reduce_(t)
         load = (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()             # f_j per layer
         if s4.enabled:
             controller.update(counts, adv_sum, adv_cnt)

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from padd_ds.launch.comm import broadcast_, gather
 from padd_ds.teacher.sparse import SparseLogits
 
 _STOP = 0
@@ -38,42 +39,36 @@ class ShardedTeacher:
               seed: int = 0, outputs: int = 1):
         if self.rank != 0:
             raise RuntimeError("only teacher rank 0 takes requests; the others run member_loop()")
-        import deepspeed.comm as dist
 
         code = {v: c for c, v in _MODES.items()}[mode]
-        dist.broadcast(torch.tensor([code, ids.shape[0], ids.shape[1], k, seed, outputs], dtype=torch.int64), 0)
-        dist.broadcast(ids.contiguous(), 0)
-        dist.broadcast(lengths.contiguous(), 0)
+        broadcast_(torch.tensor([code, ids.shape[0], ids.shape[1], k, seed, outputs], dtype=torch.int64), 0)
+        broadcast_(ids.contiguous(), 0)
+        broadcast_(lengths.contiguous(), 0)
         return self._score(ids, lengths, k, mode, seed, outputs)
 
     def stop(self) -> None:
-        import deepspeed.comm as dist
-
         if self.rank == 0:
-            dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), 0)
+            broadcast_(torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), 0)
 
     # -- every rank -------------------------------------------------------------------------
     def member_loop(self) -> int:
         """Score the leader's batches until it stops; returns how many were scored."""
-        import deepspeed.comm as dist
-
         n = 0
         while True:
             head = torch.empty(6, dtype=torch.int64)
-            dist.broadcast(head, 0)
+            broadcast_(head, 0)
             kind, b, l, k, seed, outputs = head.tolist()
             if kind == _STOP:
                 return n
             ids = torch.empty((b, l), dtype=torch.int64)
             lengths = torch.empty((b,), dtype=torch.int64)
-            dist.broadcast(ids, 0)
-            dist.broadcast(lengths, 0)
+            broadcast_(ids, 0)
+            broadcast_(lengths, 0)
             self._score(ids, lengths, k, _MODES[kind], seed, outputs)
             n += 1
 
     @torch.no_grad()
     def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int, outputs: int):
-        import deepspeed.comm as dist
 
         from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs
 
@@ -92,9 +87,7 @@ class ShardedTeacher:
         for t in mine:
             pad = torch.zeros((chunk, *t.shape[1:]), dtype=t.dtype)
             pad[:n_mine] = t[:n_mine]
-            gathered = [torch.empty_like(pad) for _ in range(self.size)] if self.rank == 0 else None
-            dist.gather(pad, gathered, dst=0)
-            parts.append(gathered)
+            parts.append(gather(pad, dst=0))
         if self.rank != 0:
             return None
         full = [torch.cat(p, 0)[:B].contiguous() for p in parts]
