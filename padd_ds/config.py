@@ -150,9 +150,16 @@ class Stage1Config:
     # Short: experts start from teacher neurons (or a pre-trained MoE); the warmup only has
     # to align them under the uniform router before the real router takes over.
     warmup_steps: int = 100
+    # Learning rate of the warmup; null = train.lr. The warmup is supervised (LM + KD on
+    # reference solutions) and tolerates a far larger step than the RL stages after it.
+    lr: Optional[float] = None
     # The paper freezes the router at uniform 1/N over all experts; with all experts on, a
-    # decompressed student reproduces the dense FFN exactly.
-    warmup_router: Literal["uniform_all", "uniform_random_topk"] = "uniform_all"
+    # decompressed student reproduces the dense FFN exactly. uniform_random_topk: k random
+    # experts at 1/k each (the other reading). learned: route with the student's own router
+    # (no uniform phase) - our switch for a pre-trained MoE, whose experts were trained with
+    # their router: a uniform phase measurably breaks them (README, Stage I), the router
+    # then trains with all three terms.
+    warmup_router: Literal["uniform_all", "uniform_random_topk", "learned"] = "uniform_all"
     # Maps teacher hidden states to the student's for the router init when the hidden sizes
     # differ; the paper does not say how - a least-squares fit on D_A is the simplest exact map.
     projection: Literal["lstsq", "none"] = "lstsq"
@@ -838,6 +845,8 @@ def _check_ranges(cfg: PaddConfig) -> None:
     non_negative("stage1.alpha", s1.alpha)
     non_negative("stage1.beta", s1.beta)
     non_negative("stage1.warmup_steps", s1.warmup_steps)
+    if s1.lr is not None:
+        positive("stage1.lr", s1.lr)
     positive("stage1.decompress_experts", s1.decompress_experts)
     positive("stage1.decompress_top_k", s1.decompress_top_k)
 

@@ -30,17 +30,15 @@ from padd_ds.teacher.sparse import sparse_kd_loss
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import deepspeed.comm as dist
+    from padd_ds.launch.comm import all_sum
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_sum(values)
 
 
 def _all_reduce_(t: torch.Tensor) -> None:
-    import deepspeed.comm as dist
+    from padd_ds.launch.comm import all_reduce_
 
-    dist.all_reduce(t)
+    all_reduce_(t)
 
 
 def _lm_sum(logits: torch.Tensor, batch) -> torch.Tensor:
@@ -154,6 +152,11 @@ class Stage1:
             return history
         mod = self.engine.module
         set_routing(mod, s1.warmup_router, record=True, seed=cfg.run.seed)
+        groups = self.engine.optimizer.param_groups
+        main_lrs = [g["lr"] for g in groups]
+        if s1.lr is not None:
+            for g in groups:
+                g["lr"] = s1.lr
         feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13)
         win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
         for step, _, batch, out in feed:
@@ -181,6 +184,8 @@ class Stage1:
                 self.log(row, step + 1)
                 win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
         set_routing(mod, "learned", record=False)
+        for g, lr in zip(groups, main_lrs):
+            g["lr"] = lr
         return history
 
     def run(self, decompressed: bool) -> dict:
