@@ -80,6 +80,18 @@ def test_fitted_router_beats_a_random_one(pretrained_runs, tmp_path):
     assert fitted["after_warmup"]["kd_loss"] < 1.05 * rand["after_warmup"]["kd_loss"], (fitted, rand)
 
 
+def test_warmup_learning_rate_and_learned_router(toy_world, tmp_path):
+    """stage1.lr governs the warmup only: at ~0 a kept router warmed up with its own routes
+    leaves the student unchanged, and the main phase then runs at train.lr."""
+    _one(tmp_path, "--set", "stage1.router_init=keep", "--set", "stage1.warmup_router=learned",
+         "--set", "stage1.lr=1e-12", "--set", "train.lr=2e-4")
+    res = read_results(tmp_path)
+    s = res["stage1"]
+    assert s["router_init"] == "kept"
+    assert s["after_warmup"] == pytest.approx(s["before"], rel=1e-6, abs=1e-7), s
+    assert [h["train/lr"] for h in res["history"]] == [2e-4]
+
+
 def test_decompressed_student_starts_warmup_as_its_teacher(toy_world, tmp_path):
     _three(tmp_path, "--set", "models.student=null", "--set", "train.log_every=1")
     res = read_results(tmp_path)
