@@ -34,6 +34,7 @@ ARMS = [
     ("pretrained + fitted", ["stage1.router_init=centroids"]),
     ("pretrained + random", ["stage1.router_init=random"]),
     ("pretrained + kept", ["stage1.router_init=keep"]),
+    ("pretrained + kept, own router", ["stage1.router_init=keep", "stage1.warmup_router=learned"]),
     ("decompressed + centroids", ["models.student=null", "stage1.router_init=centroids"]),
     ("decompressed + random", ["models.student=null", "stage1.router_init=random"]),
     ("decompressed + centroids, random top-k",
@@ -65,9 +66,9 @@ def run_arm(overrides: list[str], warmup: int, out: Path) -> tuple[dict, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--warmup-steps", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="20 warmup steps, the three pretrained arms only")
+    ap.add_argument("--quick", action="store_true", help="20 warmup steps, the pretrained arms only")
     args = ap.parse_args()
-    arms = ARMS[:3] if args.quick else ARMS
+    arms = ARMS[:4] if args.quick else ARMS
     warmup = 20 if args.quick else args.warmup_steps
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
