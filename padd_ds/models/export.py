@@ -29,6 +29,15 @@ from padd_ds.launch.comm import all_reduce_
 SHARD_BYTES = 4 * 1024**3
 _EXPERT = re.compile(r"^(.*\.experts)\.(w1|w2|w3)$")
 _ROUTER = re.compile(r"^(.*)\.router\.gate\.(weight|bias)$")
+_SCORE_BIAS = re.compile(r"^(.*)\.router\.e_score_correction_bias$")
+
+
+def has_bias_slot(module: torch.nn.Module) -> bool:
+    """True when the routers carry DeepSeek-V3's selection bias (`e_score_correction_bias`):
+    the Stage IV bias then exports exactly (added to it), with no fold."""
+    from padd_ds.models.router import routers
+
+    return all(getattr(r, "e_score_correction_bias", None) is not None for r in routers(module))
 
 
 def _is_expert_param(p) -> bool:
@@ -143,6 +152,18 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
             shard_bytes += ht.numel() * ht.element_size()
             if shard_bytes >= SHARD_BYTES:
                 flush()
+    # DeepSeek-V3's selection bias is a buffer: selection there is top-k(scores + e_score_
+    # correction_bias), ours top-k(scores + padd_bias + e_score_correction_bias), so their sum
+    # in the slot reproduces the engine's routes exactly.
+    for name, buf in module.named_buffers():
+        m = _SCORE_BIAS.match(name)
+        if m is None or rank != 0:
+            continue
+        padd = module.get_submodule(name.rsplit(".", 1)[0]).padd_bias
+        hf_name = f"{m.group(1)}.gate.e_score_correction_bias"
+        if hf_name not in expected:
+            raise ValueError(f"export: engine buffer {name} maps to '{hf_name}', which the architecture does not have")
+        shard[hf_name] = (buf.detach().float().cpu() + padd.detach().float().cpu()).to(dtype).contiguous()
     if rank != 0:
         dist.barrier()
         return None

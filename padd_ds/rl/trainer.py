@@ -28,7 +28,7 @@ from padd_ds.data.splits import split_pool
 from padd_ds.eval.evaluate import evaluate_problems
 from padd_ds.launch.comm import all_reduce_
 from padd_ds.launch.world import World
-from padd_ds.models.export import engine_routes, export_engine, fold_router_bias, routing_fidelity
+from padd_ds.models.export import engine_routes, export_engine, fold_router_bias, has_bias_slot, routing_fidelity
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.rl import checkpoint as ckpt
@@ -358,13 +358,15 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     held_batches = [encode([parts["D"][j] for j in held.indices(i, 0, rank)])
                     for i in range(min(8, held.batches_per_epoch))]
     fit_batches, fidelity_batches = held_batches[0::2], held_batches[1::2]  # fidelity on tokens the fold never saw
-    folded, _ = fold_router_bias(engine, fit_batches)
+    exact_bias = has_bias_slot(engine.module)  # DeepSeek-V3: the bias has a slot, no fold needed
+    folded = None if exact_bias else fold_router_bias(engine, fit_batches)[0]
     engine_choices = engine_routes(engine, fidelity_batches)
     export_dir = run_dir / "hf"
     export_engine(engine, export_dir, tokenizer=tok, router_weights=folded,
                   metadata={"source": "padd-ds", "mode": cfg.train.mode, "steps": cfg.train.steps,
                             "teacher": cfg.models.teacher, "student": cfg.models.student,
-                            "router_bias": "folded into the router weights (least squares, see "
+                            "router_bias": "added to e_score_correction_bias (exact)" if exact_bias else
+                                           "folded into the router weights (softmax regression, see "
                                            "padd_ds/models/export.py)" if folded is not None else "zero"})
     probe, engine_logits = probe_logits(engine, tok, cfg, pool)
     ckpt_dir = ckpt.latest_valid(ckpt_dir) or ckpt_dir
@@ -383,7 +385,7 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
         result = {"teacher": teacher_eval, "student_before": before, "student_after": after,
                   "history": history, "teacher_wait_s": teacher.stats.wait_s,
                   "export_max_abs_logit_diff": export_diff, "export_routing_fidelity": fidelity,
-                  "export_bias_folded": folded is not None, "stage1": stage1,
+                  "export_bias_folded": folded is not None, "export_bias_exact": exact_bias, "stage1": stage1,
                   "checkpoint": str(ckpt_dir), "export": str(export_dir)}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
         logger.summary({"eval/teacher_acc": teacher_eval["accuracy"],
