@@ -256,6 +256,12 @@ class Stage3Config:
     # data.max_response_tokens.
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
+    # Optimiser steps on each batch of rollouts. 1: strictly on-policy, the ratio is 1 at the
+    # update, so the clip never acts, GRPO and GSPO give the same gradient and PR-GRPO's drift
+    # penalty only rescales bad tokens (measured: MoE-GRPO, RSPO and GSPO runs agree to 4-7
+    # digits). > 1: PPO-style reuse against the sampling policy's log-probs (computed once
+    # before the first update), where clipping and the policy variants differ.
+    updates_per_batch: int = 1
 
 
 @dataclass
@@ -869,6 +875,7 @@ def _check_ranges(cfg: PaddConfig) -> None:
     _require(0 < s3.seq_clip_eps < 1, f"stage3.seq_clip_eps must be in (0, 1), got {s3.seq_clip_eps}")
     _require(0 <= s3.rspo_min_weight <= 1, f"stage3.rspo_min_weight must be in [0, 1], got {s3.rspo_min_weight}")
     non_negative("stage3.reward_correct", s3.reward_correct)
+    positive("stage3.updates_per_batch", s3.updates_per_batch)
     non_negative("stage3.reward_format", s3.reward_format)
 
     s4 = cfg.stage4

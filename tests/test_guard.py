@@ -16,7 +16,13 @@ from padd_ds.config import ConfigError, load_config, validate
 def test_guard_on_two_zero3_ranks():
     p = run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                  str(free_port()), str(REPO / "tests" / "_guard_engine.py")], timeout=300)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines() if "RESULT " in line]
+    # Two ranks share the launcher's stdout: their lines may land back to back, so decode each
+    # "RESULT {...}" object where it starts rather than line by line.
+    dec, out, results, i = json.JSONDecoder(), p.stdout, [], p.stdout.find("RESULT ")
+    while i >= 0:
+        obj, end = dec.raw_decode(out, i + len("RESULT "))
+        results.append(obj)
+        i = out.find("RESULT ", end)
     assert sorted(r["rank"] for r in results) == [0, 1], p.stdout[-3000:]
     for r in results:
         # A NaN on one rank skips the step on both; the weights are bit-identical to an engine

@@ -1,4 +1,5 @@
-"""One optimiser micro-step of Stages II-IV on a batch of scored rollouts.
+"""The optimiser step(s) of Stages II-IV on a batch of scored rollouts
+(`stage3.updates_per_batch`, 1 by default: strictly on-policy).
 
     res = update_on_rollouts(engine, batch, adv, prev_routers, cfg, policy_cfg, num_students,
                              teacher_logits=lambda: teacher.result(rid).logits)
@@ -53,36 +54,51 @@ def update_on_rollouts(engine, batch: TokenBatch, adv: torch.Tensor, prev_router
     denom = (n_resp_tokens if policy_cfg.loss_agg == "token_mean" else batch.ids.shape[0] * num_students) / num_students
     kd_denom = n_resp_tokens / num_students
 
-    set_routing(mod, "learned", record=True)
-    keep_router_inputs(mod, True)
-    logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-    new_logp = token_logprobs(logits, batch)
-    valid = batch.attention_mask.bool().reshape(-1)
-    scores = router_scores(mod)
-    with torch.no_grad():
-        p_new = torch.stack([p.detach().float() for p in scores])                            # [L, T, N]
-        p_old = torch.stack([torch.softmax(x.float() @ w.T, dim=-1) for x, w in zip(router_inputs(mod), prev_routers)])
-        gamma = router_drift(p_new, p_old).view(batch.ids.shape)                             # [B, S]
-    # One update per rollout batch: the sampling policy is the current one (ratio 1 at the update).
-    loss, pstats = policy_loss(new_logp, new_logp.detach(), adv, batch.loss_mask, policy_cfg, drift=gamma, denom=denom)
-    stats = {"policy_loss": float(pstats["pg_loss"]) * denom,
-             "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
-    if teacher_logits is not None:
-        kd, kstats = adaptive_kd_loss(logits, teacher_logits(), batch.loss_mask, adv, s2, denom=kd_denom)
-        loss = loss + s2.kd_weight * kd
-        stats["kd_loss"] = kd.item() * kd_denom
-        stats["kd_temperature"] = float(kstats["kd_temperature_mean"]) * batch.ids.shape[0]
-    sel = router_selected(mod)
-    if s4.aux_loss_coeff > 0:
-        local = torch.stack([torch.bincount(x[valid].flatten(), minlength=n_experts) for x in sel]).float()
-        loss = loss + s4.aux_loss_coeff * switch_aux_loss(torch.stack(scores), local, valid)
-    if guard is None:
-        engine.backward(loss)
-        engine.step()
-    else:  # rl/guard.py: a non-finite loss on any rank skips this step on all of them
-        guard.backward_step(engine, loss, step)
-    keep_router_inputs(mod, False)
-    set_routing(mod, "learned", record=False)
+    n_updates = policy_cfg.updates_per_batch
+    old_logp = None
+    if n_updates > 1:  # the sampling policy's log-probs: every update's ratio is against them
+        with torch.no_grad():
+            old_logp = token_logprobs(engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits, batch)
+    target = None
+    stats: dict[str, float] = {}
+    for update in range(n_updates):
+        set_routing(mod, "learned", record=True)
+        keep_router_inputs(mod, True)
+        logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+        new_logp = token_logprobs(logits, batch)
+        valid = batch.attention_mask.bool().reshape(-1)
+        scores = router_scores(mod)
+        with torch.no_grad():
+            p_new = torch.stack([p.detach().float() for p in scores])                        # [L, T, N]
+            p_old = torch.stack([torch.softmax(x.float() @ w.T, dim=-1)
+                                 for x, w in zip(router_inputs(mod), prev_routers)])
+            drift = router_drift(p_new, p_old).view(batch.ids.shape)                         # [B, S]
+        # With one update the sampling policy is the current one (ratio 1 at the update).
+        loss, pstats = policy_loss(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
+                                   batch.loss_mask, policy_cfg, drift=drift, denom=denom)
+        part = {"policy_loss": float(pstats["pg_loss"]) * denom,
+                "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
+        if teacher_logits is not None:
+            target = teacher_logits() if target is None else target  # fetched once, after the first forward
+            kd, kstats = adaptive_kd_loss(logits, target, batch.loss_mask, adv, s2, denom=kd_denom)
+            loss = loss + s2.kd_weight * kd
+            part["kd_loss"] = kd.item() * kd_denom
+            part["kd_temperature"] = float(kstats["kd_temperature_mean"]) * batch.ids.shape[0]
+        cur = router_selected(mod)
+        if s4.aux_loss_coeff > 0:
+            local = torch.stack([torch.bincount(x[valid].flatten(), minlength=n_experts) for x in cur]).float()
+            loss = loss + s4.aux_loss_coeff * switch_aux_loss(torch.stack(scores), local, valid)
+        if guard is None:
+            engine.backward(loss)
+            engine.step()
+        else:  # rl/guard.py: a non-finite loss on any rank skips this step on all of them
+            guard.backward_step(engine, loss, step)
+        keep_router_inputs(mod, False)
+        set_routing(mod, "learned", record=False)
+        for key, value in part.items():  # the batch's statistics: the mean over its updates
+            stats[key] = stats.get(key, 0.0) + value / n_updates
+        if update == 0:  # Stage IV counts and the drift log: the routes of the sampling policy
+            sel, gamma = cur, drift
 
     # Stage IV statistics: every top-k assignment of a real token; advantages of response tokens.
     resp_tok = torch.zeros_like(batch.loss_mask)

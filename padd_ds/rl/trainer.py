@@ -464,9 +464,9 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
     Ablations and baselines are config switches of this one loop: stage2.enabled=false
     (no teacher: MoE-GRPO), stage2.temperature_coupling=fixed (online KD + GRPO),
     stage3.enabled=false (plain GRPO ratio), stage3.policy=rspo|gspo, stage4.enabled=false.
-    With one update per rollout batch the sampling policy is the current one, so the ratio
-    pi/pi_old is 1 at the update; the drift term compares against the routers of the
-    previous step (the "previous routers" of the method), which is where routes jump."""
+    With one update per rollout batch (stage3.updates_per_batch=1) the sampling policy is the
+    current one, so the ratio pi/pi_old is 1 at the update (more updates reuse the batch);
+    the drift term compares against the routers of the previous step (the "previous routers" of the method), which is where routes jump."""
     import dataclasses
 
 
