@@ -92,6 +92,20 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
                 p.kill()
 
 
+def _hit_student(procs: list[subprocess.Popen], sig: int) -> tuple[list[str], float]:
+    """Send `sig` to student rank 1; the other ranks' output and how long they took to exit."""
+    t0 = time.time()
+    procs[1].send_signal(sig)
+    outs = [p.communicate(timeout=90)[0] for p in (procs[0], procs[2])]
+    return outs, time.time() - t0
+
+
+def _reap(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrupted_run(toy_world, tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     outs = _finish(_start(ref_dir, KILL_ARGS), 400)
@@ -105,14 +119,9 @@ def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrup
         while not (metrics.exists() and metrics.read_text().count("\n") >= 8):  # the step-6 checkpoint is written
             assert time.time() - t0 < 300 and all(p.poll() is None for p in procs), "training did not start"
             time.sleep(0.2)
-        t0 = time.time()
-        procs[1].send_signal(signal.SIGKILL)
-        outs = [p.communicate(timeout=90)[0] for p in (procs[0], procs[2])]
-        took = time.time() - t0
+        outs, took = _hit_student(procs, signal.SIGKILL)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        _reap(procs)
     assert procs[0].returncode not in (0, None) and procs[2].returncode not in (0, None)
     assert took < 60, took  # well within topology.timeout_s
     for name, out in (("student 0", outs[0]), ("teacher", outs[1])):
@@ -141,14 +150,9 @@ def test_student_hung_stops_the_rest_within_the_timeout(toy_world, tmp_path):
     procs = _start(tmp_path, args)
     try:
         _wait_training(tmp_path, procs)
-        t0 = time.time()
-        procs[1].send_signal(signal.SIGSTOP)
-        outs = [p.communicate(timeout=90)[0] for p in (procs[0], procs[2])]
-        took = time.time() - t0
+        outs, took = _hit_student(procs, signal.SIGSTOP)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        _reap(procs)
     assert procs[0].returncode not in (0, None) and procs[2].returncode not in (0, None)
     assert took < 15 + 10, took
     for out in outs:
