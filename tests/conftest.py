@@ -68,3 +68,18 @@ def start_ranks(run_dir: Path, args: list[str], world_size: int = 3) -> list[sub
                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
             for r in range(world_size)]
+
+
+def reap(procs: list[subprocess.Popen]) -> None:
+    """Kill whatever is still running (a failed test must not leave ranks behind)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def finish_ranks(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each rank's combined output once it exits; ranks still running on failure are killed."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        reap(procs)

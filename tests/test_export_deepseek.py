@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
-
 from conftest import REPO, free_port, run_cmd
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, finish_ranks, free_port, reap
 
 ARGS = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.steps=400", "--set", "train.log_every=1",
         "--set", "eval.num_problems=4", "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",
@@ -83,13 +83,6 @@ KILL_ARGS = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", f"trai
 DETERMINISTIC = ("train/kd_loss", "train/lm_loss", "train/lr", "train/nonfinite_skipped")  # not timings
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    try:
-        return [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
 
 
 def _hit_student(procs: list[subprocess.Popen], sig: int) -> tuple[list[str], float]:
@@ -100,15 +93,9 @@ def _hit_student(procs: list[subprocess.Popen], sig: int) -> tuple[list[str], fl
     return outs, time.time() - t0
 
 
-def _reap(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-
-
 def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrupted_run(toy_world, tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    outs = _finish(_start(ref_dir, KILL_ARGS), 400)
+    outs = finish_ranks(_start(ref_dir, KILL_ARGS), 400)
     assert (ref_dir / "results.json").exists(), outs[0][-3000:]
     reference = json.loads((ref_dir / "results.json").read_text())
 
@@ -121,7 +108,7 @@ def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrup
             time.sleep(0.2)
         outs, took = _hit_student(procs, signal.SIGKILL)
     finally:
-        _reap(procs)
+        reap(procs)
     assert procs[0].returncode not in (0, None) and procs[2].returncode not in (0, None)
     assert took < 60, took  # well within topology.timeout_s
     for name, out in (("student 0", outs[0]), ("teacher", outs[1])):
@@ -132,7 +119,7 @@ def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrup
     stopped = int(latest.split("_")[1])
     assert 6 <= stopped < STEPS and stopped % 6 == 0
 
-    outs = _finish(_start(run_dir, KILL_ARGS), 400)
+    outs = finish_ranks(_start(run_dir, KILL_ARGS), 400)
     assert f"[resume] continuing from {run_dir / 'checkpoints' / latest} (step {stopped})" in outs[0], outs[0][-3000:]
     resumed = json.loads((run_dir / "results.json").read_text())
     assert [h["step"] for h in resumed["history"]] == list(range(1, STEPS + 1))
@@ -152,7 +139,7 @@ def test_student_hung_stops_the_rest_within_the_timeout(toy_world, tmp_path):
         _wait_training(tmp_path, procs)
         outs, took = _hit_student(procs, signal.SIGSTOP)
     finally:
-        _reap(procs)
+        reap(procs)
     assert procs[0].returncode not in (0, None) and procs[2].returncode not in (0, None)
     assert took < 15 + 10, took
     for out in outs:

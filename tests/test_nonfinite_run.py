@@ -14,10 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import REPO, start_ranks
+from conftest import REPO, finish_ranks, start_ranks
 
 MBS = 4
 ARGS = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", f"train.micro_batch_size={MBS}",
@@ -97,12 +96,7 @@ def test_nonfinite_loss_skips_counts_and_stops(toy_world, tmp_path):
     stop = next(i for i in range(2, SEARCH) if all(pattern[i - 2: i + 1]))  # 0-based: the third hit in a row
     procs = start_ranks(tmp_path / "run", ARGS + ["--set", f"models.teacher={tmp_path / 'teacher'}",
                                                   "--set", f"train.steps={stop + 5}"])
-    try:
-        outs = [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = finish_ranks(procs, 400)
     assert all(p.returncode not in (0, None) for p in procs), [p.returncode for p in procs]
 
     # Steps 1..stop were logged: a hit step has no loss (NaN is logged as null) and bumps the count.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import finish_ranks
 from padd_ds.launch.roles import (
     LaunchEnv,
     Roles,
@@ -379,11 +380,6 @@ def test_deepspeed_style_sub_worlds(tmp_path):
                    CROSS_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), f"--local_rank={rank}"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outputs = finish_ranks(procs, 120)
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
     check_sub_worlds(tmp_path, "deepspeed")
