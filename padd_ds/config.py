@@ -344,6 +344,10 @@ class EvalConfig:
     # Same as data.max_response_tokens so evaluation sees the lengths training saw.
     max_new_tokens: int = 96
     batch_size: int = 64
+    # Evaluate the teacher and the untrained student as well as the trained one. Sweeps that
+    # share those two across many runs (bench/reproduce_table.py) set false and evaluate them
+    # once; results.json then holds null for them.
+    references: bool = True
 
 
 @dataclass

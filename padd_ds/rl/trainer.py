@@ -52,7 +52,8 @@ def model_paths(cfg: PaddConfig) -> tuple[str, str | None, str]:
     teacher = resolve_model_path(cfg.models.teacher, field_name="models.teacher")
     student = (resolve_model_path(cfg.models.student, field_name="models.student")
                if cfg.models.student is not None else None)
-    tok = resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer") if cfg.models.tokenizer else teacher
+    tok = (resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer", need_config=False)
+           if cfg.models.tokenizer else teacher)  # a tokenizer-only directory has no config.json
     return teacher, student, tok
 
 
@@ -91,20 +92,33 @@ def _evaluate(model, tok, cfg: PaddConfig, synced: bool = False) -> dict:
     return {"accuracy": res["accuracy"], "n": res["n"], "per_level": res.get("per_level", {})}
 
 
+def student_vocab_size(cfg: PaddConfig, student_path: str | None) -> int | None:
+    """The student's vocab_size, read from its config without loading weights; None for a
+    student decompressed from the teacher (same table). The teacher drops logit columns past
+    it (teacher/service.py, forward_outputs)."""
+    if student_path is None:
+        return None
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.models.trust_remote_code)
+    return getattr(conf.get_text_config(), "vocab_size", None)
+
+
 def run_teacher(cfg: PaddConfig, world: World) -> None:
-    teacher_path, _, tok_path = model_paths(cfg)
+    teacher_path, student_path, tok_path = model_paths(cfg)
     tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
     model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
+    vocab = student_vocab_size(cfg, student_path)
     sharded = world.teacher_parallel == "zero3"
     if sharded:
         from padd_ds.teacher.sharded import ShardedTeacher
 
-        teacher = ShardedTeacher(model, bf16=next(model.parameters()).dtype == torch.bfloat16)
+        teacher = ShardedTeacher(model, bf16=next(model.parameters()).dtype == torch.bfloat16, vocab_limit=vocab)
         model = teacher.model
     else:
-        teacher = TeacherModel(model)
+        teacher = TeacherModel(model, vocab_limit=vocab)
     result_work = None
-    if world.roles.teacher_rank == 0 or sharded:
+    if cfg.eval.references and (world.roles.teacher_rank == 0 or sharded):
         # Evaluate first, while the students build their engine (a sharded teacher generates
         # on all its ranks in step). The result travels on its own bridge tag and the main
         # student collects it at the end.
@@ -294,14 +308,15 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
 
     if roles.role == "colocated":
         tmodel = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
-        teacher = LocalTeacher(TeacherModel(tmodel), cfg.teacher.logits_top_k, cfg.teacher.logits_mode)
+        teacher = LocalTeacher(TeacherModel(tmodel, vocab_limit=student.config.get_text_config().vocab_size),
+                               cfg.teacher.logits_top_k, cfg.teacher.logits_mode)
     else:
         teacher = RemoteTeacher(world.bridge, world.my_teacher(), cfg.teacher.logits_top_k,
                                 cfg.teacher.request_timeout_s, rank, cfg.teacher.logits_mode)
     collect_clusters = (send_stage1_setup(cfg, world, student.config, teacher_path, teacher, provenance)
                         if cfg.stage1.enabled else None)
 
-    before = _evaluate(student, tok, cfg) if world.is_main else None
+    before = _evaluate(student, tok, cfg) if world.is_main and cfg.eval.references else None
     engine, ds_config = initialize_engine(cfg, student, num_students)
     if world.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -342,7 +357,7 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
     history, stopped = loop(cfg, world, engine, teacher, tok, encode, parts["C"], logger, ckpt_dir, state, preempt)
     teacher.close()
     if stopped is not None:  # preempted: the checkpoint is written; no export or evaluation
-        if world.is_main and roles.role != "colocated":  # take the teacher's posted evaluation so it can exit
+        if world.is_main and roles.role != "colocated" and cfg.eval.references:  # take the teacher's posted evaluation so it can exit
             world.bridge.recv_json(src=roles.num_student, tag=RESULT_TAG, timeout_s=cfg.topology.timeout_s)
         if world.is_main:
             print(f"[preempted] signal received; checkpoint at step {stopped} written to {ckpt_dir}; "
@@ -377,7 +392,9 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
         export_diff = max_logit_diff(after_model, probe, engine_logits)  # export fidelity
         fidelity = routing_fidelity(after_model, fidelity_batches, engine_choices)
         after = _evaluate(after_model, tok, cfg)
-        if roles.role == "colocated":
+        if not cfg.eval.references:
+            teacher_eval = None
+        elif roles.role == "colocated":
             teacher_eval = _evaluate(teacher.teacher.model, tok, cfg)
         else:
             teacher_eval = world.bridge.recv_json(src=roles.num_student, tag=RESULT_TAG,
@@ -388,9 +405,8 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
                   "export_bias_folded": folded is not None, "export_bias_exact": exact_bias, "stage1": stage1,
                   "checkpoint": str(ckpt_dir), "export": str(export_dir)}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
-        logger.summary({"eval/teacher_acc": teacher_eval["accuracy"],
-                        "eval/student_before_acc": before["accuracy"],
-                        "eval/student_after_acc": after["accuracy"]})
+        logger.summary({key: r["accuracy"] for key, r in (("eval/teacher_acc", teacher_eval),
+                        ("eval/student_before_acc", before), ("eval/student_after_acc", after)) if r is not None})
         print_table(result)
         from padd_ds.report.report import write_run_report
 
@@ -629,7 +645,8 @@ def print_table(result: dict) -> None:
     for name, key in (("teacher", "teacher"), ("student (before)", "student_before"),
                       ("student (after)", "student_after")):
         r = result[key]
-        t.add_row(name, f"{r['accuracy']:.3f}", str(r["n"]))
+        if r is not None:  # eval.references=false: only the trained student
+            t.add_row(name, f"{r['accuracy']:.3f}", str(r["n"]))
     Console().print(t)
     h = result["history"]
     for key in ("train/kd_loss", "train/reward"):

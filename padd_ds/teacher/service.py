@@ -60,9 +60,15 @@ class TeacherOutput:
 
 
 def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, outputs: int,
-                    cluster_map: ClusterMap | None):
+                    cluster_map: ClusterMap | None, vocab_limit: int | None = None):
     """One teacher forward -> (logits, cluster activations, final hidden, cluster gate); the
     last three are None unless requested.
+
+    `vocab_limit` (the student's vocab_size) drops the teacher's logit columns past it: when
+    the tables differ only by padding (Qwen2.5 152064 rows vs Qwen3 151936, checked by
+    config._check_padded_vocab) those rows are ids the student does not have, and an untrained
+    padding row can land in the top-k. The target is then the teacher's distribution
+    renormalised over the shared rows.
 
     Cluster activations are read at the input of each clustered layer's `down_proj`: that is
     the SwiGLU intermediate act(gate x) * (up x), one value per neuron, in every HF
@@ -98,7 +104,10 @@ def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     cluster = pooled(acts) if outputs & OUT_CLUSTER_ACTS else None
     gate = pooled(gates) if outputs & OUT_CLUSTER_GATE else None
     hidden = out.hidden_states[-1].float().cpu() if outputs & OUT_HIDDEN else None
-    return out.logits.float().cpu(), cluster, hidden, gate
+    logits = out.logits
+    if vocab_limit is not None and logits.shape[-1] > vocab_limit:
+        logits = logits[..., :vocab_limit]
+    return logits.float().cpu(), cluster, hidden, gate
 
 
 def _decoder_layers(model: torch.nn.Module):
@@ -114,10 +123,12 @@ class TeacherModel:
     """A loaded HF causal LM that turns token batches into sparse logits (and, on request,
     Stage I cluster activations and final hidden states)."""
 
-    def __init__(self, model: torch.nn.Module, cluster_map: ClusterMap | None = None):
+    def __init__(self, model: torch.nn.Module, cluster_map: ClusterMap | None = None,
+                 vocab_limit: int | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.cluster_map = cluster_map
+        self.vocab_limit = vocab_limit  # the student's vocab_size (see forward_outputs)
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
@@ -126,7 +137,7 @@ class TeacherModel:
         L = ids.shape[1]
         mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).long()
         logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), mask.to(self.device),
-                                                        outputs, self.cluster_map)
+                                                        outputs, self.cluster_map, self.vocab_limit)
         return TeacherOutput(compress(logits, k, mode, seed), cluster, hidden, gate)
 
 

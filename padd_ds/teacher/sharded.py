@@ -21,7 +21,7 @@ _MODES = {1: "topk", 2: "sampled"}
 
 
 class ShardedTeacher:
-    def __init__(self, model: torch.nn.Module, bf16: bool = False, cluster_map=None):
+    def __init__(self, model: torch.nn.Module, bf16: bool = False, cluster_map=None, vocab_limit: int | None = None):
         import deepspeed
         import deepspeed.comm as dist
 
@@ -33,6 +33,7 @@ class ShardedTeacher:
         self.model = self.engine.module
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.cluster_map = cluster_map
+        self.vocab_limit = vocab_limit  # the student's vocab_size (service.forward_outputs)
 
     # -- leader -----------------------------------------------------------------------------
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
@@ -79,7 +80,8 @@ class ShardedTeacher:
         # rows scores row 0 and throws the result away.
         rows = slice(lo, hi) if hi > lo else slice(0, 1)
         mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
-        logits, cluster, hidden, gate = forward_outputs(self.engine, ids[rows], mask, outputs, self.cluster_map)
+        logits, cluster, hidden, gate = forward_outputs(self.engine, ids[rows], mask, outputs, self.cluster_map,
+                                                        self.vocab_limit)
         sl = compress(logits, k, mode, seed * 1009 + self.rank)  # each slice its own draws
         mine = sl.tensors() + [t for t in (cluster, hidden, gate) if t is not None]
         n_mine = hi - lo
