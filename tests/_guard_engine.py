@@ -45,7 +45,9 @@ def weights(engine) -> list[torch.Tensor]:
 
 
 def run(gas: int, schedule: list[list[set]], rank: int, max_in_a_row: int = 3) -> dict:
-    """schedule[step][micro] = the ranks whose batch has a NaN; every step goes through the guard."""
+    """schedule[step][micro] = the ranks whose batch has a NaN; every step goes through the guard.
+    With gas=1 and several entries per step, each entry is one optimiser step on the same
+    training step (stage3.updates_per_batch)."""
     from padd_ds.rl.guard import NonFiniteGuard, NonFiniteLossError
 
     engine = make_engine(gas)
@@ -54,7 +56,7 @@ def run(gas: int, schedule: list[list[set]], rank: int, max_in_a_row: int = 3) -
     try:
         for step, micros in enumerate(schedule):
             for m, bad in enumerate(micros):
-                loss = loss_of(engine, batch(step * gas + m, rank, rank in bad))
+                loss = loss_of(engine, batch(step * len(micros) + m, rank, rank in bad))
                 skipped.append(guard.backward_step(engine, loss, step))
     except NonFiniteLossError as e:
         error = str(e)
@@ -105,6 +107,12 @@ def main() -> None:
     # Three bad steps in a row stop the run on every rank, naming the steps and ranks.
     g = run(1, [[{1}], [set()], [{1}], [{0}], [{0, 1}], [set()]], rank)
     out["streak"] = {"error": g["error"], "skipped": g["skipped"], "count": g["count"]}
+
+    # Two optimiser steps per training step: the streak counts training steps, so two bad
+    # rollout batches (4 skipped optimiser steps) do not stop the run, the third one does.
+    g = run(1, [[{0}, {0}], [{1}, {1}], [set(), set()], [{0}, {0}], [{1}, set()], [{0}, {0}], [{1}, {1}],
+                [{0, 1}, {0, 1}]], rank)
+    out["updates"] = {"error": g["error"], "skipped": g["skipped"], "count": g["count"]}
     out["rank"] = rank
     print("RESULT " + json.dumps(out), flush=True)
 

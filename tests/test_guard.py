@@ -38,9 +38,18 @@ def test_guard_on_two_zero3_ranks():
         # The third bad step in a row raises on every rank, naming steps and ranks, in one line.
         s = r["streak"]
         assert s["skipped"] == [True, False, True, True] and s["count"] == 4
-        assert s["error"].startswith("non-finite loss in 3 optimiser steps in a row (step 3 on student rank 1; "
+        assert s["error"].startswith("non-finite loss in 3 training steps in a row (step 3 on student rank 1; "
                                      "step 4 on student rank 0; step 5 on student ranks 0, 1)")
         assert "train.max_nonfinite_steps=3" in s["error"] and "\n" not in s["error"]
+        # Several optimiser steps per training step (stage3.updates_per_batch=2): one bad rollout
+        # batch is one step of the streak. Steps 1, 2 bad (4 skips, streak 2), 3 clean, 4 bad,
+        # 5 half bad (its clean update ends the streak), 6, 7 bad, 8 bad: the error comes at
+        # step 8's first update.
+        u = r["updates"]
+        assert u["skipped"] == [True] * 4 + [False] * 2 + [True] * 3 + [False] + [True] * 4
+        assert u["count"] == 12 and u["error"].startswith(
+            "non-finite loss in 3 training steps in a row (step 6 on student rank 0; step 7 on student rank 1; "
+            "step 8 on student ranks 0, 1)")
 
 
 def test_max_nonfinite_steps_is_validated():

@@ -115,4 +115,4 @@ def test_nonfinite_loss_skips_counts_and_stops(toy_world, tmp_path):
     for rank in (0, 1):
         line = next((l for l in outs[rank].splitlines() if l.startswith("padd-ds: rank")), "")
         assert line.startswith(f"padd-ds: rank {rank} (student) failed: NonFiniteLossError: non-finite loss in 3 "
-                               f"optimiser steps in a row ({streak}); each was skipped"), outs[rank][-3000:]
+                               f"training steps in a row ({streak}); each was skipped"), outs[rank][-3000:]

@@ -16,6 +16,11 @@ left out, the gradient already accumulated from the earlier ones is discarded at
 last micro-batch, and the optimiser does not step (no update, no lr-scheduler tick).
 DeepSpeed's micro-step count still advances once per micro-batch, so its accumulation
 boundaries stay on the trainer's steps.
+
+The streak counts training steps, not optimiser steps: with `stage3.updates_per_batch > 1`
+the trainer takes several optimiser steps on one rollout batch (all passing the same `step`),
+and one bad batch must not use up the whole allowance. `skipped` still counts every skipped
+optimiser step.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many optimiser steps in a row had a non-finite loss."""
+    """Too many training steps in a row had a non-finite loss."""
 
 
 class NonFiniteGuard:
@@ -35,6 +40,7 @@ class NonFiniteGuard:
         self.skipped = 0          # optimiser steps skipped in this run (restored on resume)
         self.in_a_row = 0         # consecutive skipped steps up to the last one
         self._step_bad = False    # a micro-batch of the current optimiser step was non-finite
+        self._counted = None      # the training step last counted in the streak
         self._where: list[str] = []
 
     # -- checkpointed state --------------------------------------------------------------------
@@ -64,7 +70,7 @@ class NonFiniteGuard:
         `max_in_a_row`-th skipped step in a row. `step` (0-based) is only for messages."""
         bad = self.nonfinite_ranks(loss)
         boundary = engine.is_gradient_accumulation_boundary()
-        if bad and not self._step_bad:
+        if bad and not self._step_bad and step != self._counted:
             self._where.append(f"step {step + 1} on student rank{'s' if len(bad) > 1 else ''} "
                                f"{', '.join(map(str, bad))}")
         skip = self._step_bad or bool(bad)
@@ -86,12 +92,15 @@ class NonFiniteGuard:
     def _end_step(self, skipped: bool, step: int) -> None:
         self._step_bad = False
         if not skipped:
-            self.in_a_row, self._where = 0, []
+            self.in_a_row, self._where, self._counted = 0, [], None
             return
         self.skipped += 1
+        if step == self._counted:  # another update on the same rollout batch: already in the streak
+            return
+        self._counted = step
         self.in_a_row += 1
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteLossError(
-                f"non-finite loss in {self.in_a_row} optimiser steps in a row ({'; '.join(self._where[-5:])}); "
+                f"non-finite loss in {self.in_a_row} training steps in a row ({'; '.join(self._where[-5:])}); "
                 f"each was skipped, and train.max_nonfinite_steps={self.max_in_a_row} stops the run here; "
                 "check the data of these steps, the teacher's outputs and the learning rate")
