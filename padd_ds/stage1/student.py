@@ -22,6 +22,7 @@ import torch
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
 from padd_ds.models.router import keep_router_inputs, router_inputs, router_scores, routers, set_routing
+from padd_ds.rl.guard import NonFiniteGuard
 from padd_ds.stage1.init import RouterFit, random_router_weights, write_router_weights
 from padd_ds.stage1.targets import path_log_probs
 from padd_ds.stage1.warmup import path_agreement, path_kl
@@ -158,6 +159,8 @@ class Stage1:
             for g in groups:
                 g["lr"] = s1.lr
         feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13)
+        # A NaN/inf loss on any rank skips the step on all of them (rl/guard.py), as in the main phase.
+        guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
         for step, _, batch, out in feed:
             count, tokens = _all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
@@ -168,18 +171,18 @@ class Stage1:
             kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
             kl = path_kl(router_scores(mod), path_log_probs(self._cluster_order(out.cluster_acts), s1.xi),
                          batch.attention_mask.bool(), tdenom)
-            self.engine.backward(lm + s1.alpha * kd + s1.beta * kl)
-            self.engine.step()
-            win["lm"] += lm.item() * denom
-            win["kd"] += kd.item() * denom
-            win["kl"] += kl.item() * tdenom
-            win["count"] += float(batch.loss_mask.sum())
-            win["tokens"] += float(batch.lengths.sum())
+            if not guard.backward_step(self.engine, lm + s1.alpha * kd + s1.beta * kl, step):
+                win["lm"] += lm.item() * denom
+                win["kd"] += kd.item() * denom
+                win["kl"] += kl.item() * tdenom
+                win["count"] += float(batch.loss_mask.sum())
+                win["tokens"] += float(batch.lengths.sum())
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == s1.warmup_steps:
                 lm_s, kd_s, kl_s, c, t = _all_sum([win[k] for k in ("lm", "kd", "kl", "count", "tokens")])
-                row = {"stage1/warmup_lm_loss": lm_s / c, "stage1/warmup_kd_loss": kd_s / c,
-                       "stage1/warmup_path_kl": kl_s / t,
-                       "stage1/warmup_tokens_per_s": t / (time.perf_counter() - win["t0"])}
+                row = {"stage1/warmup_lm_loss": lm_s / c if c else None, "stage1/warmup_kd_loss": kd_s / c if c else None,
+                       "stage1/warmup_path_kl": kl_s / t if t else None,
+                       "stage1/warmup_tokens_per_s": t / (time.perf_counter() - win["t0"]),
+                       "stage1/warmup_nonfinite_skipped": guard.skipped}
                 history.append({"step": step + 1, **row})
                 self.log(row, step + 1)
                 win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
