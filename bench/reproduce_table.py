@@ -87,7 +87,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-REUSE = False  # --reuse: an arm whose run directory already holds results.json is not run again
+REUSE = False  # --reuse: an arm whose directory holds results.json from the identical command is not run again
 
 
 def run_train(name: str, seed: int, out: Path, sets: list[str]) -> dict:
