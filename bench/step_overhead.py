@@ -69,7 +69,7 @@ def main() -> None:
     use_toy_world_for(cfg)
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
-    from padd_ds.launch.world import release_shm_names
+    from padd_ds.launch.world import leave, release_shm_names
 
     release_shm_names()
     teacher_path, student_path, tok_path = model_paths(cfg)
@@ -114,6 +114,7 @@ def main() -> None:
     print(f"rollouts: {ro.batch.ids.shape[0]} sequences, {tokens} tokens; median step: grpo {g * 1e3:.1f} ms, "
           f"padd {p * 1e3:.1f} ms (n={args.steps} each, interleaved)")
     print(f"STEP_OVERHEAD padd_over_grpo={p / g:.4f}")
+    leave(0)  # skip interpreter teardown (see padd_ds.launch.world)
 
 
 if __name__ == "__main__":

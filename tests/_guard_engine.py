@@ -84,7 +84,7 @@ def main() -> None:
     import deepspeed.comm as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
-    from padd_ds.launch.world import release_shm_names
+    from padd_ds.launch.world import leave, release_shm_names
 
     release_shm_names()
     rank = dist.get_rank()
@@ -115,6 +115,7 @@ def main() -> None:
     out["updates"] = {"error": g["error"], "skipped": g["skipped"], "count": g["count"]}
     out["rank"] = rank
     print("RESULT " + json.dumps(out), flush=True)
+    leave(0, barrier=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
 
-    from padd_ds.launch.world import release_shm_names
-
+    from padd_ds.launch.world import leave, release_shm_names
 
     release_shm_names()
     teacher = make_teacher("qwen3")
@@ -61,6 +60,7 @@ def main() -> None:
         _, sel_b, _ = r(x)
         out["bias_forces_expert0"] = bool((sel_b == 0).any(-1).all())
     print("RESULT " + json.dumps(out), flush=True)
+    leave(0, barrier=True)
 
 
 if __name__ == "__main__":

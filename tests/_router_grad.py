@@ -21,8 +21,7 @@ def main(out_path: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
 
-    from padd_ds.launch.world import release_shm_names
-
+    from padd_ds.launch.world import leave, release_shm_names
 
     release_shm_names()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,7 +49,7 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(grads, f)
-    dist.barrier()
+    leave(0, barrier=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,18 @@ def finish(world: World | None, code: int = 0) -> None:
         except Exception as e:  # noqa: BLE001 - we are leaving anyway; say why
             print(f"[rank {world.env.rank}] warning: final bridge barrier failed: {e}", file=sys.stderr)
             code = code or 1
+    leave(code)
+
+
+def leave(code: int = 0, barrier: bool = False) -> None:
+    """Flush and exit without interpreter teardown (see the module docstring); with
+    `barrier`, first meet the other ranks of the DeepSpeed world so none exits while a peer
+    still talks to it. For scripts that run a bare DeepSpeed world (tests, benches)."""
+    if barrier:
+        import deepspeed.comm as dist
+
+        if dist.is_initialized():
+            dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
