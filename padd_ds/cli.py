@@ -159,14 +159,22 @@ def cmd_eval(args) -> int:
     torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     tok = load_tokenizer(tok_path)
     model = load_causal_lm(model_path, args.dtype)
+    if args.exact_routing:
+        from padd_ds.models.export import EXACT_ROUTING_FILE, load_exact_routing
+
+        if not (Path(model_path) / EXACT_ROUTING_FILE).exists():
+            print(f"padd-ds: --exact-routing: {model_path} has no {EXACT_ROUTING_FILE} (no folded Stage IV bias), "
+                  "so it already routes as trained", file=sys.stderr)
+        load_exact_routing(model, model_path)
     res = evaluate_suite(model, tok, args.suite, limit=args.limit, samples=args.samples,
                          temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, prompt_style=args.prompt, seed=args.seed)
     res["model"] = model_path
+    res["exact_routing"] = bool(args.exact_routing)
     if args.output:
         out = Path(args.output)
     elif Path(model_path).is_dir() and not args.model.startswith("toy://"):  # keep the toy cache clean
-        out = Path(model_path) / f"eval_{args.suite}.json"
+        out = Path(model_path) / f"eval_{args.suite}{'_exact' if args.exact_routing else ''}.json"
     else:
         out = Path("runs/eval") / f"{Path(model_path).name}_{args.suite}.json"
     save_results(res, out)
@@ -230,6 +238,9 @@ def main(argv=None) -> int:
                    help="auto: the chat template when the tokenizer has one")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--exact-routing", action="store_true",
+                   help="a padd-ds export with a folded Stage IV bias: route exactly as the trained engine "
+                        "(padd_routing.safetensors) instead of the fold")
     e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     e.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_SUITE.json)")
     e.set_defaults(fn=cmd_eval)

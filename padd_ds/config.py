@@ -348,6 +348,10 @@ class EvalConfig:
     # share those two across many runs (bench/reproduce_table.py) set false and evaluate them
     # once; results.json then holds null for them.
     references: bool = True
+    # When the export folds a Stage IV bias (routers without a bias slot), also evaluate the
+    # export with its exact routing restored (`load_exact_routing`): the fold's accuracy
+    # cost. Doubles the trained student's evaluation, so off by default.
+    exact_routing: bool = False
 
 
 @dataclass

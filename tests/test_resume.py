@@ -6,6 +6,7 @@ advantage EMAs and the router snapshot survive the restart."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -52,6 +53,24 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     # picks the engine's experts on held-out tokens.
     res = read_results(split)
     assert res["export_bias_folded"] and 0.8 < res["export_routing_fidelity"] <= 1.0
+    # ... and its routing file gives the exact engine back in plain transformers.
+    exact = res["export_exact_routing"]
+    assert exact["routing_fidelity"] == 1.0 and exact["max_abs_logit_diff"] < 1e-4, exact
+    assert exact["student_after"] is None  # eval.exact_routing is off by default
+    assert (split / "hf" / "padd_routing.safetensors").exists()
+
+
+def test_eval_cli_restores_exact_routing(runs, tmp_path):
+    """`padd eval --exact-routing` on the folded export evaluates the engine's routing."""
+    _, split, _ = runs
+    res = {}
+    for flag in ("", "--exact-routing"):
+        out = tmp_path / f"eval{flag}.json"
+        run_cmd([sys.executable, "-m", "padd_ds.cli", "eval", "--model", str(split / "hf"), "--suite", "toy",
+                 "--limit", "8", "--max-new-tokens", "32", "--output", str(out), *([flag] if flag else [])],
+                timeout=300)  # PADD_TOY_DIR: the toy_world fixture
+        res[flag] = json.loads(out.read_text())
+    assert res[""]["exact_routing"] is False and res["--exact-routing"]["exact_routing"] is True
 
 
 def test_checkpoints_are_complete_and_pruned(runs):

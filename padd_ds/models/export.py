@@ -27,6 +27,8 @@ import torch
 from padd_ds.launch.comm import all_reduce_
 
 SHARD_BYTES = 4 * 1024**3
+# Written next to a folded export: each MoE layer's unfolded router weight and Stage IV bias.
+EXACT_ROUTING_FILE = "padd_routing.safetensors"
 _EXPERT = re.compile(r"^(.*\.experts)\.(w1|w2|w3)$")
 _ROUTER = re.compile(r"^(.*)\.router\.gate\.(weight|bias)$")
 _SCORE_BIAS = re.compile(r"^(.*)\.router\.e_score_correction_bias$")
@@ -103,7 +105,9 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     """Write the engine's model as an HF checkpoint at `out_dir` (collective; rank 0 writes).
 
     `router_weights` (one [N, H] per MoE layer, e.g. from `fold_router_bias`) replace the
-    routers' gate weights in the checkpoint. Returns the directory on rank 0, None elsewhere.
+    routers' gate weights in the checkpoint; the engine's own router weights and Stage IV
+    biases then go to `EXACT_ROUTING_FILE` beside it (see `load_exact_routing`). Returns the
+    directory on rank 0, None elsewhere.
     The write goes to a temp dir that is renamed at the end, so a crash never leaves a
     checkpoint that looks complete.
     """
@@ -137,11 +141,15 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     if router_weights is not None and len(router_weights) != len(router_names):
         raise ValueError(f"export: {len(router_weights)} router weights for {len(router_names)} MoE layers")
     replace = dict(zip(router_names, router_weights or []))
+    routing: dict[str, torch.Tensor] = {}  # folded export: the engine's own routers, for load_exact_routing
     for name, p in module.named_parameters():
         t = _gather_full(engine, name, p)
         if rank != 0:
             continue
         if name in replace:
+            prefix = _ROUTER.match(name).group(1)
+            routing[f"{prefix}.gate.weight"] = t.to(dtype).contiguous()
+            routing[f"{prefix}.gate.padd_bias"] = module.get_submodule(f"{prefix}.router").padd_bias.detach().float().cpu()
             t = replace[name].to(t)
         for hf_name, ht in hf_name_and_tensor(name, t, pending):
             if hf_name not in expected:
@@ -194,6 +202,8 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     cfg.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if routing:
+        save_file(routing, str(tmp / EXACT_ROUTING_FILE), metadata={"format": "pt"})
     (tmp / "padd_export.json").write_text(json.dumps(metadata or {}, indent=2, default=str))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -295,15 +305,84 @@ def engine_routes(engine, batches: list) -> list[list[torch.Tensor]]:
 @torch.no_grad()
 def routing_fidelity(hf_model, batches: list, engine_choices: list) -> float:
     """Fraction of (token, MoE layer) pairs whose top-k expert set in `hf_model` equals the
-    engine's (`engine_choices` from `fold_router_bias`, on the same batches)."""
+    engine's (`engine_choices` from `engine_routes`, on the same batches). The experts are
+    read from what each transformers router returns (logits, weights, chosen ids), not
+    re-derived from the logits: selection biases (DeepSeek-V3's, `load_exact_routing`'s)
+    change the choice without changing the logits."""
+    chosen: list[torch.Tensor] = []
+    gates = [m for name, m in hf_model.named_modules() if name.endswith(".mlp.gate")]
+    hooks = [g.register_forward_hook(lambda m, a, o: chosen.append(o[2].reshape(-1, o[2].shape[-1]))) for g in gates]
     same = total = 0
-    k = None
-    for b, chosen in zip(batches, engine_choices):
-        out = hf_model(input_ids=b.ids, attention_mask=b.attention_mask, output_router_logits=True)
-        valid = b.attention_mask.bool().reshape(-1)
-        for logits, eng in zip(out.router_logits, chosen):
-            k = eng.shape[1]
-            mine = logits.float().topk(k, dim=-1).indices
-            same += int((mine.sort(-1).values == eng.sort(-1).values).all(-1)[valid].sum())
-            total += int(valid.sum())
+    try:
+        for b, eng in zip(batches, engine_choices):
+            chosen.clear()
+            hf_model(input_ids=b.ids, attention_mask=b.attention_mask)
+            if len(chosen) != len(eng):
+                raise RuntimeError(f"routing fidelity: the exported model ran {len(chosen)} routers, the engine "
+                                   f"{len(eng)} MoE layers")
+            valid = b.attention_mask.bool().reshape(-1)
+            for mine, theirs in zip(chosen, eng):
+                same += int((mine.sort(-1).values == theirs.sort(-1).values).all(-1)[valid].sum())
+                total += int(valid.sum())
+    finally:
+        for h in hooks:
+            h.remove()
     return same / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Exact routing for a folded export
+# ----------------------------------------------------------------------------------------
+
+def load_exact_routing(model: torch.nn.Module, export_dir: str | os.PathLike) -> torch.nn.Module:
+    """Make `model` (loaded from a folded export with `from_pretrained`) route exactly like
+    the engine: restore each router's unfolded weight from `EXACT_ROUTING_FILE` and add the Stage
+    IV bias to the scores before top-k, with the combine weights from the unbiased scores
+    (PaddRouter's rule). A forward hook on each transformers router does it, so the model
+    stays a plain transformers model (no remote code). Supports the routers of Qwen3-MoE,
+    Mixtral and DeepSeek-V2 (greedy and group-limited); DeepSeek-V3 exports are exact
+    without this. Returns `model`; a no-op when the export has no routing file (no bias)."""
+    from safetensors.torch import load_file
+
+    path = Path(export_dir) / EXACT_ROUTING_FILE
+    if not path.exists():
+        return model
+    cfg = model.config.get_text_config()
+    kind = cfg.model_type
+    if kind not in ("qwen3_moe", "mixtral", "deepseek_v2"):
+        raise ValueError(f"load_exact_routing: no exact routing for model_type '{kind}' "
+                         "(supported: qwen3_moe, mixtral, deepseek_v2)")
+    norm = {"qwen3_moe": bool(getattr(cfg, "norm_topk_prob", False)), "mixtral": True, "deepseek_v2": False}[kind]
+    scale = float(getattr(cfg, "routed_scaling_factor", 1.0)) if kind == "deepseek_v2" else 1.0
+    groups = ((cfg.n_group, cfg.topk_group) if kind == "deepseek_v2" and cfg.topk_method == "group_limited_greedy"
+              else None)
+    state = load_file(str(path))
+    biased = sorted(k[: -len(".padd_bias")] for k in state if k.endswith(".padd_bias"))
+    for prefix in biased:
+        gate = model.get_submodule(prefix)
+        with torch.no_grad():
+            gate.weight.copy_(state[f"{prefix}.weight"].to(gate.weight))
+        gate.register_forward_hook(_biased_selection(state[f"{prefix}.padd_bias"], norm, scale, groups))
+    return model
+
+
+def _biased_selection(bias: torch.Tensor, norm: bool, scale: float, groups: tuple[int, int] | None):
+    """Forward hook for a transformers router returning (logits, top-k weights, top-k ids)."""
+
+    def hook(module, args, out):
+        logits = out[0]
+        scores = logits.float().softmax(dim=-1)
+        choice = scores + bias.to(scores.device)
+        if groups is not None:  # DeepSpeed's node-limited rule: groups ranked by their best biased score
+            n_group, top_groups = groups
+            grouped = choice.view(choice.shape[0], n_group, -1)
+            keep = grouped.max(dim=-1).values.topk(top_groups, dim=-1).indices
+            mask = torch.ones(grouped.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view_as(choice)
+        selected = choice.topk(out[2].shape[-1], dim=-1).indices
+        weights = scores.gather(1, selected)
+        if norm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, (weights * scale).to(out[1].dtype), selected
+
+    return hook

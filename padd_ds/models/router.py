@@ -37,7 +37,7 @@ from deepspeed.moe.ep_router import TokenChoiceTopKRouter
 class RouterFit:
     """Least-squares router weights from per-token targets: accumulate X^T X and X^T Z over
     batches (and ranks), solve (X^T X + ridge) W^T = X^T Z per layer. Used by the Stage I
-    centroid projection and by the export's bias fold."""
+    centroid projection."""
 
     def __init__(self, num_layers: int, hidden: int, num_experts: int, ridge: float = 1e-3):
         self.xtx = torch.zeros(num_layers, hidden, hidden, dtype=torch.float64)

@@ -28,7 +28,8 @@ from padd_ds.data.splits import split_pool
 from padd_ds.eval.evaluate import evaluate_problems
 from padd_ds.launch.comm import all_reduce_
 from padd_ds.launch.world import World
-from padd_ds.models.export import engine_routes, export_engine, fold_router_bias, has_bias_slot, routing_fidelity
+from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_engine, fold_router_bias, has_bias_slot,
+                                   load_exact_routing, routing_fidelity)
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.rl import checkpoint as ckpt
@@ -382,7 +383,8 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
                             "teacher": cfg.models.teacher, "student": cfg.models.student,
                             "router_bias": "added to e_score_correction_bias (exact)" if exact_bias else
                                            "folded into the router weights (softmax regression, see "
-                                           "padd_ds/models/export.py)" if folded is not None else "zero"})
+                                           "padd_ds/models/export.py); exact routing: load_exact_routing with "
+                                           f"{EXACT_ROUTING_FILE}" if folded is not None else "zero"})
     probe, engine_logits = probe_logits(engine, tok, cfg, pool)
     ckpt_dir = ckpt.latest_valid(ckpt_dir) or ckpt_dir
 
@@ -392,6 +394,13 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
         export_diff = max_logit_diff(after_model, probe, engine_logits)  # export fidelity
         fidelity = routing_fidelity(after_model, fidelity_batches, engine_choices)
         after = _evaluate(after_model, tok, cfg)
+        exact = None  # a folded export: check (and optionally evaluate) its exact routing
+        if folded is not None:
+            exact_model = load_exact_routing(load_causal_lm(str(export_dir), "float32"), export_dir)
+            exact = {"max_abs_logit_diff": max_logit_diff(exact_model, probe, engine_logits),
+                     "routing_fidelity": routing_fidelity(exact_model, fidelity_batches, engine_choices),
+                     "student_after": _evaluate(exact_model, tok, cfg) if cfg.eval.exact_routing else None}
+            del exact_model
         if not cfg.eval.references:
             teacher_eval = None
         elif roles.role == "colocated":
@@ -402,11 +411,13 @@ def run_student(cfg: PaddConfig, world: World) -> dict | None:
         result = {"teacher": teacher_eval, "student_before": before, "student_after": after,
                   "history": history, "teacher_wait_s": teacher.stats.wait_s,
                   "export_max_abs_logit_diff": export_diff, "export_routing_fidelity": fidelity,
-                  "export_bias_folded": folded is not None, "export_bias_exact": exact_bias, "stage1": stage1,
+                  "export_bias_folded": folded is not None, "export_bias_exact": exact_bias,
+                  "export_exact_routing": exact, "stage1": stage1,
                   "checkpoint": str(ckpt_dir), "export": str(export_dir)}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
         logger.summary({key: r["accuracy"] for key, r in (("eval/teacher_acc", teacher_eval),
-                        ("eval/student_before_acc", before), ("eval/student_after_acc", after)) if r is not None})
+                        ("eval/student_before_acc", before), ("eval/student_after_acc", after),
+                        ("eval/student_after_exact_routing_acc", exact and exact["student_after"])) if r is not None})
         print_table(result)
         from padd_ds.report.report import write_run_report
 
@@ -655,6 +666,11 @@ def print_table(result: dict) -> None:
     print(f"export: max |logit diff| vs the engine {result['export_max_abs_logit_diff']:.2e}, routing fidelity "
           f"{result['export_routing_fidelity']:.4f}{' (Stage IV bias folded)' if result['export_bias_folded'] else ''}",
           flush=True)
+    exact = result.get("export_exact_routing")
+    if exact is not None:
+        acc = exact["student_after"]
+        print(f"export with load_exact_routing: max |logit diff| {exact['max_abs_logit_diff']:.2e}, routing fidelity "
+              f"{exact['routing_fidelity']:.4f}" + (f", accuracy {acc['accuracy']:.3f}" if acc else ""), flush=True)
 
 
 class _Progress:
