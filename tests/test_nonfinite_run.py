@@ -116,3 +116,8 @@ def test_nonfinite_loss_skips_counts_and_stops(toy_world, tmp_path):
         line = next((l for l in outs[rank].splitlines() if l.startswith("padd-ds: rank")), "")
         assert line.startswith(f"padd-ds: rank {rank} (student) failed: NonFiniteLossError: non-finite loss in 3 "
                                f"training steps in a row ({streak}); each was skipped"), outs[rank][-3000:]
+    # The teacher (rank 2) says why its students left, not that it lost them.
+    line = next((l for l in outs[2].splitlines() if l.startswith("padd-ds: rank 2")), "")
+    assert line.startswith("padd-ds: rank 2 (teacher) failed: rank ") and \
+        "(student) stopped on its own error (NonFiniteLossError: non-finite loss in 3 training steps in a row" in line \
+        and "lost rank" not in line, outs[2][-3000:]

@@ -6,7 +6,9 @@ bumps a counter in the bridge's TCPStore (hosted by rank 0) every `period_s` and
 time it last saw each peer's counter move. A rank that fails with a communication error then
 waits a few seconds for the picture to settle and names the peers whose heartbeat stopped,
 longest silent first (the first to go is the one that was lost; the others followed it).
-If the store itself is gone, its host, rank 0, is the one that was lost.
+If the store itself is gone, its host, rank 0, is the one that was lost. A rank that stops
+on an error of its own (not a communication one) posts it to the store first, and its peers
+then report that error instead of a lost rank.
 
 It is also the watchdog for hangs: not every collective honours a timeout (gloo groups that
 DeepSpeed creates itself, e.g. AutoEP's expert-parallel groups, wait 30 minutes, and a
@@ -27,6 +29,7 @@ import threading
 import time
 from datetime import timedelta
 
+_FAILURES = "padd/failures"  # how many ranks posted their own error; each is at padd/failure/<n>
 _PEER_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket|"
                          r"peer|bridge", re.I)
 
@@ -65,6 +68,8 @@ class Liveness:
         self._values: dict[int, int] = {}
         self._changed: dict[int, float] = {}   # peer -> monotonic time its counter last moved
         self._store_lost: float | None = None  # when the store stopped answering
+        self._failed: list[tuple[int, str]] = []  # (rank, its error) posted by peers that stopped on their own
+        self._failures_read = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="padd-liveness", daemon=True)
         self._thread.start()
@@ -94,6 +99,7 @@ class Liveness:
                     quiet = self.silent()[0]
                     if self.exit_after_s is not None and quiet and quiet[0][1] > self.exit_after_s:
                         self._exit()
+                self._read_failures(store)
                 if self._stop.wait(self.period_s):
                     return
         except Exception:  # noqa: BLE001 - the store (rank 0) is gone or unreachable; that is the news
@@ -102,6 +108,33 @@ class Liveness:
         # A process that outlives its store by exit_after_s (a normal exit takes milliseconds) hangs.
         if self.exit_after_s is not None and not self._stop.wait(self.exit_after_s):
             self._exit()
+
+    def _read_failures(self, store) -> None:
+        posted = int(store.add(_FAILURES, 0))
+        while self._failures_read < posted:
+            key = f"padd/failure/{self._failures_read + 1}"
+            if not store.check([key]):
+                return  # counted but not yet written: next period
+            rank, message = store.get(key).decode(errors="replace").split("\t", 1)
+            with self._lock:
+                self._failed.append((int(rank), message))
+            self._failures_read += 1
+
+    def post_failure(self, message: str) -> None:
+        """Tell the peers this rank stops on an error of its own (not a lost peer), so that
+        when they fail on its absence they say why instead of "lost rank N". The store lives
+        in rank 0's process, so rank 0 waits two heartbeat periods for the peers to read it."""
+        import torch.distributed as dist
+
+        try:
+            store = dist.TCPStore(self.addr, self.port, self.world_size, False, timeout=timedelta(seconds=5),
+                                  wait_for_workers=False)
+            n = int(store.add(_FAILURES, 1))
+            store.set(f"padd/failure/{n}", f"{self.rank}\t{message[:1000]}")
+        except Exception:  # noqa: BLE001 - the store is gone: peers fall back to "lost rank"
+            return
+        if self.rank == self.host and self.peers:
+            time.sleep(2 * self.period_s + 0.5)
 
     def _exit(self) -> None:
         """The watchdog: a peer has been silent longer than any wait may last."""
@@ -140,12 +173,16 @@ class Liveness:
         deadline = time.monotonic() + (self.stale_s + 2 * self.period_s if wait_s is None else wait_s)
         while True:
             quiet, store_lost = self.silent()
-            if quiet or store_lost or time.monotonic() >= deadline:
+            if quiet or store_lost or self._failed or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
         return self._explain(quiet, store_lost)
 
     def _explain(self, quiet: list[tuple[int, float]], store_lost: bool) -> str | None:
+        with self._lock:
+            failed = list(self._failed)
+        if failed:  # the peers that left told us why
+            return "; ".join(f"{self.describe(r)} stopped on its own error ({m})" for r, m in failed)
         parts = [f"{self.describe(r)}: no heartbeat for {s:.0f}s" for r, s in quiet]
         if store_lost and self.host != self.rank and self.host not in [r for r, _ in quiet]:
             parts.append(f"{self.describe(self.host)}: unreachable (it hosts the launch's store)")

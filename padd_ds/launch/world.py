@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import Bridge
-from padd_ds.launch.liveness import Liveness
+from padd_ds.launch.liveness import Liveness, looks_like_peer_failure
 from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
                                   student_to_teacher, students_of_teacher, sub_world_env)
 
@@ -158,5 +158,8 @@ def run_guarded(main, world_factory):
         traceback.print_exc()
         lost = world.liveness.diagnose(e) if world is not None and world.liveness is not None else None
         print(f"padd-ds: {who} failed: {lost + ': ' if lost else ''}{type(e).__name__}: {e}", file=sys.stderr)
+        if world is not None and world.liveness is not None and not looks_like_peer_failure(e):
+            sys.stderr.flush()
+            world.liveness.post_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         finish(None, 1)
     finish(world, 0)
