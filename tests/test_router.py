@@ -42,3 +42,14 @@ def test_router_gradients_on_two_ranks_equal_one_process(tmp_path):
         a, b = torch.tensor(a), torch.tensor(b)
         assert a.abs().max() > 1e-4  # the loss really reaches the router
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_router_weights_written_into_a_bf16_engine_survive_optimizer_steps():
+    """Stage I's router init writes the gates of a built engine. With bf16 the optimizer owns
+    an fp32 master copy and copies it into the model after each step: a write that misses it
+    is silently undone by the first step (the GPU recipes' setting)."""
+    p = run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+                 str(REPO / "tests" / "_router_write.py")], timeout=240)
+    r = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    assert r["dtype"] == "torch.bfloat16", r
+    assert r["after_write"] and r["master"] and r["after_steps"], r

@@ -36,19 +36,36 @@ def _gathered_for_write(params: list[torch.nn.Parameter]):
 @torch.no_grad()
 def write_router_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -> None:
     """Set each MoE layer's router gate to `weights[l]` (ZeRO-3: every rank calls this with the
-    same values; rank 0's copy is what gets re-partitioned)."""
+    same values; rank 0's copy is what gets re-partitioned).
+
+    With bf16/fp16 the optimizer keeps its own fp32 master copy of every parameter and
+    copies it back into the model after each step, so a write to the model's weights alone
+    would be undone by the first step: the master copy is set too (DeepSpeed's
+    `safe_set_full_fp32_param`; in fp32 ZeRO-3 the two are one tensor)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
     from padd_ds.models.router import routers
 
     rs = routers(module)
     if len(rs) != len(weights):
         raise ValueError(f"router init: {len(weights)} weight matrices for {len(rs)} MoE layers")
     for r, w in zip(rs, weights):
-        with _gathered_for_write([r.gate.weight]):
+        params = [r.gate.weight] + ([r.gate.bias] if r.gate.bias is not None else [])
+        with _gathered_for_write(params):
             if tuple(r.gate.weight.shape) != tuple(w.shape):
                 raise ValueError(f"router init: weight {tuple(w.shape)} does not fit gate {tuple(r.gate.weight.shape)}")
             r.gate.weight.copy_(w.to(r.gate.weight.dtype))
             if r.gate.bias is not None:
                 r.gate.bias.zero_()
+        if _has_master_copy(r.gate.weight):
+            safe_set_full_fp32_param(r.gate.weight, w.float())
+            if r.gate.bias is not None:
+                safe_set_full_fp32_param(r.gate.bias, torch.zeros(tuple(getattr(r.gate.bias, "ds_shape", r.gate.bias.shape))))
+
+
+def _has_master_copy(p) -> bool:
+    """True once DeepSpeed's optimizer holds an fp32 copy of `p` (ZeRO-3, or ZeRO-1/2/bf16)."""
+    return getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping")
 
 
 @torch.no_grad()
