@@ -283,6 +283,13 @@ class Stage4Config:
     # Classic auxiliary balance loss. 0: the bias does the balancing (DeepSeek-V3's
     # loss-free approach); kept as a knob for baselines.
     aux_loss_coeff: float = 0.0
+    # Every K training steps, fold the bias into the router weights (the export's softmax
+    # regression, fitted on that step's rollout tokens) and restart it from 0, for routers
+    # without a bias slot (Qwen3-MoE, Mixtral, DeepSeek-V2). The export then folds only the
+    # last < K steps of bias, so the native checkpoint routes like the engine (a fold of the
+    # whole bias keeps ~0.87 of routes on the toy). 0: never, the paper's reading (the bias
+    # lives beside the router until the export). Ignored where the router has a bias slot.
+    fold_every: int = 0
 
 
 @dataclass
@@ -891,6 +898,8 @@ def _check_ranges(cfg: PaddConfig) -> None:
     non_negative("stage4.gamma", s4.gamma)
     _require(0 <= s4.ema_decay < 1, f"stage4.ema_decay must be in [0, 1), got {s4.ema_decay}")
     non_negative("stage4.aux_loss_coeff", s4.aux_loss_coeff)
+    _require(isinstance(s4.fold_every, int) and s4.fold_every >= 0,
+             f"stage4.fold_every must be an integer >= 0 (0: never fold during training), got {s4.fold_every!r}")
 
     tr = cfg.train
     positive("train.steps", tr.steps)

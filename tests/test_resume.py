@@ -19,7 +19,8 @@ COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mo
           "--set", "train.micro_batch_size=8", "--set", "train.lr=1e-4", "--set", "train.log_every=1",
           "--set", "data.max_response_tokens=24", "--set", "eval.num_problems=4", "--set", "eval.max_new_tokens=8",
           "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",
-          "--set", "topology.timeout_s=120", "--set", "teacher.request_timeout_s=60"]
+          "--set", "topology.timeout_s=120", "--set", "teacher.request_timeout_s=60",
+          "--set", "stage4.fold_every=3"]  # steps 1-2 build a bias (saved at the split), step 3 folds it
 # Wall-clock rates differ between runs; everything else must be identical.
 TIMING = {"train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction", "time"}
 
@@ -49,6 +50,10 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     hb = [{k: v for k, v in h.items() if k not in TIMING} for h in read_results(split)["history"]]
     assert len(ha) == N and ha == hb
     assert ha[-1]["routing/bias_norm"] > 0  # Stage IV really moved the bias
+    # stage4.fold_every=3: step 3 folded the bias into the routers and restarted it from 0;
+    # the folded routers keep most of the routes of the step's rollout tokens.
+    assert [("routing/fold_kept" in h) for h in ha] == [False, False, True, False]
+    assert ha[2]["routing/bias_norm"] == 0 and 0.8 < ha[2]["routing/fold_kept"] <= 1.0, ha[2]
     # The bias has no slot in Qwen3-MoE: the export folds it and reports how often it still
     # picks the engine's experts on held-out tokens.
     res = read_results(split)

@@ -115,3 +115,31 @@ def switch_aux_loss(router_probs: torch.Tensor, counts: torch.Tensor, mask: torc
         w = mask.to(router_probs.dtype).reshape(1, -1, 1)
         p = (router_probs * w).sum(dim=1) / w.sum().clamp(min=1.0)
     return (num_experts * (f * p).sum(dim=1)).mean()
+
+
+def fold_bias_into_routers(engine, batches: list, controller: BiasController) -> float | None:
+    """Stage IV `fold_every`: fold the current bias into the router weights and restart it
+    from zero (collective over the student ranks). The fold is the export's
+    (`fold_router_bias`, fitted on `batches`); afterwards the engine routes with the folded
+    weights plus a bias that grows again from 0. Returns the fraction of the batches'
+    (token, layer) routes the folded routers keep (in-sample), or None when the bias is 0."""
+    from padd_ds.launch.comm import all_reduce_
+    from padd_ds.models.export import engine_routes, fold_router_bias
+    from padd_ds.models.router import set_bias
+    from padd_ds.stage1.init import write_router_weights
+
+    folded, before = fold_router_bias(engine, batches)
+    if folded is None:
+        return None
+    write_router_weights(engine.module, folded)
+    controller.bias.zero_()
+    set_bias(engine.module, controller.bias)
+    after = engine_routes(engine, batches)
+    kept = torch.zeros(2, dtype=torch.float64)
+    for b, was, now in zip(batches, before, after):
+        valid = b.attention_mask.bool().reshape(-1)
+        for x, y in zip(was, now):
+            kept[0] += float((x.sort(-1).values == y.sort(-1).values).all(-1)[valid].sum())
+            kept[1] += float(valid.sum())
+    all_reduce_(kept)
+    return float(kept[0] / kept[1].clamp(min=1))

@@ -498,7 +498,8 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
 
 
     from padd_ds.models.router import router_weights, routers, set_bias
-    from padd_ds.rl.balance import BiasController
+    from padd_ds.models.export import has_bias_slot
+    from padd_ds.rl.balance import BiasController, fold_bias_into_routers
     from padd_ds.rl.rewards import group_advantages, reward
     from padd_ds.rl.rollout import sample_rollouts
     from padd_ds.rl.step import update_on_rollouts
@@ -510,6 +511,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
     mod = engine.module
     L, N = len(routers(mod)), routers(mod)[0].num_experts
     controller = BiasController(L, N, s4)
+    fold = s4.enabled and s4.fold_every > 0 and not has_bias_slot(mod)  # a slot exports the bias exactly
     policy_cfg = s3 if s3.enabled else dataclasses.replace(s3, policy="grpo")
     use_teacher = s2.enabled and s2.kd_weight > 0
     start, history, snap_prev = 0, [], None
@@ -580,6 +582,14 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
             controller.update(counts, adv_sum, adv_cnt)
             set_bias(mod, controller.bias)
         snap_prev = snap_cur
+        if fold and (step + 1) % s4.fold_every == 0:
+            kept = fold_bias_into_routers(engine, [batch], controller)
+            if kept is not None:
+                add("folds", 1)
+                add("fold_kept", kept)
+                # A fold re-expresses the routes, it is not a policy update: the next step's
+                # drift is measured from the folded routers.
+                snap_prev = router_weights(mod)
         add("steps", 1)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             keys = sorted(window)
@@ -600,6 +610,8 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
                    "routing/load_entropy": float(-(load * load.clamp(min=1e-12).log()).sum(1).mean() / math.log(N)),
                    "routing/bias_norm": float(controller.bias.norm()),
                    "train/lr": engine.get_lr()[0], "train/nonfinite_skipped": guard.skipped}
+            if tot.get("folds"):  # Stage IV folds in this window: share of routes they kept
+                row["routing/fold_kept"] = tot["fold_kept"] / tot["folds"]
             if use_teacher:
                 row.update({"train/kd_loss": tot["kd_loss"] / max(tot["resp_tokens"], 1),
                             "train/kd_temperature": tot["kd_temperature"] / tot["responses"],
