@@ -283,12 +283,13 @@ class Stage4Config:
     # Classic auxiliary balance loss. 0: the bias does the balancing (DeepSeek-V3's
     # loss-free approach); kept as a knob for baselines.
     aux_loss_coeff: float = 0.0
-    # Every K training steps, fold the bias into the router weights (the export's softmax
-    # regression, fitted on that step's rollout tokens) and restart it from 0, for routers
-    # without a bias slot (Qwen3-MoE, Mixtral, DeepSeek-V2). The export then folds only the
-    # last < K steps of bias, so the native checkpoint routes like the engine (a fold of the
-    # whole bias keeps ~0.87 of routes on the toy). 0: never, the paper's reading (the bias
-    # lives beside the router until the export). Ignored where the router has a bias slot.
+    # Every K training steps (not the last), fold the bias into the router weights (the
+    # export's softmax regression, fitted on the step's last rollout batch) and restart it from
+    # 0, for routers without a bias slot (Qwen3-MoE, Mixtral, DeepSeek-V2). The export then
+    # folds only the last <= K steps of bias, so the native checkpoint routes more like the
+    # engine (a fold of the whole bias keeps ~0.87 of routes on the toy). 0: never, the
+    # paper's reading (the bias lives beside the router until the export). Ignored where
+    # the router has a bias slot.
     fold_every: int = 0
 
 

@@ -582,7 +582,9 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
             controller.update(counts, adv_sum, adv_cnt)
             set_bias(mod, controller.bias)
         snap_prev = snap_cur
-        if fold and (step + 1) % s4.fold_every == 0:
+        # The last step never folds: the export folds what is left, so its routing fidelity
+        # still measures the fold against the engine as trained.
+        if fold and (step + 1) % s4.fold_every == 0 and step + 1 < cfg.train.steps:
             kept = fold_bias_into_routers(engine, [batch], controller)
             if kept is not None:
                 add("folds", 1)
