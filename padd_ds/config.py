@@ -291,6 +291,11 @@ class Stage4Config:
     # paper's reading (the bias lives beside the router until the export). Ignored where
     # the router has a bias slot.
     fold_every: int = 0
+    # The last N training steps: fold the bias into the router weights before them and keep
+    # it at 0 through them (Stage IV stops updating it), so the model trains its last steps
+    # on the very routing it is exported with (export routing fidelity 1, no fold at the
+    # export). 0: off, the paper's reading. Routers without a bias slot only.
+    settle_steps: int = 0
 
 
 @dataclass
@@ -901,6 +906,9 @@ def _check_ranges(cfg: PaddConfig) -> None:
     non_negative("stage4.aux_loss_coeff", s4.aux_loss_coeff)
     _require(isinstance(s4.fold_every, int) and s4.fold_every >= 0,
              f"stage4.fold_every must be an integer >= 0 (0: never fold during training), got {s4.fold_every!r}")
+    _require(isinstance(s4.settle_steps, int) and 0 <= s4.settle_steps < max(cfg.train.steps, 1),
+             f"stage4.settle_steps must be an integer in [0, train.steps={cfg.train.steps}) (0: off), "
+             f"got {s4.settle_steps!r}")
 
     tr = cfg.train
     positive("train.steps", tr.steps)

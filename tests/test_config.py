@@ -209,6 +209,7 @@ def test_missing_recipe():
     ("stage3.clip_eps=1.5", "stage3.clip_eps must be in (0, 1)"),
     ("stage4.ema_decay=1", "stage4.ema_decay must be in [0, 1)"),
     ("stage4.fold_every=-1", "stage4.fold_every must be an integer >= 0"),
+    ("stage4.settle_steps=300", "stage4.settle_steps must be an integer in [0, train.steps=300)"),
     ("data.split_fractions.A=0.5", "data.split_fractions must sum to 1"),
     ("data.split_fractions.A=0", "data.split_fractions.A must be in (0, 1]"),
     ("data.split_fractions={A: 0.5, B: 0.5}", "data.split_fractions must have exactly the keys A, B, C, D"),

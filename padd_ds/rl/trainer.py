@@ -511,7 +511,8 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
     mod = engine.module
     L, N = len(routers(mod)), routers(mod)[0].num_experts
     controller = BiasController(L, N, s4)
-    fold = s4.enabled and s4.fold_every > 0 and not has_bias_slot(mod)  # a slot exports the bias exactly
+    slotless = s4.enabled and not has_bias_slot(mod)  # a slot exports the bias exactly: never fold there
+    T, settle = cfg.train.steps, s4.settle_steps if slotless else 0
     policy_cfg = s3 if s3.enabled else dataclasses.replace(s3, policy="grpo")
     use_teacher = s2.enabled and s2.kd_weight > 0
     start, history, snap_prev = 0, [], None
@@ -578,13 +579,15 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
         for t in (counts, adv_sum, adv_cnt):
             all_reduce_(t)
         load = (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()             # f_j per layer
-        if s4.enabled:
+        if s4.enabled and step < T - settle:  # settling: the bias stays 0 to the end
             controller.update(counts, adv_sum, adv_cnt)
             set_bias(mod, controller.bias)
         snap_prev = snap_cur
-        # The last step never folds: the export folds what is left, so its routing fidelity
-        # still measures the fold against the engine as trained.
-        if fold and (step + 1) % s4.fold_every == 0 and step + 1 < cfg.train.steps:
+        # Folds: every stage4.fold_every steps, and once before the settle_steps. Never on the
+        # last step: the export folds what is left, so its routing fidelity still measures a
+        # fold against the engine as trained.
+        if slotless and step + 1 < T and ((s4.fold_every and (step + 1) % s4.fold_every == 0)
+                                          or (settle and step + 1 == T - settle)):
             kept = fold_bias_into_routers(engine, [batch], controller)
             if kept is not None:
                 add("folds", 1)
