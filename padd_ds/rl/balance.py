@@ -118,10 +118,10 @@ def switch_aux_loss(router_probs: torch.Tensor, counts: torch.Tensor, mask: torc
 
 
 def fold_bias_into_routers(engine, batches: list, controller: BiasController) -> float | None:
-    """Stage IV `fold_every`: fold the current bias into the router weights and restart it
-    from zero (collective over the student ranks). The fold is the export's
+    """Stage IV `fold_every` / `settle_steps`: fold the current bias into the router weights
+    and restart it from zero (collective over the student ranks). The fold is the export's
     (`fold_router_bias`, fitted on `batches`); afterwards the engine routes with the folded
-    weights plus a bias that grows again from 0. Returns the fraction of the batches'
+    weights plus a bias that grows again from 0 (or stays 0 while settling). Returns the fraction of the batches'
     (token, layer) routes the folded routers keep (in-sample), or None when the bias is 0."""
     from padd_ds.launch.comm import all_reduce_
     from padd_ds.models.export import engine_routes, fold_router_bias

@@ -38,10 +38,10 @@ def write_router_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -
     """Set each MoE layer's router gate to `weights[l]` (ZeRO-3: every rank calls this with the
     same values; rank 0's copy is what gets re-partitioned).
 
-    With bf16/fp16 the optimizer keeps its own fp32 master copy of every parameter and
-    copies it back into the model after each step, so a write to the model's weights alone
-    would be undone by the first step: the master copy is set too (DeepSpeed's
-    `safe_set_full_fp32_param`; in fp32 ZeRO-3 the two are one tensor)."""
+    DeepSpeed's optimizer keeps its own fp32 master copy of every parameter (with bf16/fp16,
+    and in fp32 too unless the partition already lives on the optimizer's device) and copies
+    it back into the model after each step, so a write to the model's weights alone would be
+    undone by the first step: the master copy is set too (`safe_set_full_fp32_param`)."""
     from deepspeed.utils import safe_set_full_fp32_param
 
     from padd_ds.models.router import routers
