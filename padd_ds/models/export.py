@@ -302,6 +302,11 @@ def engine_routes(engine, batches: list) -> list[list[torch.Tensor]]:
     return out
 
 
+def same_experts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[T] bool: token t chose the same set of experts in `a` and `b` ([T, k] ids, any order)."""
+    return (a.sort(-1).values == b.sort(-1).values).all(-1)
+
+
 @torch.no_grad()
 def routing_fidelity(hf_model, batches: list, engine_choices: list) -> float:
     """Fraction of (token, MoE layer) pairs whose top-k expert set in `hf_model` equals the
@@ -322,7 +327,7 @@ def routing_fidelity(hf_model, batches: list, engine_choices: list) -> float:
                                    f"{len(eng)} MoE layers")
             valid = b.attention_mask.bool().reshape(-1)
             for mine, theirs in zip(chosen, eng):
-                same += int((mine.sort(-1).values == theirs.sort(-1).values).all(-1)[valid].sum())
+                same += int(same_experts(mine, theirs)[valid].sum())
                 total += int(valid.sum())
     finally:
         for h in hooks:

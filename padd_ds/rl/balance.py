@@ -124,7 +124,7 @@ def fold_bias_into_routers(engine, batches: list, controller: BiasController) ->
     weights plus a bias that grows again from 0 (or stays 0 while settling). Returns the fraction of the batches'
     (token, layer) routes the folded routers keep (in-sample), or None when the bias is 0."""
     from padd_ds.launch.comm import all_reduce_
-    from padd_ds.models.export import engine_routes, fold_router_bias
+    from padd_ds.models.export import engine_routes, fold_router_bias, same_experts
     from padd_ds.models.router import set_bias
     from padd_ds.stage1.init import write_router_weights
 
@@ -139,7 +139,7 @@ def fold_bias_into_routers(engine, batches: list, controller: BiasController) ->
     for b, was, now in zip(batches, before, after):
         valid = b.attention_mask.bool().reshape(-1)
         for x, y in zip(was, now):
-            kept[0] += float((x.sort(-1).values == y.sort(-1).values).all(-1)[valid].sum())
+            kept[0] += float(same_experts(x, y)[valid].sum())
             kept[1] += float(valid.sum())
     all_reduce_(kept)
     return float(kept[0] / kept[1].clamp(min=1))
