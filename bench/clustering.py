@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from padd_ds.stage1.clustering import balanced_kmeans  # noqa: E402
+from padd_ds.models.clustering import balanced_kmeans  # noqa: E402
 
 try:
     from k_means_constrained import KMeansConstrained  # noqa: F401

@@ -52,7 +52,7 @@ def main() -> None:
 
     from padd_ds.config import load_config
     from padd_ds.data.math import load_train_problems
-    from padd_ds.models.engine import initialize_engine
+    from padd_ds.engine.build import initialize_engine
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
     from padd_ds.models.router import router_weights, routers, set_bias
     from padd_ds.rl.balance import BiasController

@@ -48,7 +48,7 @@ def run(gas: int, schedule: list[list[set]], rank: int, max_in_a_row: int = 3) -
     """schedule[step][micro] = the ranks whose batch has a NaN; every step goes through the guard.
     With gas=1 and several entries per step, each entry is one optimiser step on the same
     training step (stage3.updates_per_batch)."""
-    from padd_ds.rl.guard import NonFiniteGuard, NonFiniteLossError
+    from padd_ds.engine.guard import NonFiniteGuard, NonFiniteLossError
 
     engine = make_engine(gas)
     guard = NonFiniteGuard(max_in_a_row)

@@ -18,7 +18,7 @@ def main() -> None:
     from padd_ds.launch.world import leave, release_shm_names
     from padd_ds.models.decompress import decompress
     from padd_ds.models.router import padd_router_installed, router_weights, routers
-    from padd_ds.stage1.init import write_router_weights
+    from padd_ds.models.router import write_router_weights
     from test_decompress import N, TOP_K, VOCAB, make_teacher
 
     deepspeed.init_distributed(dist_backend="gloo")

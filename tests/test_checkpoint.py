@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from padd_ds.rl.checkpoint import MARKER, _files, latest_valid
+from padd_ds.engine.checkpoint import MARKER, _files, latest_valid
 
 
 def _complete(root: Path, step: int) -> Path:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from padd_ds.stage1.clustering import ClusterResult, _balanced_assign, balanced_kmeans, neuron_points
+from padd_ds.models.clustering import ClusterResult, _balanced_assign, balanced_kmeans, neuron_points
 
 
 def blobs(sizes: list[int], d: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

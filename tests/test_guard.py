@@ -1,4 +1,4 @@
-"""Non-finite losses (padd_ds/rl/guard.py): the step is skipped on every student rank, counted,
+"""Non-finite losses (padd_ds/engine/guard.py): the step is skipped on every student rank, counted,
 and a streak of train.max_nonfinite_steps stops the run. The end-to-end run with a corrupted
 teacher is in test_nonfinite_run.py."""
 
@@ -53,7 +53,7 @@ def test_guard_on_two_zero3_ranks():
 
 
 def test_max_nonfinite_steps_is_validated():
-    from padd_ds.rl.guard import NonFiniteGuard
+    from padd_ds.engine.guard import NonFiniteGuard
 
     cfg = load_config(None, ["train.max_nonfinite_steps=0"])
     with pytest.raises(ConfigError, match=r"^train.max_nonfinite_steps must be > 0, got 0$"):

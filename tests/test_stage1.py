@@ -9,8 +9,9 @@ import torch
 
 from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
 from padd_ds.models.decompress import decompress
-from padd_ds.stage1.init import RouterFit
-from padd_ds.stage1.targets import cluster_map_from_provenance, cluster_teacher, layer_map, path_log_probs
+from padd_ds.models.router import RouterFit
+from padd_ds.stage1.warmup import path_log_probs
+from padd_ds.teacher.clusters import cluster_map_from_provenance, cluster_teacher, layer_map
 from padd_ds.stage1.warmup import path_agreement, path_kl
 from padd_ds.teacher.service import TeacherModel
 from test_decompress import N, TOP_K, make_teacher, tokens

@@ -3,7 +3,8 @@
 import torch
 
 from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
-from padd_ds.teacher.service import ClusterMap, TeacherModel
+from padd_ds.teacher.clusters import ClusterMap
+from padd_ds.teacher.service import TeacherModel
 
 
 def tiny_teacher():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from padd_ds.config import REPO_ROOT, expand_user
-from padd_ds.eval.grading import last_boxed
+from padd_ds.data.answers import last_boxed
 
 
 @dataclass(frozen=True)

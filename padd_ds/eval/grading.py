@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from padd_ds.data.answers import BOXED, last_boxed
+
 GRADE_TIMEOUT_S = 5.0  # per call; a symbolic check of a sane answer takes < 0.3 s, sympy on a hostile one never ends
 MAX_ANSWER_CHARS = 512  # a longer "final answer" is a runaway generation, not an answer; math-verify on it is slow
 MAX_RESPONSE_CHARS = 2_000_000  # far above any generation budget; bounds the (linear) extraction work
@@ -41,39 +43,9 @@ _ANSWER_IS = re.compile(r"answer is[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _LEADING_NUMBER = re.compile(r"\s*\$?\s*(-?\d+(?:,\d{3})*(?:\.\d+)?)(?![\d/^]|[.,]\d)")
 _PLAIN_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_BOX = re.compile(r"\\(?:boxed|fbox|framebox)\s*")
 # LaTeX that decorates a number without changing it: thin spaces, escaped dollar signs.
 _NUMBER_DECORATION = re.compile(r"\\[!,;: ]|\\\$|\$|\\text\{\s*\}|\s")
 
-
-_BRACE = re.compile(r"[{}]")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox``/``\\framebox``) with balanced braces,
-    or the token after ``\\boxed`` without braces (``\\boxed 5``); None if there is none.
-    One pass over the braces: hostile input (``\\boxed{`` x 20000) stays linear."""
-    boxes = list(_BOX.finditer(text))
-    if not boxes:
-        return None
-    partner: dict[int, int] = {}
-    open_at: list[int] = []
-    for m in _BRACE.finditer(text, boxes[0].end()):
-        if m.group() == "{":
-            open_at.append(m.start())
-        elif open_at:
-            partner[open_at.pop()] = m.start()
-    for m in reversed(boxes):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            if i in partner:
-                return text[i + 1 : partner[i]]
-            continue  # unbalanced: try an earlier box
-        if m.group(0).startswith("\\boxed") and m.end() > m.start() + len("\\boxed"):
-            token = re.match(r"[^\s$]+", text[i:])
-            if token:
-                return token.group(0)
-    return None
 
 
 def _candidate(tail: str) -> str | None:
@@ -115,7 +87,7 @@ def _as_number(s: str) -> float | None:
 def _reference_answer(reference: str) -> str:
     """Accept a full reference solution as well as a bare answer."""
     ref = reference.strip()
-    if "####" in ref or _BOX.search(ref):
+    if "####" in ref or BOXED.search(ref):
         ref = extract_answer(ref) or ref
     return ref
 

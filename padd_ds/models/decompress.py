@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from padd_ds.stage1.clustering import ClusterResult, balanced_kmeans, neuron_points
+from padd_ds.models.clustering import ClusterResult, balanced_kmeans, neuron_points
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -57,3 +57,14 @@ def autoep_preset(hf_config) -> str:
         raise ValueError(f"student model_type '{mt}' has no DeepSpeed AutoEP preset; supported: "
                          f"{sorted(AUTOEP_PRESETS)}")
     return AUTOEP_PRESETS[mt]
+
+
+def decoder_layers(model: torch.nn.Module):
+    """The decoder blocks of an HF Llama/Qwen/Mistral-style causal LM (or a DeepSpeed engine
+    around one)."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "layers"):
+        raise ValueError(f"{type(model).__name__} has no .model.layers; cluster activations need a "
+                         "Llama/Qwen/Mistral-style decoder")
+    return inner.layers

@@ -35,9 +35,22 @@ from deepspeed.moe.ep_count import count_tokens_per_expert
 from deepspeed.moe.ep_router import TokenChoiceTopKRouter
 
 class RouterFit:
-    """Least-squares router weights from per-token targets: accumulate X^T X and X^T Z over
-    batches (and ranks), solve (X^T X + ridge) W^T = X^T Z per layer. Used by the Stage I
-    centroid projection."""
+    """Least-squares router weights from per-token targets (Stage I's centroid projection).
+
+    A centroid router in the teacher's space gives token x the logit z_j = x_T . c_j (c_j =
+    the mean gate row of cluster j), which the teacher streams per token. The student's
+    router sees another hidden state x_S (other width, other basis), so a map is needed; the
+    paper gives none. Ours (`stage1.projection: lstsq`): M with x_T ~ x_S M, fitted on D_A,
+    applied to the centroids, w_j = M c_j. min_W ||X_S W - X_T C||^2 has the solution
+    (X_S^T X_S)^-1 X_S^T (X_T C) = M C, so accumulating X_S^T X_S and X_S^T Z over batches and
+    ranks (Z = the streamed centroid logits) gives the projected centroids without ever
+    shipping the teacher's hidden states. A small ridge term (relative to the mean diagonal)
+    keeps the solve stable when D_A has few tokens.
+
+        fit = RouterFit(num_layers, hidden, num_experts)
+        fit.add(layer, x_student [T, H_S], z_teacher [T, N])   # per D_A batch, valid tokens
+        weights = fit.solve(all_reduce_)                       # [L] x [N, H_S], same on every rank
+    """
 
     def __init__(self, num_layers: int, hidden: int, num_experts: int, ridge: float = 1e-3):
         self.xtx = torch.zeros(num_layers, hidden, hidden, dtype=torch.float64)
@@ -212,4 +225,56 @@ def router_scores(module: torch.nn.Module) -> list[torch.Tensor]:
             raise RuntimeError(f"router of MoE layer {i} recorded no scores; call set_routing(..., record=True) "
                                "before the forward")
         out.append(r.last_scores)
+    return out
+
+
+def _gathered_for_write(params: list[torch.nn.Parameter]):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def write_router_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -> None:
+    """Set each MoE layer's router gate to `weights[l]` (ZeRO-3: every rank calls this with the
+    same values; rank 0's copy is what gets re-partitioned).
+
+    DeepSpeed's optimizer keeps its own fp32 master copy of every parameter (with bf16/fp16,
+    and in fp32 too unless the partition already lives on the optimizer's device) and copies
+    it back into the model after each step, so a write to the model's weights alone would be
+    undone by the first step: the master copy is set too (`safe_set_full_fp32_param`)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    rs = routers(module)
+    if len(rs) != len(weights):
+        raise ValueError(f"router init: {len(weights)} weight matrices for {len(rs)} MoE layers")
+    for r, w in zip(rs, weights):
+        params = [r.gate.weight] + ([r.gate.bias] if r.gate.bias is not None else [])
+        with _gathered_for_write(params):
+            if tuple(r.gate.weight.shape) != tuple(w.shape):
+                raise ValueError(f"router init: weight {tuple(w.shape)} does not fit gate {tuple(r.gate.weight.shape)}")
+            r.gate.weight.copy_(w.to(r.gate.weight.dtype))
+            if r.gate.bias is not None:
+                r.gate.bias.zero_()
+        if _has_master_copy(r.gate.weight):
+            safe_set_full_fp32_param(r.gate.weight, w.float())
+            if r.gate.bias is not None:
+                safe_set_full_fp32_param(r.gate.bias, torch.zeros(tuple(getattr(r.gate.bias, "ds_shape", r.gate.bias.shape))))
+
+
+def _has_master_copy(p) -> bool:
+    """True once DeepSpeed's optimizer holds an fp32 copy of `p` (ZeRO-3, or ZeRO-1/2/bf16)."""
+    return getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping")
+
+
+@torch.no_grad()
+def random_router_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> list[torch.Tensor]:
+    """Freshly initialised routers (HF's normal(0, 0.02)): the "no Stage I" comparison."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in routers(module):
+        shape = getattr(r.gate.weight, "ds_shape", r.gate.weight.shape)
+        out.append(torch.randn(tuple(shape), generator=g) * std)
     return out

@@ -126,7 +126,7 @@ def fold_bias_into_routers(engine, batches: list, controller: BiasController) ->
     from padd_ds.launch.comm import all_reduce_
     from padd_ds.models.export import engine_routes, fold_router_bias, same_experts
     from padd_ds.models.router import set_bias
-    from padd_ds.stage1.init import write_router_weights
+    from padd_ds.models.router import write_router_weights
 
     folded, before = fold_router_bias(engine, batches)
     if folded is None:

@@ -91,7 +91,7 @@ def update_on_rollouts(engine, batch: TokenBatch, adv: torch.Tensor, prev_router
         if guard is None:
             engine.backward(loss)
             engine.step()
-        else:  # rl/guard.py: a non-finite loss on any rank skips this step on all of them
+        else:  # engine/guard.py: a non-finite loss on any rank skips this step on all of them
             guard.backward_step(engine, loss, step)
         keep_router_inputs(mod, False)
         set_routing(mod, "learned", record=False)

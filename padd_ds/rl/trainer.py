@@ -32,10 +32,11 @@ from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_eng
                                    load_exact_routing, routing_fidelity)
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
-from padd_ds.rl import checkpoint as ckpt
-from padd_ds.rl.guard import NonFiniteGuard
+from padd_ds.engine import checkpoint as ckpt
+from padd_ds.engine.guard import NonFiniteGuard
 from padd_ds.teacher.feed import BatchPlan, TeacherFeed
-from padd_ds.teacher.service import ClusterMap, LocalTeacher, RemoteTeacher, TeacherModel, serve
+from padd_ds.teacher.clusters import ClusterMap
+from padd_ds.teacher.service import LocalTeacher, RemoteTeacher, TeacherModel, serve
 from padd_ds.teacher.sparse import sparse_kd_loss
 
 RESULT_TAG = 1  # bridge tag of the teacher's evaluation result (separate from requests)
@@ -148,7 +149,7 @@ def teacher_stage1_setup(cfg: PaddConfig, world: World, model, sharded: bool) ->
     teacher sends the layer map and, for a decompressed student, the clusters it was built
     from; otherwise the teacher clusters its own FFNs (all ranks of a sharded teacher take
     part: gathering a layer's weights is collective). The records go back to that student."""
-    from padd_ds.stage1.targets import cluster_teacher
+    from padd_ds.teacher.clusters import cluster_teacher
 
     setup = None
     if world.is_teacher_leader:
@@ -253,7 +254,7 @@ def send_stage1_setup(cfg: PaddConfig, world: World, student_cfg, teacher_path: 
     a callable that collects the teacher's clustering records (None if this rank does not)."""
     from transformers import AutoConfig
 
-    from padd_ds.stage1.targets import cluster_map_from_provenance, cluster_teacher, layer_map
+    from padd_ds.teacher.clusters import cluster_map_from_provenance, cluster_teacher, layer_map
     from padd_ds.models.loading import moe_shape
 
     if provenance is not None:
@@ -292,7 +293,7 @@ def send_stage1_setup(cfg: PaddConfig, world: World, student_cfg, teacher_path: 
 def run_student(cfg: PaddConfig, world: World) -> dict | None:
     import deepspeed.comm as dist
 
-    from padd_ds.models.engine import initialize_engine
+    from padd_ds.engine.build import initialize_engine
 
     from padd_ds.launch import signals as preempt  # installed by train.py before anything else
 

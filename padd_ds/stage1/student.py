@@ -2,7 +2,7 @@
 
     1. measure   on D_D: how well the student's current routes agree with the teacher's paths
     2. targets   on D_A: stream the teacher's per-cluster gate logits and fit the router
-                 (`init.RouterFit`), or keep / randomise it (`stage1.router_init`)
+                 (`models.router.RouterFit`), or keep / randomise it (`stage1.router_init`)
     3. measure   on D_D again (the effect of the init alone)
     4. warmup    on D_B: dispatch frozen at uniform, L_LM + alpha L_KD + beta path KL
     5. measure   on D_D (the effect of the warmup)
@@ -21,11 +21,10 @@ import torch
 
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
-from padd_ds.models.router import keep_router_inputs, router_inputs, router_scores, routers, set_routing
-from padd_ds.rl.guard import NonFiniteGuard
-from padd_ds.stage1.init import RouterFit, random_router_weights, write_router_weights
-from padd_ds.stage1.targets import path_log_probs
-from padd_ds.stage1.warmup import path_agreement, path_kl
+from padd_ds.engine.guard import NonFiniteGuard
+from padd_ds.models.router import (RouterFit, keep_router_inputs, random_router_weights, router_inputs, router_scores,
+                                   routers, set_routing, write_router_weights)
+from padd_ds.stage1.warmup import path_agreement, path_kl, path_log_probs
 from padd_ds.teacher.feed import BatchPlan, TeacherFeed
 from padd_ds.teacher.sparse import sparse_kd_loss
 
@@ -159,7 +158,7 @@ class Stage1:
             for g in groups:
                 g["lr"] = s1.lr
         feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13)
-        # A NaN/inf loss on any rank skips the step on all of them (rl/guard.py), as in the main phase.
+        # A NaN/inf loss on any rank skips the step on all of them (engine/guard.py), as in the main phase.
         guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
         for step, _, batch, out in feed:

@@ -52,3 +52,8 @@ def path_agreement(router_scores: list[torch.Tensor], log_p_t: torch.Tensor, val
         topk += float((s_k * t_k).sum()) / top_k
     n_layers = len(router_scores)
     return {"top1": top1 / n_layers, "topk": topk / n_layers, "tokens": float(v.sum())}
+
+
+def path_log_probs(cluster_acts: torch.Tensor, xi: float) -> torch.Tensor:
+    """log p_T = log softmax(mean cluster activation / xi) over the last (cluster) dim."""
+    return torch.log_softmax(cluster_acts.float() / xi, dim=-1)

@@ -17,6 +17,8 @@ import torch
 
 from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS,
                                    OUT_CLUSTER_GATE, OUT_HIDDEN, OUT_LOGITS, Bridge, BridgeError, Header, crc32)
+from padd_ds.models.loading import decoder_layers
+from padd_ds.teacher.clusters import ClusterMap
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk
 
 MODES = {KIND_TOPK_LOGITS: "topk", KIND_SAMPLED_LOGITS: "sampled"}
@@ -28,23 +30,6 @@ def compress(logits: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits
     if mode == "topk":
         return encode_topk(logits, k)
     return encode_sampled(logits, k, torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF))
-
-
-@dataclass
-class ClusterMap:
-    """Which teacher FFN neurons form each cluster (Stage I), for the layers students need.
-
-    `assignment[i, n]` is the cluster of neuron n of teacher layer `layers[i]`; clusters are
-    equal-sized, so pooling is a fixed [d_ff, N] averaging matrix per layer."""
-
-    layers: list[int]
-    assignment: torch.Tensor  # [len(layers), d_ff] int64
-    num_clusters: int
-
-    def pooling(self) -> torch.Tensor:
-        """[len(layers), d_ff, N]: column j averages the neurons of cluster j."""
-        onehot = torch.nn.functional.one_hot(self.assignment, self.num_clusters).float()
-        return onehot / onehot.sum(1, keepdim=True).clamp(min=1)
 
 
 @dataclass
@@ -82,7 +67,7 @@ def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
         if cluster_map is None:
             raise BridgeError("cluster activations were requested but this teacher has no cluster map "
                               "(Stage I clustering has not run on the teacher ranks)")
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         for i, li in enumerate(cluster_map.layers):
             mlp = layers[li].mlp
             if outputs & OUT_CLUSTER_ACTS:
@@ -108,15 +93,6 @@ def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     if vocab_limit is not None and logits.shape[-1] > vocab_limit:
         logits = logits[..., :vocab_limit]
     return logits.float().cpu(), cluster, hidden, gate
-
-
-def _decoder_layers(model: torch.nn.Module):
-    model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "layers"):
-        raise BridgeError(f"{type(model).__name__} has no .model.layers; cluster activations need a "
-                          "Llama/Qwen/Mistral-style decoder")
-    return inner.layers
 
 
 class TeacherModel:

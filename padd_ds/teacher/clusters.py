@@ -1,9 +1,8 @@
-"""Stage I targets: which teacher layer each student layer learns from, the teacher's neuron
-clusters there, and the teacher's path distribution p_T over those clusters.
+"""Stage I on the teacher's side: which teacher layer each student layer learns from, and the
+teacher's neuron clusters there.
 
     layers = layer_map(num_student_layers, num_teacher_layers)   # floor(l * L_T / L_S)
     cmap, records = cluster_teacher(teacher, layers, N, "gate_up", seed)   # on the teacher ranks
-    log_p_T = path_log_probs(cluster_acts, xi)                  # [B, L, n_layers, N]
 
 Clustering runs where the teacher's weights are (the teacher ranks); students only ever see
 per-token, per-cluster numbers streamed over the bridge (`OUT_CLUSTER_ACTS`,
@@ -14,12 +13,29 @@ the teacher, its experts already are clusters and the map comes from its provena
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from padd_ds.stage1.clustering import balanced_kmeans, neuron_points
-from padd_ds.teacher.service import ClusterMap
+from padd_ds.models.clustering import balanced_kmeans, neuron_points
+from padd_ds.models.loading import decoder_layers
 
+
+@dataclass
+class ClusterMap:
+    """Which teacher FFN neurons form each cluster (Stage I), for the layers students need.
+
+    `assignment[i, n]` is the cluster of neuron n of teacher layer `layers[i]`; clusters are
+    equal-sized, so pooling is a fixed [d_ff, N] averaging matrix per layer."""
+
+    layers: list[int]
+    assignment: torch.Tensor  # [len(layers), d_ff] int64
+    num_clusters: int
+
+    def pooling(self) -> torch.Tensor:
+        """[len(layers), d_ff, N]: column j averages the neurons of cluster j."""
+        onehot = torch.nn.functional.one_hot(self.assignment, self.num_clusters).float()
+        return onehot / onehot.sum(1, keepdim=True).clamp(min=1)
 
 def layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
     """Student layer l learns from teacher layer floor(l * L_T / L_S) (the paper's map)."""
@@ -44,9 +60,7 @@ def cluster_teacher(model: torch.nn.Module, layers: list[int], num_clusters: int
     """Balanced k-means of the FFN neurons of each teacher layer in `layers` (one entry per
     student layer; a teacher layer used twice is clustered once). Layer t uses seed + t,
     exactly as decompression does, so both give the same clusters for the same teacher."""
-    from padd_ds.teacher.service import _decoder_layers
-
-    decoder = _decoder_layers(model)
+    decoder = decoder_layers(model)
     done: dict[int, tuple[torch.Tensor, dict]] = {}
     for t in sorted(set(layers)):
         if not 0 <= t < len(decoder):
@@ -77,8 +91,3 @@ def cluster_map_from_provenance(provenance: dict) -> ClusterMap:
         layers.append(rec["teacher_layer"])
         rows.append(a)
     return ClusterMap(layers=layers, assignment=torch.stack(rows), num_clusters=n)
-
-
-def path_log_probs(cluster_acts: torch.Tensor, xi: float) -> torch.Tensor:
-    """log p_T = log softmax(mean cluster activation / xi) over the last (cluster) dim."""
-    return torch.log_softmax(cluster_acts.float() / xi, dim=-1)
