@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         use_toy_world_for(cfg)
         env = detect_launch()
         validate(cfg, world_size=env.world_size)
-        from padd_ds.rl.trainer import check_supported
+        from padd_ds.config import check_supported
 
         check_supported(cfg)
         # Memory plan of this launch on this device (GPU memory, or on CPU this host's RAM
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         sys.exit(2)
 
     from padd_ds.launch.world import run_guarded, setup_world
-    from padd_ds.rl.trainer import run
+    from padd_ds.pipeline.run import run
 
     run_guarded(lambda world: run(cfg, world), lambda: setup_world(cfg, env))
 

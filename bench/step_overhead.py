@@ -57,9 +57,9 @@ def main() -> None:
     from padd_ds.models.router import router_weights, routers, set_bias
     from padd_ds.rl.balance import BiasController
     from padd_ds.rl.rewards import group_advantages, reward
-    from padd_ds.rl.rollout import sample_rollouts
+    from padd_ds.rl.rollout import RolloutBatch, sample_rollouts
     from padd_ds.rl.step import update_on_rollouts
-    from padd_ds.rl.trainer import model_paths
+    from padd_ds.models.loading import model_paths
     from padd_ds.teacher.service import TeacherModel
     from padd_ds.toy.resolve import use_toy_world_for
 
@@ -85,18 +85,19 @@ def main() -> None:
     adv = group_advantages(rewards.view(-1, G))[0].reshape(-1)
     targets = teacher.score(ro.batch.ids, ro.batch.lengths, cfg.teacher.logits_top_k).logits
 
-    grpo_cfg = dataclasses.replace(cfg.stage3, policy="grpo")
+    grpo_cfg = dataclasses.replace(cfg, stage3=dataclasses.replace(cfg.stage3, policy="grpo"))
+    rb = RolloutBatch(ro, rewards.view(-1, G), adv)
     mod = engine.module
     controller = BiasController(len(routers(mod)), routers(mod)[0].num_experts, cfg.stage4)
 
     def grpo_step() -> None:
-        update_on_rollouts(engine, ro.batch, adv, router_weights(mod), cfg, grpo_cfg, 1, None)
+        update_on_rollouts(engine, rb, router_weights(mod), grpo_cfg)
 
     prev = [router_weights(mod)]
 
     def padd_step() -> None:
         cur = router_weights(mod)
-        res = update_on_rollouts(engine, ro.batch, adv, prev[0], cfg, cfg.stage3, 1, lambda: targets)
+        res = update_on_rollouts(engine, rb, prev[0], cfg, lambda: targets)
         controller.update(res.counts, res.adv_sum, res.adv_count)
         set_bias(mod, controller.bias)
         prev[0] = cur

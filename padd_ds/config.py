@@ -1142,3 +1142,19 @@ def validate(cfg: PaddConfig, world_size: int | None = None, repo_root: str | Pa
     _check_model_files(cfg, repo_root)
     if world_size is not None:
         _check_world(cfg, world_size, ep)
+
+
+def check_supported(cfg: PaddConfig) -> None:
+    """Refuse, before any process group exists, combinations the trainer cannot run."""
+    if cfg.train.mode == "padd" and cfg.train.micro_batch_size % cfg.stage3.group_size:
+        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
+                          f"stage3.group_size={cfg.stage3.group_size} in train.mode=padd (it counts rollouts "
+                          "per rank: prompts x group size)")
+    if cfg.models.student is None and cfg.stage1.router_init == "keep":
+        raise ConfigError("stage1.router_init=keep needs a pre-trained student; a decompressed one "
+                          "(models.student=null) starts from the centroids or a random router")
+    if cfg.models.student is not None and cfg.stage1.enabled and cfg.stage1.router_init == "centroids" \
+            and cfg.stage1.projection == "none":
+        raise ConfigError("stage1.projection=none cannot place teacher centroids in a pre-trained student's "
+                          "hidden space; use stage1.projection=lstsq (or router_init=keep/random)")
+

@@ -161,7 +161,7 @@ def check_config(cfg: PaddConfig, world_size: int, root: Path) -> None:
     """What train.py runs before any process group: validate, the trainer's own refusals,
     the memory plan. Each may refuse, only cleanly."""
     from padd_ds.plan import Cluster, make_plan
-    from padd_ds.rl.trainer import check_supported
+    from padd_ds.config import check_supported
 
     try:
         validate(cfg, world_size=world_size, repo_root=root)

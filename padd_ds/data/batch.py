@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from padd_ds.data.prompt import format_example, format_prompt
 
@@ -19,6 +20,14 @@ class TokenBatch:
     def attention_mask(self) -> torch.Tensor:
         L = self.ids.shape[1]
         return (torch.arange(L).unsqueeze(0) < self.lengths.unsqueeze(1)).long()
+
+
+def lm_loss(logits: torch.Tensor, batch: TokenBatch, denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the response tokens (position t predicts token t+1), summed / `denom`
+    (default: this batch's response tokens)."""
+    m = batch.loss_mask[:, :-1]
+    total = F.cross_entropy(logits[:, :-1][m].float(), batch.ids[:, 1:][m], reduction="sum")
+    return total / (m.sum().clamp(min=1) if denom is None else denom)
 
 
 def encode_examples(tokenizer, problems: list[dict], max_prompt_tokens: int, max_response_tokens: int) -> TokenBatch:

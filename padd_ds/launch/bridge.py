@@ -34,6 +34,10 @@ OUT_CLUSTER_ACTS = 2    # per-cluster mean FFN activation for the teacher's clus
 OUT_HIDDEN = 4          # final hidden states
 OUT_CLUSTER_GATE = 8    # per-cluster mean gate pre-activation (the centroid router's logits, Stage I)
 
+# Bridge tags of the messages that run beside the scoring requests (tag 0).
+TAG_RESULT = 1  # the teacher's own held-out evaluation, collected by the main student at the end
+TAG_STAGE1 = 2  # Stage I: the layer map / clusters (students -> teacher) and its records back
+
 
 class BridgeError(RuntimeError):
     """A failure on the teacher <-> student channel (timeout, dead peer, bad data)."""

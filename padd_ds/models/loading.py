@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from padd_ds.config import PaddConfig, resolve_model_path
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     """`auto` is bf16 on CUDA (what clusters train in) and fp32 on CPU (bf16 matmuls are slow
@@ -11,6 +13,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def model_paths(cfg: PaddConfig) -> tuple[str, str | None, str]:
+    """(teacher, student or None when it is decompressed from the teacher, tokenizer)."""
+    teacher = resolve_model_path(cfg.models.teacher, field_name="models.teacher")
+    student = (resolve_model_path(cfg.models.student, field_name="models.student")
+               if cfg.models.student is not None else None)
+    tok = (resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer", need_config=False)
+           if cfg.models.tokenizer else teacher)  # a tokenizer-only directory has no config.json
+    return teacher, student, tok
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

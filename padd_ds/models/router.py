@@ -170,6 +170,36 @@ def set_routing(module: torch.nn.Module, mode: RoutingMode, record: bool | None 
             router.generator.manual_seed(seed * 1009 + i)
 
 
+class RoutingTrace:
+    """What the routers recorded in the forwards inside `routing_trace(...)` (the last one)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def scores(self) -> list[torch.Tensor]:
+        return router_scores(self.module)
+
+    def inputs(self) -> list[torch.Tensor]:
+        return router_inputs(self.module)
+
+    def selected(self) -> list[torch.Tensor]:
+        return router_selected(self.module)
+
+
+@contextlib.contextmanager
+def routing_trace(module: torch.nn.Module, mode: RoutingMode = "learned", inputs: bool = False,
+                  seed: int | None = None) -> Iterator[RoutingTrace]:
+    """Route in `mode` and record every router's scores (with their graph) and chosen experts,
+    plus its inputs when `inputs`; on exit routing is learned again and nothing is kept."""
+    set_routing(module, mode, record=True, seed=seed)
+    keep_router_inputs(module, inputs)
+    try:
+        yield RoutingTrace(module)
+    finally:
+        keep_router_inputs(module, False)
+        set_routing(module, "learned", record=False)
+
+
 def keep_router_inputs(module: torch.nn.Module, on: bool) -> None:
     for r in routers(module):
         r.keep_input, r.last_input = on, None
@@ -193,8 +223,6 @@ def router_selected(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def router_weights(module: torch.nn.Module) -> list[torch.Tensor]:
     """A copy of every router's gate weight [N, H] (gathered under ZeRO-3; every rank calls)."""
-    import contextlib
-
     out = []
     for r in routers(module):
         ctx = contextlib.nullcontext()

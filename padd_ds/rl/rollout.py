@@ -15,7 +15,7 @@ slowest finishes (`synced_gpus`); no rank can leave a collective hanging.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,3 +97,16 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     out = torch.zeros(batch.ids.shape, dtype=logp.dtype)
     out[:, :-1] = logp
     return out * batch.loss_mask
+
+
+@dataclass
+class RolloutBatch:
+    """One micro-step's rollouts, scored: what the update and the step's metrics consume."""
+
+    rollouts: Rollouts           # prompt + response token ids, loss mask, decoded responses
+    rewards: torch.Tensor        # [P, G] verifiable rewards
+    advantages: torch.Tensor     # [P*G] group-relative, prompt-major like the rows
+    correct: float = 0.0         # responses the grader accepted
+    group_stats: dict = field(default_factory=dict)  # groups, zero-variance groups (rl/rewards.group_advantages)
+    request: int | None = None   # the teacher's request id for these rollouts (Stage II)
+    seconds: float = 0.0         # time spent generating

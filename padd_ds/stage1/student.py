@@ -17,40 +17,27 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import deepspeed.comm as dist
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from padd_ds.config import PaddConfig
-from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
+from padd_ds.data.batch import lm_loss
 from padd_ds.engine.guard import NonFiniteGuard
-from padd_ds.models.router import (RouterFit, keep_router_inputs, random_router_weights, router_inputs, router_scores,
-                                   routers, set_routing, write_router_weights)
+from padd_ds.engine.meter import Meter
+from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
+from padd_ds.launch.comm import all_reduce_, all_sum
+from padd_ds.models.router import RouterFit, random_router_weights, routers, routing_trace, write_router_weights
 from padd_ds.stage1.warmup import path_agreement, path_kl, path_log_probs
 from padd_ds.teacher.feed import BatchPlan, TeacherFeed
 from padd_ds.teacher.sparse import sparse_kd_loss
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    from padd_ds.launch.comm import all_sum
-
-    return all_sum(values)
-
-
-def _all_reduce_(t: torch.Tensor) -> None:
-    from padd_ds.launch.comm import all_reduce_
-
-    all_reduce_(t)
-
-
-def _lm_sum(logits: torch.Tensor, batch) -> torch.Tensor:
-    m = batch.loss_mask[:, :-1]
-    return torch.nn.functional.cross_entropy(logits[:, :-1][m].float(), batch.ids[:, 1:][m], reduction="sum")
-
-
 class Stage1:
-    def __init__(self, cfg: PaddConfig, engine, teacher, encode: Callable, parts: dict, rank: int,
-                 num_students: int, log: Callable[[dict, int], None]):
-        self.cfg, self.engine, self.teacher, self.encode, self.parts = cfg, engine, teacher, encode, parts
-        self.rank, self.num_students, self.log = rank, num_students, log
+    def __init__(self, cfg: PaddConfig, engine, teacher, encode: Callable, parts: dict,
+                 log: Callable[[dict, int], None]):
+        self.cfg, self.engine, self.teacher, self.encode, self.parts, self.log = cfg, engine, teacher, encode, parts, log
+        self.rank, self.num_students = dist.get_rank(), dist.get_world_size()  # the students' world
         self.top_k = routers(engine.module)[0].top_k
         self.per_rank = cfg.train.micro_batch_size
         # perm[l, e] = the teacher cluster that student expert e stands for in layer l.
@@ -74,27 +61,25 @@ class Stage1:
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
         problems = self.parts["D"][: self.cfg.stage1.eval_problems]
-        steps = self._batches_for(len(problems))
+        meter = Meter()
         self.engine.eval()
-        set_routing(self.engine.module, "learned", record=True)
-        sums = {"top1": 0.0, "topk": 0.0, "tokens": 0.0, "kl": 0.0, "kd": 0.0, "kd_count": 0.0}
-        for _, _, batch, out in self._feed(problems, steps, OUT_CLUSTER_ACTS, self.cfg.run.seed + 17):
-            logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-            valid = batch.attention_mask.bool()
-            log_pt = path_log_probs(self._cluster_order(out.cluster_acts), self.cfg.stage1.xi)
-            scores = router_scores(self.engine.module)
-            agree = path_agreement(scores, log_pt, valid, self.top_k)
-            for k in ("top1", "topk", "tokens"):
-                sums[k] += agree[k]
-            sums["kl"] += float(path_kl(scores, log_pt, valid, 1.0))
-            sums["kd"] += float(sparse_kd_loss(logits, out.logits, batch.loss_mask, 1.0, denom=1.0))
-            sums["kd_count"] += float(batch.loss_mask.sum())
-        set_routing(self.engine.module, "learned", record=False)
+        with routing_trace(self.engine.module) as trace:
+            for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)), OUT_CLUSTER_ACTS,
+                                               self.cfg.run.seed + 17):
+                logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+                valid = batch.attention_mask.bool()
+                log_pt = path_log_probs(self._cluster_order(out.cluster_acts), self.cfg.stage1.xi)
+                scores = trace.scores()
+                for key, value in path_agreement(scores, log_pt, valid, self.top_k).items():
+                    meter.add(key, value)
+                meter.add("kl", path_kl(scores, log_pt, valid, 1.0))
+                meter.add("kd", sparse_kd_loss(logits, out.logits, batch.loss_mask, 1.0, denom=1.0))
+                meter.add("kd_count", batch.loss_mask.sum())
         self.engine.train()
-        top1, topk, tokens, kl, kd, kd_count = _all_sum([sums[k] for k in
-                                                         ("top1", "topk", "tokens", "kl", "kd", "kd_count")])
-        return {"agreement_top1": top1 / tokens, "agreement_topk": topk / tokens,
-                "path_kl": kl / tokens / len(routers(self.engine.module)), "kd_loss": kd / kd_count}
+        tot = meter.totals()
+        return {"agreement_top1": tot["top1"] / tot["tokens"], "agreement_topk": tot["topk"] / tot["tokens"],
+                "path_kl": tot["kl"] / tot["tokens"] / len(routers(self.engine.module)),
+                "kd_loss": tot["kd"] / tot["kd_count"]}
 
     # -- 2 -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,86 +93,91 @@ class Stage1:
         if s1.router_init == "random":
             write_router_weights(mod, random_router_weights(mod, self.cfg.run.seed))
             return "random"
+        fit, co = self.fit_centroid_router()
+        if s1.pairing == "matched":
+            # Expert e stands for the cluster its current routes overlap most (Hungarian on
+            # the co-occurrence): the fitted router then disturbs the pre-trained routes least.
+            for l in range(co.shape[0]):
+                rows, cols = linear_sum_assignment(co[l].numpy(), maximize=True)
+                self.perm[l, torch.as_tensor(rows)] = torch.as_tensor(cols)
+        weights = [w[self.perm[l]] for l, w in enumerate(fit.solve(all_reduce_))]  # row e <- cluster perm[l, e]
+        write_router_weights(mod, weights)
+        return (f"least-squares projection of the teacher centroids ({int(fit.tokens[0])} D_A tokens, "
+                f"{s1.pairing} pairing)")
+
+    def fit_centroid_router(self) -> tuple[RouterFit, torch.Tensor]:
+        """Over D_A: the least-squares fit of the streamed centroid logits, and the co-occurrence
+        [L, N, N] of the student's current routes with the teacher's paths (all-reduced)."""
+        s1, mod = self.cfg.stage1, self.engine.module
         problems = self.parts["A"][: s1.targets_max_problems] if s1.targets_max_problems else self.parts["A"]
         first = routers(mod)[0]
         hidden = getattr(first.gate.weight, "ds_shape", first.gate.weight.shape)[1]
         n_layers, n = len(routers(mod)), first.num_experts
         fit = RouterFit(n_layers, hidden, n)
-        # Co-occurrence of the student's current routes and the teacher's paths, for pairing.
         co = torch.zeros(n_layers, n, n, dtype=torch.float64)
         self.engine.eval()
-        keep_router_inputs(mod, True)
-        set_routing(mod, "learned", record=True)
-        for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)),
-                                           OUT_CLUSTER_GATE | OUT_CLUSTER_ACTS, self.cfg.run.seed + 11):
-            self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
-            valid = batch.attention_mask.bool().reshape(-1)
-            p_t = path_log_probs(out.cluster_acts, s1.xi).exp()
-            for l, (x, p_s) in enumerate(zip(router_inputs(mod), router_scores(mod))):
-                z = out.cluster_gate[..., l, :].reshape(-1, n)
-                fit.add(l, x[valid], z[valid])
-                co[l] += p_s[valid].double().T @ p_t[..., l, :].reshape(-1, n)[valid].double()
-        keep_router_inputs(mod, False)
-        set_routing(mod, "learned", record=False)
+        with routing_trace(mod, inputs=True) as trace:
+            for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)),
+                                               OUT_CLUSTER_GATE | OUT_CLUSTER_ACTS, self.cfg.run.seed + 11):
+                self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
+                valid = batch.attention_mask.bool().reshape(-1)
+                p_t = path_log_probs(out.cluster_acts, s1.xi).exp()
+                for l, (x, p_s) in enumerate(zip(trace.inputs(), trace.scores())):
+                    z = out.cluster_gate[..., l, :].reshape(-1, n)
+                    fit.add(l, x[valid], z[valid])
+                    co[l] += p_s[valid].double().T @ p_t[..., l, :].reshape(-1, n)[valid].double()
         self.engine.train()
-        _all_reduce_(co)
-        if s1.pairing == "matched":
-            # Expert e stands for the cluster its current routes overlap most (Hungarian on
-            # the co-occurrence): the fitted router then disturbs the pre-trained routes least.
-            from scipy.optimize import linear_sum_assignment
-
-            for l in range(n_layers):
-                rows, cols = linear_sum_assignment(co[l].numpy(), maximize=True)
-                self.perm[l, torch.as_tensor(rows)] = torch.as_tensor(cols)
-        weights = [w[self.perm[l]] for l, w in enumerate(fit.solve(_all_reduce_))]  # row e <- cluster perm[l, e]
-        write_router_weights(mod, weights)
-        return (f"least-squares projection of the teacher centroids ({int(fit.tokens[0])} D_A tokens, "
-                f"{s1.pairing} pairing)")
+        all_reduce_(co)
+        return fit, co
 
     # -- 4 -----------------------------------------------------------------------------------
     def warmup(self) -> list[dict]:
         s1, cfg = self.cfg.stage1, self.cfg
-        history: list[dict] = []
         if s1.warmup_steps == 0:
-            return history
-        mod = self.engine.module
-        set_routing(mod, s1.warmup_router, record=True, seed=cfg.run.seed)
+            return []
         groups = self.engine.optimizer.param_groups
         main_lrs = [g["lr"] for g in groups]
         if s1.lr is not None:
             for g in groups:
                 g["lr"] = s1.lr
+        with routing_trace(self.engine.module, s1.warmup_router, seed=cfg.run.seed) as trace:
+            history = self._warmup_steps(trace)
+        for g, lr in zip(groups, main_lrs):
+            g["lr"] = lr
+        return history
+
+    def _warmup_steps(self, trace) -> list[dict]:
+        """L_LM + alpha L_KD + beta path KL on D_B, with the dispatch frozen by the trace's mode."""
+        s1, cfg = self.cfg.stage1, self.cfg
         feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13)
         # A NaN/inf loss on any rank skips the step on all of them (engine/guard.py), as in the main phase.
         guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
-        win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
+        meter, history = Meter(), []
         for step, _, batch, out in feed:
-            count, tokens = _all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
+            count, tokens = all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
             logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
             # Per-rank sums over the global counts: the update equals one process on the global batch.
             denom, tdenom = count / self.num_students, tokens / self.num_students
-            lm = _lm_sum(logits, batch) / denom
+            lm = lm_loss(logits, batch, denom=denom)
             kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
-            kl = path_kl(router_scores(mod), path_log_probs(self._cluster_order(out.cluster_acts), s1.xi),
+            kl = path_kl(trace.scores(), path_log_probs(self._cluster_order(out.cluster_acts), s1.xi),
                          batch.attention_mask.bool(), tdenom)
             if not guard.backward_step(self.engine, lm + s1.alpha * kd + s1.beta * kl, step):
-                win["lm"] += lm.item() * denom
-                win["kd"] += kd.item() * denom
-                win["kl"] += kl.item() * tdenom
-                win["count"] += float(batch.loss_mask.sum())
-                win["tokens"] += float(batch.lengths.sum())
+                meter.add("lm", lm.item() * denom)
+                meter.add("kd", kd.item() * denom)
+                meter.add("kl", kl.item() * tdenom)
+                meter.add("count", batch.loss_mask.sum())
+                meter.add("tokens", batch.lengths.sum())
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == s1.warmup_steps:
-                lm_s, kd_s, kl_s, c, t = _all_sum([win[k] for k in ("lm", "kd", "kl", "count", "tokens")])
-                row = {"stage1/warmup_lm_loss": lm_s / c if c else None, "stage1/warmup_kd_loss": kd_s / c if c else None,
-                       "stage1/warmup_path_kl": kl_s / t if t else None,
-                       "stage1/warmup_tokens_per_s": t / (time.perf_counter() - win["t0"]),
+                tot = meter.totals()
+                c, t = tot.get("count", 0.0), tot.get("tokens", 0.0)
+                row = {"stage1/warmup_lm_loss": tot["lm"] / c if c else None,
+                       "stage1/warmup_kd_loss": tot["kd"] / c if c else None,
+                       "stage1/warmup_path_kl": tot["kl"] / t if t else None,
+                       "stage1/warmup_tokens_per_s": t / tot.seconds,
                        "stage1/warmup_nonfinite_skipped": guard.skipped}
                 history.append({"step": step + 1, **row})
                 self.log(row, step + 1)
-                win = {"lm": 0.0, "kd": 0.0, "kl": 0.0, "count": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
-        set_routing(mod, "learned", record=False)
-        for g, lr in zip(groups, main_lrs):
-            g["lr"] = lr
         return history
 
     def run(self, decompressed: bool) -> dict:

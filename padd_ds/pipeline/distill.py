@@ -1,0 +1,69 @@
+"""Online distillation on D_C (`train.mode=distill`): the teacher's sparse logits for each
+batch of reference solutions, requested `teacher.prefetch` steps ahead, KD + LM loss.
+
+    for each micro-batch: teacher targets (already in flight) -> forward -> KD + LM -> backward, step
+"""
+
+from __future__ import annotations
+
+from padd_ds.data.batch import TokenBatch, lm_loss
+from padd_ds.engine.guard import NonFiniteGuard
+from padd_ds.engine.meter import Meter
+from padd_ds.launch.comm import all_sum
+from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
+from padd_ds.pipeline.summary import progress_bar
+from padd_ds.teacher.feed import BatchPlan, TeacherFeed
+from padd_ds.teacher.sparse import sparse_kd_loss
+
+
+def global_token_count(batch: TokenBatch) -> float:
+    """Loss positions in this micro-step summed over all student ranks.
+
+    Each rank divides its loss sum by this count over the number of ranks; DeepSpeed then
+    averages gradients over ranks, so the update equals a single process seeing the whole
+    global batch (a per-rank mean would overweight ranks with short sequences)."""
+    return all_sum([float(batch.loss_mask.sum())])[0]
+
+
+def train_distill(ctx: RunContext, state: ResumeState | None) -> LoopResult:
+    cfg, engine = ctx.cfg, ctx.engine
+    start = state.step if state else 0
+    history = list(state.history) if state else []
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # NaN/inf loss on any rank: skip the step everywhere
+    guard.load_state_dict(state and state.nonfinite)
+    problems = ctx.parts["C"]
+    plan = BatchPlan(len(problems), cfg.train.micro_batch_size, ctx.num_students, cfg.train.grad_accum, cfg.run.seed)
+    feed = TeacherFeed(ctx.teacher, ctx.encode, problems, plan, ctx.rank, cfg.train.steps, cfg.teacher.prefetch,
+                       start_step=start)
+    progress = progress_bar(cfg, ctx.world)
+    meter, waited = Meter(), feed.wait_s
+    engine.train()
+    stopped = None
+    for step, micro, batch, out in feed:
+        denom = global_token_count(batch) / ctx.num_students
+        logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+        kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
+        lm = lm_loss(logits, batch, denom=denom)
+        guard.backward_step(engine, cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm, step)
+        meter.add("kd", kd.item() * denom)        # back to sums, for exact global means
+        meter.add("lm", lm.item() * denom)
+        meter.add("count", batch.loss_mask.sum())
+        meter.add("tokens", int(batch.lengths.sum()))
+        if micro != cfg.train.grad_accum - 1:
+            continue
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            meter.add("wait", feed.wait_s - waited)
+            waited = feed.wait_s
+            tot = meter.totals()
+            row = {"train/kd_loss": tot["kd"] / tot["count"], "train/lm_loss": tot["lm"] / tot["count"],
+                   "teacher/wait_fraction": tot["wait"] / ctx.num_students / tot.seconds,
+                   "train/tokens_per_s": tot["tokens"] / tot.seconds,
+                   "train/lr": engine.get_lr()[0], "train/nonfinite_skipped": guard.skipped}
+            history.append({"step": step + 1, **row})
+            ctx.logger.log(row, step + 1)
+            progress.update(step + 1, row)
+        if ctx.save_if_due(step + 1, {"history": history, "nonfinite": guard.state_dict()}):
+            stopped = step + 1
+            break
+    progress.close()
+    return LoopResult(history, stopped)

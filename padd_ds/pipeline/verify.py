@@ -1,0 +1,96 @@
+"""Export the trained engine as a native transformers checkpoint, and check it against the engine.
+
+A Stage IV bias has no slot in Qwen3-MoE/Mixtral/DeepSeek-V2 routers: the export folds it
+into the router weights (fitted on held-out D_D tokens) and measures how often the exported
+model still picks the engine's experts; the exact routing (`load_exact_routing`) is checked
+too. DeepSeek-V3 takes the bias exactly in its selection-bias slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from padd_ds.config import PaddConfig
+from padd_ds.data.batch import TokenBatch, encode_examples
+from padd_ds.engine import checkpoint as ckpt
+from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_engine, fold_router_bias, has_bias_slot,
+                                   load_exact_routing, routing_fidelity)
+from padd_ds.models.loading import load_causal_lm
+from padd_ds.pipeline.records import ExportReport, RunContext
+from padd_ds.teacher.feed import BatchPlan
+
+
+@dataclass
+class VerifiedExport:
+    """The export's report, and the exported model(s) loaded on the main rank for evaluation."""
+
+    report: ExportReport
+    model: torch.nn.Module
+    exact_model: torch.nn.Module | None   # the folded export with its exact routing restored
+
+
+def export_and_verify(ctx: RunContext) -> VerifiedExport | None:
+    """Collective over the student ranks; the main rank returns the verified export."""
+    cfg, engine = ctx.cfg, ctx.engine
+    held = heldout_batches(ctx)
+    fit_batches, fidelity_batches = held[0::2], held[1::2]  # fidelity on tokens the fold never saw
+    exact_bias = has_bias_slot(engine.module)  # DeepSeek-V3: the bias has a slot, no fold needed
+    folded = None if exact_bias else fold_router_bias(engine, fit_batches)[0]
+    engine_choices = engine_routes(engine, fidelity_batches)
+    export_dir = ctx.run_dir / "hf"
+    export_engine(engine, export_dir, tokenizer=ctx.tok, router_weights=folded,
+                  metadata=export_metadata(cfg, exact_bias, folded is not None))
+    probe, engine_logits = probe_logits(engine, ctx.tok, cfg, ctx.pool)
+    checkpoint = ckpt.latest_valid(ctx.ckpt_dir) or ctx.ckpt_dir
+    if not ctx.world.is_main:
+        return None
+    model = load_causal_lm(str(export_dir), "float32")
+    exact_model, exact = None, None
+    if folded is not None:
+        exact_model = load_exact_routing(load_causal_lm(str(export_dir), "float32"), export_dir)
+        exact = {"max_abs_logit_diff": max_logit_diff(exact_model, probe, engine_logits),
+                 "routing_fidelity": routing_fidelity(exact_model, fidelity_batches, engine_choices),
+                 "student_after": None}
+    report = ExportReport(max_logit_diff(model, probe, engine_logits),
+                          routing_fidelity(model, fidelity_batches, engine_choices), folded is not None, exact_bias,
+                          exact, str(checkpoint), str(export_dir))
+    return VerifiedExport(report, model, exact_model)
+
+
+def heldout_batches(ctx: RunContext) -> list[TokenBatch]:
+    """Up to 8 batches of held-out (D_D) solutions per rank: half fit the fold, half measure it."""
+    held = BatchPlan(len(ctx.parts["D"]), ctx.cfg.train.micro_batch_size, ctx.num_students, 1, ctx.cfg.run.seed + 29)
+    return [ctx.encode([ctx.parts["D"][j] for j in held.indices(i, 0, ctx.rank)])
+            for i in range(min(8, held.batches_per_epoch))]
+
+
+def export_metadata(cfg: PaddConfig, exact_bias: bool, folded: bool) -> dict:
+    if exact_bias:
+        bias = "added to e_score_correction_bias (exact)"
+    elif folded:
+        bias = ("folded into the router weights (softmax regression, see padd_ds/models/export.py); exact routing: "
+                f"load_exact_routing with {EXACT_ROUTING_FILE}")
+    else:
+        bias = "zero"
+    return {"source": "padd-ds", "mode": cfg.train.mode, "steps": cfg.train.steps, "teacher": cfg.models.teacher,
+            "student": cfg.models.student, "router_bias": bias}
+
+
+@torch.no_grad()
+def probe_logits(engine, tok, cfg: PaddConfig, problems: list[dict]) -> tuple[TokenBatch, torch.Tensor]:
+    """Engine logits on a fixed batch (every student rank runs it; AutoEP needs them all)."""
+    batch = encode_examples(tok, problems[:4], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    engine.eval()
+    logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits.float()
+    engine.train()
+    return batch, logits
+
+
+@torch.no_grad()
+def max_logit_diff(model, batch: TokenBatch, reference: torch.Tensor) -> float:
+    """Largest |logit| difference over the non-padded positions of `batch`."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.attention_mask).logits.float()
+    valid = batch.attention_mask.bool()
+    return (logits[valid] - reference[valid]).abs().max().item()
