@@ -1,4 +1,4 @@
-"""Table 1 and the ablations at toy scale (issue 8): PADD vs the baselines vs PADD without each stage.
+"""Table 1 and the ablations at toy scale: PADD vs the baselines vs PADD without each stage.
 
 Every arm is one `train.py` run of recipes/toy_padd.yaml in ONE colocated process (teacher and
 student in the same process, no expert parallelism), 8 prompts x G=4 rollouts per step, the
@@ -26,13 +26,15 @@ step after Stage I; it runs that step at train.lr=1e-12 with Stage IV off, so th
 student is the Stage I student (up to ~1e-12 per weight) and its export is exact (no bias
 fold). Its `student_after` is reported as the "Stage I only" row (not a baseline).
 
-Writes <out>/reproduce_table.{md,json,png}. The last line printed is
+Writes <out>/reproduce_table.{md,json,png}: bench/results/ for the full run, bench/results/quick/
+(ignored by git) for --quick. A smoke run never replaces a full result: --quick refuses an --out
+that holds one. The last line printed is
 
     REPRO padd=<acc> teacher=<acc> best_baseline=<name>:<acc> ablations_below_padd=<n>/4
 
 Usage: python bench/reproduce_table.py [--seeds 0 1 2] [--steps 60] [--updates-per-batch 2]
                                        [--eval-problems 200] [--stage1-steps 300] [--jobs 2] [--quick]
-                                       [--out bench/results]
+                                       [--out bench/results] [--workdir DIR] [--reuse]
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +76,9 @@ ABLATIONS = ["PADD w/o Stage I", "PADD w/o Stage II", "PADD w/o Stage III", "PAD
 ORDER = ["teacher", "base student", "MoE-GRPO", "MoE-GRPO (lr 1e-5)", "online KD (fixed T) + GRPO", "RSPO", "GSPO",
          "Stage I only", "PADD", *ABLATIONS]
 
+RESULTS = REPO / "bench" / "results"
+QUICK_RESULTS = RESULTS / "quick"  # ignored by git: a smoke table never lands beside the full one
+
 _procs: set[subprocess.Popen] = set()  # running arms, terminated if another arm fails
 _lock = threading.Lock()
 
@@ -87,34 +93,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-REUSE = False  # --reuse: an arm whose directory holds results.json from the identical command is not run again
-
-
-def run_train(name: str, seed: int, out: Path, sets: list[str]) -> dict:
-    """One colocated train.py run; returns its results.json. Raises ArmFailed with the log tail."""
+def train_command(out: Path, seed: int, sets: list[str]) -> list[str]:
+    """One colocated train.py run of the recipe with `sets` on top."""
     base = ["topology.colocated=true", "deepspeed.expert_parallel_size=1", "train.micro_batch_size=32",
             "logging.wandb_mode=disabled", "logging.progress=false", "train.resume=never",
             f"run.output_dir={out}", f"run.seed={seed}"]
     cmd = [sys.executable, str(REPO / "train.py"), "--recipe", str(RECIPE)]
     for s in base + sets:
         cmd += ["--set", s]
+    return cmd
+
+
+def finished_result(out: Path, cmd: list[str]) -> dict | None:
+    """The results.json of an earlier run of the identical command in `out`, else None."""
     done = out / "results.json"
-    if REUSE and done.exists() and (out / "command.txt").exists() and \
-            (out / "command.txt").read_text().strip() == " ".join(cmd):  # the same arm, finished
-        r = json.loads(done.read_text())
-        r["_seconds"] = float((out / "seconds.txt").read_text())
-        print(f"  seed {seed} {name}: reused {done}", flush=True)
-        return r
+    if not (done.exists() and (out / "command.txt").exists()
+            and (out / "command.txt").read_text().strip() == " ".join(cmd)):
+        return None
+    r = json.loads(done.read_text())
+    r["_seconds"] = float((out / "seconds.txt").read_text())
+    return r
+
+
+def run_logged(cmd: list[str], out: Path, log: Path) -> int:
+    """Run `cmd` in a fresh `out` with its output in `log`; returns the exit code."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "MASTER_PORT": str(free_port())}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     if out.exists():  # a fresh run: an earlier run's checkpoints or results must not leak in
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    log = out.parent / f"{out.name}.log"
-    t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
@@ -124,6 +132,19 @@ def run_train(name: str, seed: int, out: Path, sets: list[str]) -> dict:
         rc = p.wait()
         with _lock:
             _procs.discard(p)
+    return rc
+
+
+def run_train(name: str, seed: int, out: Path, sets: list[str], reuse: bool = False) -> dict:
+    """One colocated train.py run; returns its results.json. Raises ArmFailed with the log tail.
+    With `reuse`, an arm whose directory holds results.json from the identical command is not run again."""
+    cmd = train_command(out, seed, sets)
+    if reuse and (r := finished_result(out, cmd)) is not None:
+        print(f"  seed {seed} {name}: reused {out / 'results.json'}", flush=True)
+        return r
+    log = out.parent / f"{out.name}.log"
+    t0 = time.perf_counter()
+    rc = run_logged(cmd, out, log)
     secs = time.perf_counter() - t0
     if rc != 0 or not (out / "results.json").exists():
         tail = log.read_text()[-4000:]
@@ -147,7 +168,7 @@ def t_interval(xs: list[float]) -> tuple[float, float | None]:
     return m, float(t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60, help="RL (Stages II-IV) steps per arm")
@@ -156,45 +177,76 @@ def main() -> None:
     ap.add_argument("--stage1-steps", type=int, default=300, help="Stage I warmup steps")
     ap.add_argument("--jobs", type=int, default=2, help="arms run at once (one core each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 15 RL steps, 60 Stage I steps, 64 problems")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where the table goes (default {RESULTS.relative_to(REPO)}, with --quick "
+                         f"{QUICK_RESULTS.relative_to(REPO)})")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "padd_reproduce_table",
                     help="run directories and logs of every arm")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the arms an earlier (interrupted) run with the same --workdir finished")
-    args = ap.parse_args()
-    global REUSE
-    REUSE = args.reuse
+    args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.stage1_steps, args.eval_problems = args.seeds[:1], 15, 60, 64
-    common = [f"eval.num_problems={args.eval_problems}", "train.log_every=5"]
+    if args.out is None:
+        args.out = QUICK_RESULTS if args.quick else RESULTS
+    return args
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """A smoke run never replaces a full result."""
+    prev = args.out / "reproduce_table.json"
+    if args.quick and prev.is_file() and not json.loads(prev.read_text()).get("args", {}).get("quick", False):
+        sys.exit(f"reproduce_table: {prev} holds a full run's result; --quick does not replace it "
+                 f"(leave --out unset to write to {QUICK_RESULTS})")
+
+
+def announce(args: argparse.Namespace) -> None:
     print(f"reproduce_table: seeds {args.seeds}, {args.steps} RL steps per arm, Stage I warmup "
           f"{args.stage1_steps} steps, {args.eval_problems} held-out problems, {args.jobs} arms at once, "
           f"runs in {args.workdir}", flush=True)
     print("  (the shared Stage I run also does 1 PADD step at lr 1e-12 with Stage IV off: "
           "train.steps must be >= 1)", flush=True)
-    t_start = time.perf_counter()
 
+
+def common_sets(args: argparse.Namespace) -> list[str]:
+    return [f"eval.num_problems={args.eval_problems}", "train.log_every=5"]
+
+
+def submit_stage1(pool: ThreadPoolExecutor, args: argparse.Namespace) -> dict[int, Future]:
+    """Stage I once per seed; the first seed's run also evaluates the teacher and the base student."""
+    return {s: pool.submit(run_train, "Stage I", s, args.workdir / f"seed{s}" / "stage1",
+                           [*common_sets(args), f"eval.references={str(s == args.seeds[0]).lower()}",
+                            "stage1.enabled=true", f"stage1.warmup_steps={args.stage1_steps}",
+                            "train.steps=1", "train.lr=1e-12", "stage4.enabled=false"], args.reuse)
+            for s in args.seeds}
+
+
+def arm_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
+    return args.workdir / f"seed{seed}" / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
+
+
+def run_arm(args: argparse.Namespace, stage1: dict[int, Future], name: str, seed: int) -> dict:
+    """One arm of one seed; an arm with Stage I waits for that seed's Stage I and starts from its student."""
+    with_s1, over = ARMS[name]
+    start = ["stage1.enabled=false"]
+    if with_s1:
+        stage1[seed].result()
+        start.append(f"models.student={args.workdir / f'seed{seed}' / 'stage1' / 'hf'}")
+    return run_train(name, seed, arm_dir(args, name, seed),
+                     [*common_sets(args), "eval.references=false", f"train.steps={args.steps}",
+                      f"stage3.updates_per_batch={args.updates_per_batch}", *start, *over], args.reuse)
+
+
+def run_all(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> results.json of every arm and of the shared Stage I runs ("Stage I only").
+    The first failure stops every running arm and ends the script."""
     results: dict[tuple[str, int], dict] = {}
     failed: list[BaseException] = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        stage1 = {s: pool.submit(run_train, "Stage I", s, args.workdir / f"seed{s}" / "stage1",
-                                 [*common, f"eval.references={str(s == args.seeds[0]).lower()}", "stage1.enabled=true", f"stage1.warmup_steps={args.stage1_steps}",
-                                  "train.steps=1", "train.lr=1e-12", "stage4.enabled=false"])
-                  for s in args.seeds}
-
-        def arm(name: str, seed: int) -> dict:
-            with_s1, over = ARMS[name]
-            start = ["stage1.enabled=false"]
-            if with_s1:
-                stage1[seed].result()  # wait for this seed's Stage I
-                start.append(f"models.student={args.workdir / f'seed{seed}' / 'stage1' / 'hf'}")
-            d = args.workdir / f"seed{seed}" / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
-            return run_train(name, seed, d, [*common, "eval.references=false", f"train.steps={args.steps}",
-                                             f"stage3.updates_per_batch={args.updates_per_batch}", *start, *over])
-
+        stage1 = submit_stage1(pool, args)
         # Arms without Stage I first, so the Stage I runs finish before their arms start.
         names = sorted(ARMS, key=lambda n: ARMS[n][0])
-        futs = {(n, s): pool.submit(arm, n, s) for n in names for s in args.seeds}
+        futs = {(n, s): pool.submit(run_arm, args, stage1, n, s) for n in names for s in args.seeds}
         futs.update({("Stage I only", s): f for s, f in stage1.items()})
         for key, fut in futs.items():
             try:
@@ -209,33 +261,46 @@ def main() -> None:
     if failed:
         print(f"FAILED: {failed[0]}", file=sys.stderr, flush=True)
         sys.exit(1)
-    wall = time.perf_counter() - t_start
+    return results
 
-    # Per method: accuracy per seed, and the routing/throughput figures of the last history row.
-    rows: dict[str, dict] = {}
-    refs = results[("Stage I only", args.seeds[0])]  # evaluated once: greedy, seed-independent
+
+def mean_of(vals: list) -> float | None:
+    return sum(vals) / len(vals) if vals else None
+
+
+def training_columns(runs: list[dict]) -> dict:
+    """Routing and throughput from the last history row, rollout accuracy from the first and last
+    (means over seeds), and each seed's wall time."""
+    last = [r["history"][-1] for r in runs]
+    row = {col: mean_of([h[key] for h in last if h.get(key) is not None])
+           for key, col in (("routing/drift_mean", "drift"), ("routing/load_cv", "load_cv"),
+                            ("train/tokens_per_s", "tokens_per_s"), ("train/clip_frac", "clip_frac"))}
+    for col, i in (("rollout_acc_first", 0), ("rollout_acc_last", -1)):
+        vals = [r["history"][i]["train/accuracy"] for r in runs]
+        row[col] = sum(vals) / len(vals)
+    row["seconds_per_seed"] = [r["_seconds"] for r in runs]
+    return row
+
+
+def aggregate(results: dict[tuple[str, int], dict], seeds: list[int]) -> dict[str, dict]:
+    """Per method in ORDER: accuracy per seed, its mean and t-interval, and the training columns."""
+    refs = results[("Stage I only", seeds[0])]  # evaluated once: greedy, seed-independent
     per_seed = {"teacher": [refs["teacher"]["accuracy"]], "base student": [refs["student_before"]["accuracy"]]}
     for name in ["Stage I only", *ARMS]:
-        per_seed[name] = [results[(name, s)]["student_after"]["accuracy"] for s in args.seeds]
+        per_seed[name] = [results[(name, s)]["student_after"]["accuracy"] for s in seeds]
+    rows: dict[str, dict] = {}
     for name in ORDER:
         mean, half = t_interval(per_seed[name])
         row = {"accuracy_mean": mean, "accuracy_ci95_half": half, "accuracy_per_seed": per_seed[name]}
         if name in ARMS:
-            last = [results[(name, s)]["history"][-1] for s in args.seeds]
-            for key, col in (("routing/drift_mean", "drift"), ("routing/load_cv", "load_cv"),
-                             ("train/tokens_per_s", "tokens_per_s"), ("train/clip_frac", "clip_frac")):
-                vals = [h[key] for h in last if h.get(key) is not None]
-                row[col] = sum(vals) / len(vals) if vals else None
-            # sampled accuracy of the rollouts, first and last logged window (mean over seeds)
-            for col, i in (("rollout_acc_first", 0), ("rollout_acc_last", -1)):
-                vals = [results[(name, s)]["history"][i]["train/accuracy"] for s in args.seeds]
-                row[col] = sum(vals) / len(vals)
-            row["seconds_per_seed"] = [results[(name, s)]["_seconds"] for s in args.seeds]
+            row.update(training_columns([results[(name, s)] for s in seeds]))
         if name == "Stage I only":
-            row["seconds_per_seed"] = [results[(name, s)]["_seconds"] for s in args.seeds]
+            row["seconds_per_seed"] = [results[(name, s)]["_seconds"] for s in seeds]
         rows[name] = row
+    return rows
 
-    # Markdown table.
+
+def markdown_table(rows: dict[str, dict], args: argparse.Namespace, wall: float) -> str:
     fmt = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
     lines = [f"seeds {args.seeds} ({len(args.seeds)}), {args.steps} RL steps per arm (8 prompts x G=4 rollouts, "
              f"{args.updates_per_batch} updates per batch), Stage I warmup {args.stage1_steps} steps, {args.eval_problems} held-out toy problems, greedy pass@1; "
@@ -254,18 +319,10 @@ def main() -> None:
         lines.append(f"| {name} | {r['accuracy_mean']:.3f} | {ci} | {', '.join(f'{a:.3f}' for a in r['accuracy_per_seed'])} "
                      f"| {fmt(r.get('drift'), 5)} | {fmt(r.get('load_cv'))} | {fmt(r.get('clip_frac'))} | {trend} "
                      f"| {fmt(r.get('tokens_per_s'), 0)} |")
-    table = "\n".join(lines)
-    print("\n" + table + "\n", flush=True)
+    return "\n".join(lines)
 
-    padd = rows["PADD"]["accuracy_mean"]
-    best = max(BASELINES, key=lambda n: rows[n]["accuracy_mean"])
-    below = sum(rows[n]["accuracy_mean"] < padd for n in ABLATIONS)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reproduce_table.md").write_text(table + "\n")
-    (args.out / "reproduce_table.json").write_text(json.dumps(
-        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-         "wall_seconds": wall, "methods": rows}, indent=2) + "\n")
+def plot_accuracies(rows: dict[str, dict], args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,10 +341,41 @@ def main() -> None:
     ax.set_title(f"toy world: {len(args.seeds)} seed(s), {args.steps} RL steps, {ci}", fontsize=10)
     ax.axhline(rows["base student"]["accuracy_mean"], color="0.5", lw=0.8, ls="--")
     fig.tight_layout()
-    fig.savefig(args.out / "reproduce_table.png", dpi=120)
+    fig.savefig(path, dpi=120)
+
+
+def write_results(rows: dict[str, dict], table: str, args: argparse.Namespace, wall: float) -> None:
+    """<out>/reproduce_table.md (the table), .json (arguments and per-method numbers), .png (the bars)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reproduce_table.md").write_text(table + "\n")
+    (args.out / "reproduce_table.json").write_text(json.dumps(
+        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+         "wall_seconds": wall, "methods": rows}, indent=2) + "\n")
+    plot_accuracies(rows, args, args.out / "reproduce_table.png")
+
+
+def repro_line(rows: dict[str, dict]) -> str:
+    """PADD and the teacher, the best baseline, and how many ablations fall below PADD (seed means)."""
+    padd = rows["PADD"]["accuracy_mean"]
+    best = max(BASELINES, key=lambda n: rows[n]["accuracy_mean"])
+    below = sum(rows[n]["accuracy_mean"] < padd for n in ABLATIONS)
+    return (f"REPRO padd={padd:.3f} teacher={rows['teacher']['accuracy_mean']:.3f} "
+            f"best_baseline={best.replace(' ', '_')}:{rows[best]['accuracy_mean']:.3f} ablations_below_padd={below}/4")
+
+
+def main() -> None:
+    args = parse_args()
+    check_out(args)
+    announce(args)
+    t_start = time.perf_counter()
+    results = run_all(args)  # Stage I per seed and every arm
+    wall = time.perf_counter() - t_start
+    rows = aggregate(results, args.seeds)
+    table = markdown_table(rows, args, wall)
+    print("\n" + table + "\n", flush=True)
+    write_results(rows, table, args, wall)
     print(f"wrote {args.out}/reproduce_table.{{md,json,png}}; wall time {wall:.0f}s", flush=True)
-    print(f"REPRO padd={padd:.3f} teacher={rows['teacher']['accuracy_mean']:.3f} "
-          f"best_baseline={best.replace(' ', '_')}:{rows[best]['accuracy_mean']:.3f} ablations_below_padd={below}/4", flush=True)
+    print(repro_line(rows), flush=True)
 
 
 if __name__ == "__main__":

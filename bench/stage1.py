@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,12 @@ ARMS = [
 ]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:  # a free rendezvous port: other runs may hold the default one
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_arm(overrides: list[str], warmup: int, out: Path) -> tuple[dict, float]:
     sets = ["topology.colocated=true", "deepspeed.expert_parallel_size=1", "stage1.enabled=true",
             f"stage1.warmup_steps={warmup}", "train.steps=1", "eval.num_problems=8", "eval.max_new_tokens=16",
@@ -49,13 +56,8 @@ def run_arm(overrides: list[str], warmup: int, out: Path) -> tuple[dict, float]:
     cmd = [sys.executable, str(REPO / "train.py"), "--recipe", str(REPO / "recipes" / "toy_cpu.yaml")]
     for s in sets:
         cmd += ["--set", s]
-    import socket
-
-    with socket.socket() as sock:  # a free rendezvous port: other runs may hold the default one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": str(free_port())}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
     if p.returncode != 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,19 @@ def _wandb_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir()) if (run_dir / "wandb").is_dir() else []
 
 
-def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
-    """Make ``run_dir/figures/*.png`` and ``run_dir/report.md`` from the run's files; with a
-    ``MetricsLogger`` the figures also go to W&B. Returns the report's path."""
-    run_dir = Path(run_dir)
+@dataclass
+class RunFiles:
+    """What a run left behind; ``rows`` are the logged metric rows (the JSONL, else the history
+    that results.json keeps when JSONL logging was off)."""
+
+    rows: list[dict]
+    results: dict
+    routing: dict | None
+    cfg: dict
+
+
+def read_run(run_dir: Path) -> RunFiles:
+    """The run's files; FileNotFoundError when the directory is missing or holds nothing to report."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     metrics_path = run_dir / "metrics.jsonl"
@@ -88,27 +98,48 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
     cfg = _config(run_dir)
     if not rows and not results and routing is None:
         raise FileNotFoundError(f"{run_dir} has none of metrics.jsonl, results.json, routing.json: nothing to report")
-    fig_dir = run_dir / "figures"
-    history = results.get("history") or []
-    curve_rows = rows or history  # results.json keeps the history when JSONL logging was off
-    figures = {
-        "accuracy": plots.plot_accuracy(results, fig_dir / "accuracy.png"),
-        "training": plots.plot_curves(curve_rows, TRAINING_PREFIXES, fig_dir / "training.png", "Training"),
-        "reward_accuracy": plots.plot_curves(curve_rows, REWARD_ACCURACY_PREFIXES, fig_dir / "reward_accuracy.png",
-                                             "Reward and accuracy over training"),
-        "routing_curves": plots.plot_curves(curve_rows, ROUTING_CURVE_PREFIXES, fig_dir / "routing_curves.png",
-                                            "Routing over training"),
-        "stage1": plots.plot_curves(curve_rows, STAGE1_PREFIXES, fig_dir / "stage1.png", "Stage I warmup"),
-    }
-    if routing is not None:
-        figures["load_heatmap"] = plots.plot_load_heatmaps(routing, fig_dir / "load_heatmap.png")
-        figures["drift"] = plots.plot_drift(routing, fig_dir / "drift.png")
-        figures["specialization"] = plots.plot_specialization(routing, fig_dir / "specialization.png")
-    figures = {k: v for k, v in figures.items() if v is not None}
+    return RunFiles(rows or results.get("history") or [], results, routing, cfg)
 
-    run = cfg.get("run", {})
-    models = cfg.get("models", {})
-    train = cfg.get("train", {})
+
+def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
+    """Make ``run_dir/figures/*.png`` and ``run_dir/report.md`` from the run's files; with a
+    ``MetricsLogger`` the figures also go to W&B. Returns the report's path."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    figures = _figures(run, run_dir / "figures")
+    md = [*_header(run_dir, run.cfg), *_verdict_section(run.results, figures), *_training_section(run, figures)]
+    if run.routing is not None:
+        md += _routing_section(run.routing, figures)
+    md += _files_section(run_dir)
+    report = run_dir / "report.md"
+    report.write_text("\n".join(md))
+    if logger is not None:
+        logger.log_images({f"report/{k}": v for k, v in figures.items()})
+    return report
+
+
+def _figures(run: RunFiles, fig_dir: Path) -> dict[str, Path]:
+    """name -> PNG path of every figure that had data."""
+    rows = run.rows
+    figures = {
+        "accuracy": plots.plot_accuracy(run.results, fig_dir / "accuracy.png"),
+        "training": plots.plot_curves(rows, TRAINING_PREFIXES, fig_dir / "training.png", "Training"),
+        "reward_accuracy": plots.plot_curves(rows, REWARD_ACCURACY_PREFIXES, fig_dir / "reward_accuracy.png",
+                                             "Reward and accuracy over training"),
+        "routing_curves": plots.plot_curves(rows, ROUTING_CURVE_PREFIXES, fig_dir / "routing_curves.png",
+                                            "Routing over training"),
+        "stage1": plots.plot_curves(rows, STAGE1_PREFIXES, fig_dir / "stage1.png", "Stage I warmup"),
+    }
+    if run.routing is not None:
+        figures["load_heatmap"] = plots.plot_load_heatmaps(run.routing, fig_dir / "load_heatmap.png")
+        figures["drift"] = plots.plot_drift(run.routing, fig_dir / "drift.png")
+        figures["specialization"] = plots.plot_specialization(run.routing, fig_dir / "specialization.png")
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def _header(run_dir: Path, cfg: dict) -> list[str]:
+    """Title, when and from where, and the run's main settings."""
+    run, models, train = cfg.get("run", {}), cfg.get("models", {}), cfg.get("train", {})
     title = run.get("name") or run_dir.name
     md = [f"# Run report: {title}", "",
           f"Written {datetime.now().strftime('%Y-%m-%d %H:%M')} from `{run_dir}`.", ""]
@@ -117,8 +148,13 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
                f"| mode | {_fmt(train.get('mode'))} |", f"| teacher | `{_fmt(models.get('teacher'))}` |",
                f"| student | `{_fmt(models.get('student'))}` |", f"| steps | {_fmt(train.get('steps'))} |",
                f"| data | {_fmt(cfg.get('data', {}).get('source'))} |", ""]
-    md += ["## Did the student match its teacher?", "",
-           verdict(results.get("teacher"), results.get("student_after")), ""]
+    return md
+
+
+def _verdict_section(results: dict, figures: dict[str, Path]) -> list[str]:
+    """The verdict, then the held-out accuracies it rests on."""
+    md = ["## Did the student match its teacher?", "",
+          verdict(results.get("teacher"), results.get("student_after")), ""]
     acc_rows = [(label, results.get(key)) for label, key in (("teacher", "teacher"), ("student before", "student_before"),
                                                              ("student after", "student_after"))]
     if any(plots.accuracy_of(r) is not None for _, r in acc_rows):
@@ -128,9 +164,13 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
         md += [""]
     if "accuracy" in figures:
         md += ["![held-out accuracy](figures/accuracy.png)", ""]
+    return md
 
-    md += ["## Training", ""]
-    logged = rows or history
+
+def _training_section(run: RunFiles, figures: dict[str, Path]) -> list[str]:
+    """First and last value of every logged metric, the curves, the export check."""
+    md = ["## Training", ""]
+    logged = run.rows
     series = plots.numeric_series(logged, TRAINING_PREFIXES + REWARD_ACCURACY_PREFIXES + ROUTING_CURVE_PREFIXES
                                   + STAGE1_PREFIXES)
     if logged:
@@ -143,14 +183,15 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
                          ("reward_accuracy", "reward and accuracy"), ("routing_curves", "routing metrics over training")):
         if key in figures:
             md += [f"![{caption}](figures/{figures[key].name})", ""]
-    if "export_max_abs_logit_diff" in results:
+    if "export_max_abs_logit_diff" in run.results:
         md += [f"Exported HF checkpoint reproduces the engine's logits to "
-               f"{results['export_max_abs_logit_diff']:.2e} (max |difference|).", ""]
+               f"{run.results['export_max_abs_logit_diff']:.2e} (max |difference|).", ""]
+    return md
 
-    if routing is not None:
-        md += _routing_section(routing, figures)
 
-    md += ["## Files", ""]
+def _files_section(run_dir: Path) -> list[str]:
+    """Links to the run's files and its W&B runs."""
+    md = ["## Files", ""]
     for name in ("metrics.jsonl", "results.json", "routing.json", "config.yaml", "ds_config.json", "hf", "checkpoints"):
         if (run_dir / name).exists():
             md.append(f"- [`{name}`]({name})")
@@ -158,14 +199,11 @@ def write_run_report(run_dir: str | os.PathLike, logger=None) -> Path:
         md.append(f"- W&B run: [`{d.relative_to(run_dir)}`]({d.relative_to(run_dir)})"
                   + (" (offline; upload with `wandb sync`)" if d.name.startswith("offline-") else ""))
     md.append("")
-    report = run_dir / "report.md"
-    report.write_text("\n".join(md))
-    if logger is not None:
-        logger.log_images({f"report/{k}": v for k, v in figures.items()})
-    return report
+    return md
 
 
 def _routing_section(routing: dict, figures: dict[str, Path]) -> list[str]:
+    """Per-layer load balance and specialization, router drift, the routing figures."""
     snaps = routing.get("snapshots") or []
     md = ["## Routing", ""]
     if not snaps:
@@ -191,16 +229,22 @@ def _routing_section(routing: dict, figures: dict[str, Path]) -> list[str]:
             md += [f"![{caption}](figures/{figures[key].name})", ""]
     prov = routing.get("provenance")
     if prov and prov.get("layers"):
-        loads = {x["layer"]: x["fraction"] for x in last["layers"]}
-        md += ["### Expert provenance (Stage I)", "",
-               f"Experts were cut from the teacher `{prov.get('teacher')}`: expert j of a layer holds neuron cluster j "
-               "of the mapped teacher layer.", "",
-               "| student layer | teacher layer | neurons per expert | final load fraction per expert |",
-               "|---|---|---|---|"]
-        for layer in prov["layers"]:
-            frac = loads.get(layer["student_layer"])
-            md.append(f"| {layer['student_layer']} | {layer['teacher_layer']} | "
-                      f"{', '.join(str(e['neurons']) for e in layer['experts'])} | "
-                      f"{', '.join(f'{f:.3f}' for f in frac) if frac else '-'} |")
-        md.append("")
+        md += _provenance_table(prov, last)
+    return md
+
+
+def _provenance_table(prov: dict, last: dict) -> list[str]:
+    """Which teacher layer and how many neurons each Stage I expert came from, beside its final load."""
+    loads = {x["layer"]: x["fraction"] for x in last["layers"]}
+    md = ["### Expert provenance (Stage I)", "",
+          f"Experts were cut from the teacher `{prov.get('teacher')}`: expert j of a layer holds neuron cluster j "
+          "of the mapped teacher layer.", "",
+          "| student layer | teacher layer | neurons per expert | final load fraction per expert |",
+          "|---|---|---|---|"]
+    for layer in prov["layers"]:
+        frac = loads.get(layer["student_layer"])
+        md.append(f"| {layer['student_layer']} | {layer['teacher_layer']} | "
+                  f"{', '.join(str(e['neurons']) for e in layer['experts'])} | "
+                  f"{', '.join(f'{f:.3f}' for f in frac) if frac else '-'} |")
+    md.append("")
     return md
