@@ -25,7 +25,7 @@ from padd_ds.config import ConfigError, PaddConfig, dump_yaml, resolve_model_pat
 from padd_ds.data.batch import TokenBatch, encode_examples, usable_problems
 from padd_ds.data.math import load_heldout_problems, load_train_problems
 from padd_ds.data.splits import split_pool
-from padd_ds.eval.evaluate import evaluate_problems
+from padd_ds.eval.evaluate import Decoding, evaluate_problems
 from padd_ds.launch.comm import all_reduce_
 from padd_ds.launch.world import World
 from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_engine, fold_router_bias, has_bias_slot,
@@ -89,8 +89,8 @@ def run(cfg: PaddConfig, world: World) -> dict | None:
 
 def _evaluate(model, tok, cfg: PaddConfig, synced: bool = False) -> dict:
     problems = load_heldout_problems(cfg.data.source, limit=cfg.eval.num_problems)
-    res = evaluate_problems(model, tok, problems, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, synced_gpus=synced)
+    res = evaluate_problems(model, tok, problems, Decoding(cfg.eval.max_new_tokens, cfg.eval.batch_size),
+                            synced_gpus=synced)
     return {"accuracy": res["accuracy"], "n": res["n"], "per_level": res.get("per_level", {})}
 
 
