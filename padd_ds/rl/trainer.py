@@ -34,7 +34,7 @@ from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.engine import checkpoint as ckpt
 from padd_ds.engine.guard import NonFiniteGuard
-from padd_ds.teacher.feed import BatchPlan, TeacherFeed
+from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
 from padd_ds.teacher.clusters import ClusterMap
 from padd_ds.teacher.service import LocalTeacher, RemoteTeacher, TeacherModel, serve
 from padd_ds.teacher.sparse import sparse_kd_loss
@@ -438,7 +438,8 @@ def train_distill(cfg: PaddConfig, world: World, engine, teacher, tok, encode, p
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # NaN/inf loss on any rank: skip the step everywhere
     guard.load_state_dict(state and state.get("nonfinite"))
     plan = BatchPlan(len(problems), cfg.train.micro_batch_size, num_students, cfg.train.grad_accum, cfg.run.seed)
-    feed = TeacherFeed(teacher, encode, problems, plan, rank, cfg.train.steps, cfg.teacher.prefetch, start_step=start)
+    feed = TeacherFeed(teacher, RankBatches(problems, plan, rank, encode), range(start, cfg.train.steps),
+                       cfg.teacher.prefetch)
     progress = _progress(cfg, world, cfg.train.steps)
     engine.train()
     new_window = lambda: {"kd": 0.0, "lm": 0.0, "count": 0.0, "tokens": 0, "wait": feed.wait_s,  # noqa: E731

@@ -25,7 +25,7 @@ from padd_ds.engine.guard import NonFiniteGuard
 from padd_ds.models.router import (RouterFit, keep_router_inputs, random_router_weights, router_inputs, router_scores,
                                    routers, set_routing, write_router_weights)
 from padd_ds.stage1.warmup import path_agreement, path_kl, path_log_probs
-from padd_ds.teacher.feed import BatchPlan, TeacherFeed
+from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
 from padd_ds.teacher.sparse import sparse_kd_loss
 
 
@@ -64,7 +64,7 @@ class Stage1:
 
     def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int) -> TeacherFeed:
         plan = BatchPlan(len(problems), self.per_rank, self.num_students, 1, seed)
-        return TeacherFeed(self.teacher, self.encode, problems, plan, self.rank, steps,
+        return TeacherFeed(self.teacher, RankBatches(problems, plan, self.rank, self.encode), range(steps),
                            self.cfg.teacher.prefetch, outputs=outputs)
 
     def _batches_for(self, n_problems: int) -> int:
