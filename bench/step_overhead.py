@@ -57,7 +57,7 @@ def main() -> None:
     from padd_ds.models.router import router_weights, routers, set_bias
     from padd_ds.rl.balance import BiasController
     from padd_ds.rl.rewards import group_advantages, reward
-    from padd_ds.rl.rollout import sample_rollouts
+    from padd_ds.rl.rollout import RolloutSampling, sample_rollouts
     from padd_ds.rl.step import update_on_rollouts
     from padd_ds.rl.trainer import model_paths
     from padd_ds.teacher.service import TeacherModel
@@ -79,8 +79,8 @@ def main() -> None:
 
     G = cfg.stage3.group_size
     problems = load_train_problems("toy")[: args.micro_batch // G]
-    ro = sample_rollouts(engine.module, tok, problems, G, 1.0, 1.0, args.max_new_tokens, cfg.data.max_prompt_tokens,
-                         synced=False)
+    ro = sample_rollouts(engine.module, tok, problems, RolloutSampling(G, 1.0, 1.0, args.max_new_tokens,
+                                                                       cfg.data.max_prompt_tokens), synced=False)
     rewards = torch.tensor([reward(r, problems[i // G]["answer"], cfg.stage3)[0] for i, r in enumerate(ro.responses)])
     adv = group_advantages(rewards.view(-1, G))[0].reshape(-1)
     targets = teacher.score(ro.batch.ids, ro.batch.lengths, cfg.teacher.logits_top_k).logits

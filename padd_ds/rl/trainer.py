@@ -503,7 +503,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
     from padd_ds.models.export import has_bias_slot
     from padd_ds.rl.balance import BiasController, fold_bias_into_routers
     from padd_ds.rl.rewards import group_advantages, reward
-    from padd_ds.rl.rollout import sample_rollouts
+    from padd_ds.rl.rollout import RolloutSampling, sample_rollouts
     from padd_ds.rl.step import update_on_rollouts
 
     s2, s3, s4 = cfg.stage2, cfg.stage3, cfg.stage4
@@ -543,8 +543,7 @@ def train_padd(cfg: PaddConfig, world: World, engine, teacher, tok, encode, prob
         for micro in range(cfg.train.grad_accum):
             probs = [problems[i] for i in plan.indices(step, micro, rank)]
             t0 = time.perf_counter()
-            ro = sample_rollouts(mod, tok, probs, G, s3.rollout_temperature, s3.rollout_top_p,
-                                 cfg.data.max_response_tokens, cfg.data.max_prompt_tokens, synced=num_students > 1)
+            ro = sample_rollouts(mod, tok, probs, RolloutSampling.from_config(cfg), synced=num_students > 1)
             add("gen_s", time.perf_counter() - t0)
             batch = ro.batch
             rid = teacher.submit(step, batch.ids, batch.lengths) if use_teacher else None
