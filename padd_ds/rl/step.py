@@ -24,7 +24,7 @@ from padd_ds.data.batch import TokenBatch
 from padd_ds.models.router import (keep_router_inputs, router_inputs, router_scores, router_selected, routers,
                                    set_routing)
 from padd_ds.rl.balance import switch_aux_loss
-from padd_ds.rl.losses import adaptive_kd_loss, policy_loss, router_drift
+from padd_ds.rl.losses import PolicyInputs, adaptive_kd_loss, policy_loss, router_drift
 from padd_ds.rl.rollout import token_logprobs
 
 
@@ -74,8 +74,8 @@ def update_on_rollouts(engine, batch: TokenBatch, adv: torch.Tensor, prev_router
                                  for x, w in zip(router_inputs(mod), prev_routers)])
             drift = router_drift(p_new, p_old).view(batch.ids.shape)                         # [B, S]
         # With one update the sampling policy is the current one (ratio 1 at the update).
-        loss, pstats = policy_loss(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
-                                   batch.loss_mask, policy_cfg, drift=drift, denom=denom)
+        loss, pstats = policy_loss(PolicyInputs(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
+                                                batch.loss_mask, drift=drift), policy_cfg, denom=denom)
         part = {"policy_loss": float(pstats["pg_loss"]) * denom,
                 "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
         if teacher_logits is not None:
