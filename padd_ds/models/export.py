@@ -260,53 +260,63 @@ def fold_router_bias(engine, batches: list, max_tokens: int = 4096, iters: int =
     loss and gradients are summed over ranks, so every rank ends with the same W'. Returns
     (weights, the engine's choices on this rank's batches [batch][layer] -> [T, k]).
     """
-    rs = routers(engine.module)
-    biases = torch.stack([r.padd_bias.detach().float().cpu() for r in rs])
-    xs: list[list[torch.Tensor]] = [[] for _ in rs]
-    qs: list[list[torch.Tensor]] = [[] for _ in rs]
+    biases = torch.stack([r.padd_bias.detach().float().cpu() for r in routers(engine.module)])
+    xs, qs, chosen = _biased_targets(engine, batches, biases)
+    current = current_router_weights(engine.module)  # collective under ZeRO-3: before any early return
+    if not bool((biases != 0).any()):
+        return None, chosen
+    folded = [_fit_router(torch.cat(x)[:max_tokens], torch.cat(q)[:max_tokens], w, iters)
+              for x, q, w in zip(xs, qs, current)]
+    return folded, chosen
+
+
+@torch.no_grad()
+def _biased_targets(engine, batches: list, biases: torch.Tensor) -> tuple[list, list, list]:
+    """Per MoE layer, the router inputs x [T, H] and biased targets q [T, N] of every real
+    token of `batches` (one tensor per batch), and the engine's choices [batch][layer]."""
+    n_layers = biases.shape[0]
+    xs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    qs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     chosen = []
     was_training = engine.module.training
     engine.eval()
     set_routing(engine.module, "learned", record=True)
     keep_router_inputs(engine.module, True)
-    with torch.no_grad():
-        for b in batches:
-            engine(input_ids=b.ids, attention_mask=b.attention_mask)
-            valid = b.attention_mask.bool().reshape(-1)
-            for l, (x, p) in enumerate(zip(router_inputs(engine.module), router_scores(engine.module))):
-                q = (p.float() + biases[l]).clamp(min=1e-6)
-                xs[l].append(x[valid].float())
-                qs[l].append((q / q.sum(-1, keepdim=True))[valid])
-            chosen.append([s.clone() for s in router_selected(engine.module)])
+    for b in batches:
+        engine(input_ids=b.ids, attention_mask=b.attention_mask)
+        valid = b.attention_mask.bool().reshape(-1)
+        for l, (x, p) in enumerate(zip(router_inputs(engine.module), router_scores(engine.module))):
+            q = (p.float() + biases[l]).clamp(min=1e-6)
+            xs[l].append(x[valid].float())
+            qs[l].append((q / q.sum(-1, keepdim=True))[valid])
+        chosen.append([s.clone() for s in router_selected(engine.module)])
     keep_router_inputs(engine.module, False)
     set_routing(engine.module, "learned", record=False)
     engine.train(was_training)
-    current = current_router_weights(engine.module)
-    if not bool((biases != 0).any()):
-        return None, chosen
+    return xs, qs, chosen
 
-    folded = []
-    for l in range(len(rs)):
-        x, q = torch.cat(xs[l])[:max_tokens], torch.cat(qs[l])[:max_tokens]
-        n_tok = torch.tensor([float(x.shape[0])], dtype=torch.float64)
-        all_reduce_(n_tok)
-        w = current[l].clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([w], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-9, tolerance_change=1e-12)
 
-        def closure():
-            opt.zero_grad()
-            logp = torch.log_softmax(x @ w.T, dim=-1)
-            loss = -(q * logp).sum() / float(n_tok)
-            loss.backward()
-            packed = torch.cat([loss.detach().reshape(1), w.grad.reshape(-1)]).double()
-            all_reduce_(packed)  # every rank sees the global loss and gradient
-            w.grad.copy_(packed[1:].view_as(w.grad).to(w.grad.dtype))
-            return packed[0].to(loss.dtype)
+def _fit_router(x: torch.Tensor, q: torch.Tensor, w0: torch.Tensor, iters: int) -> torch.Tensor:
+    """argmin_W sum_tokens KL(q || softmax(W x)) from W = w0 by L-BFGS, with the loss and
+    gradient summed over ranks (collective), so every rank ends with the same W."""
+    n_tok = torch.tensor([float(x.shape[0])], dtype=torch.float64)
+    all_reduce_(n_tok)
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
 
-        opt.step(closure)
-        folded.append(w.detach().clone())
-    return folded, chosen
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(x @ w.T, dim=-1)
+        loss = -(q * logp).sum() / float(n_tok)
+        loss.backward()
+        packed = torch.cat([loss.detach().reshape(1), w.grad.reshape(-1)]).double()
+        all_reduce_(packed)  # every rank sees the global loss and gradient
+        w.grad.copy_(packed[1:].view_as(w.grad).to(w.grad.dtype))
+        return packed[0].to(loss.dtype)
+
+    opt.step(closure)
+    return w.detach().clone()
 
 
 @torch.no_grad()
