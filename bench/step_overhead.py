@@ -73,7 +73,7 @@ def prepare(args: argparse.Namespace) -> Inputs:
     from padd_ds.engine.build import initialize_engine
     from padd_ds.models.loading import load_causal_lm, load_tokenizer, model_paths
     from padd_ds.rl.rewards import group_advantages, reward
-    from padd_ds.rl.rollout import RolloutBatch, sample_rollouts
+    from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, sample_rollouts
     from padd_ds.teacher.service import TeacherModel
     from padd_ds.toy.resolve import use_toy_world_for
 
@@ -93,8 +93,8 @@ def prepare(args: argparse.Namespace) -> Inputs:
 
     G = cfg.stage3.group_size
     problems = load_train_problems("toy")[: args.micro_batch // G]
-    ro = sample_rollouts(engine.module, tok, problems, G, 1.0, 1.0, args.max_new_tokens, cfg.data.max_prompt_tokens,
-                         synced=False)
+    ro = sample_rollouts(engine.module, tok, problems, RolloutSampling(G, 1.0, 1.0, args.max_new_tokens,
+                                                                       cfg.data.max_prompt_tokens), synced=False)
     rewards = torch.tensor([reward(r, problems[i // G]["answer"], cfg.stage3)[0] for i, r in enumerate(ro.responses)])
     adv = group_advantages(rewards.view(-1, G))[0].reshape(-1)
     targets = teacher.score(ro.batch.ids, ro.batch.lengths, cfg.teacher.logits_top_k).logits

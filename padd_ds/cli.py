@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
     from rich.console import Console
 
     from padd_ds.config import ConfigError, PaddConfig, resolve_model_path
-    from padd_ds.eval.evaluate import evaluate_suite, results_table, save_results
+    from padd_ds.eval.evaluate import Decoding, evaluate_suite, results_table, save_results
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
     from padd_ds.toy.resolve import use_toy_world_for
 
@@ -166,9 +166,9 @@ def cmd_eval(args) -> int:
             print(f"padd-ds: --exact-routing: {model_path} has no {EXACT_ROUTING_FILE} (no folded Stage IV bias), "
                   "so it already routes as trained", file=sys.stderr)
         load_exact_routing(model, model_path)
-    res = evaluate_suite(model, tok, args.suite, limit=args.limit, samples=args.samples,
-                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, prompt_style=args.prompt, seed=args.seed)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
+                        temperature=args.temperature, top_p=args.top_p, prompt_style=args.prompt, seed=args.seed)
+    res = evaluate_suite(model, tok, args.suite, decoding, limit=args.limit)
     res["model"] = model_path
     res["exact_routing"] = bool(args.exact_routing)
     if args.output:

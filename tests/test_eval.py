@@ -9,7 +9,7 @@ import torch
 from padd_ds.cli import main as padd
 from padd_ds.data.math import SUITES
 from padd_ds.data.prompt import format_prompt
-from padd_ds.eval.evaluate import CHAT_INSTRUCTION, build_prompts, evaluate_problems, generate
+from padd_ds.eval.evaluate import CHAT_INSTRUCTION, Decoding, build_prompts, evaluate_problems, generate
 from padd_ds.eval.grading import extract_answer
 
 
@@ -44,7 +44,7 @@ def test_batched_generation_equals_one_at_a_time(student, heldout):
     model, tok = student
     # Mixed lengths so batches need left padding, and order differs from length order.
     prompts = [format_prompt(p["question"]) for p in heldout] + [format_prompt("Tom has 3 apples. How many?")]
-    batched = [o[0] for o in generate(model, tok, prompts, 24, batch_size=3)]
+    batched = [o[0] for o in generate(model, tok, prompts, Decoding(24, batch_size=3))]
     assert batched == _one_by_one(model, tok, prompts, 24)
 
 
@@ -56,7 +56,7 @@ def test_accuracy_counts_what_the_grader_accepts(student, heldout):
     # References: the model's own final answer for the first four problems, a wrong one after.
     problems = [{**p, "answer": a if i < 4 else "-987654", "level": "easy" if i < 2 else "hard"}
                 for i, (p, a) in enumerate(zip(heldout, answers))]
-    res = evaluate_problems(model, tok, problems, max_new_tokens=24, batch_size=4, keep_records=None)
+    res = evaluate_problems(model, tok, problems, Decoding(max_new_tokens=24, batch_size=4), keep_records=None)
     assert res["accuracy"] == pytest.approx(4 / 6) and res["n"] == 6
     assert res["per_level"] == {"easy": 1.0, "hard": pytest.approx(0.5)}
     assert [r["correct"] for r in res["samples"]] == [True] * 4 + [False] * 2
@@ -69,15 +69,15 @@ def test_sampling_is_seeded_and_counts_k_answers(student, heldout):
 
     def sample(seed):
         torch.manual_seed(seed)
-        return generate(model, tok, prompts, 16, batch_size=4, num_samples=3, temperature=1.0)
+        return generate(model, tok, prompts, Decoding(16, batch_size=4, samples=3, temperature=1.0, top_p=1.0))
 
     a, b, c = sample(1), sample(1), sample(2)
     assert [len(x) for x in a] == [3, 3, 3]
     assert a == b and a != c
     with pytest.raises(ValueError, match="temperature"):
-        generate(model, tok, prompts, 8, num_samples=2, temperature=0.0)
+        generate(model, tok, prompts, Decoding(8, samples=2, temperature=0.0))
     problems = [{**p, "answer": "-987654"} for p in heldout[:3]]
-    res = evaluate_problems(model, tok, problems, 8, samples=2, temperature=1.0)
+    res = evaluate_problems(model, tok, problems, Decoding(8, samples=2, temperature=1.0))
     assert res["avg@2"] == 0.0 and res["pass@2"] == 0.0 and all(r["sampled_correct"] == 0 for r in res["samples"])
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from padd_ds.config import Stage2Config, Stage3Config
-from padd_ds.rl.losses import (adaptive_kd_loss, effective_temperature, policy_loss, router_drift,
+from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, effective_temperature, policy_loss, router_drift,
                                tempered_kd_loss)
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk, full_kd_loss, sparse_kd_loss
 
@@ -225,7 +225,7 @@ def test_grpo_clipped_surrogate_by_hand():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     cfg = Stage3Config(policy="grpo", clip_eps=0.2)
     # A = +1: min(rho, clip(rho)) = [1, 1.2, 0.5]; A = -2: min(-2 rho, -2 clip(rho)) = [-2, -3, (-1.6 masked)]
-    loss, grad, stats = _grad(lambda x: policy_loss(x, old, adv, mask, cfg), new)
+    loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
     assert loss == pytest.approx((-1 - 1.2 - 0.5 + 2 + 3) / 5)
     # unclipped tokens: d/dlogp = -A * rho / 5; the clipped token (rho 1.5, A > 0) and the masked one: 0
     want = torch.tensor([[-1.0, 0.0, -0.5], [2.0, 3.0, 0.0]], dtype=torch.float64) / 5
@@ -234,7 +234,7 @@ def test_grpo_clipped_surrogate_by_hand():
     assert stats["ratio_mean"].item() == pytest.approx((1 + 1.5 + 0.5 + 1 + 1.5) / 5)
 
     cfg.loss_agg = "seq_mean"
-    loss, grad, _ = _grad(lambda x: policy_loss(x, old, adv, mask, cfg), new)
+    loss, grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
     assert loss == pytest.approx(((-1 - 1.2 - 0.5) / 3 + (2 + 3) / 2) / 2)
     want = torch.tensor([[-1.0 / 3, 0.0, -0.5 / 3], [2.0 / 2, 3.0 / 2, 0.0]], dtype=torch.float64) / 2
     torch.testing.assert_close(grad, want)
@@ -247,8 +247,8 @@ def test_pr_grpo_damps_only_drifting_tokens_of_bad_responses():
     drift = torch.tensor([[0.1, 0.5, 0.0], [0.1, 0.5, 0.0]], dtype=torch.float64)
     mask = torch.ones(2, 3, dtype=torch.bool)
     cfg = Stage3Config(policy="pr_grpo", drift_lambda=1.0, clip_eps=0.2)
-    loss, grad, stats = _grad(lambda x: policy_loss(x, old, adv, mask, cfg, drift=drift), new)
-    g_loss, g_grad, _ = _grad(lambda x: policy_loss(x, old, adv, mask, Stage3Config(policy="grpo")), new)
+    loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift), cfg), new)
+    g_loss, g_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(policy="grpo")), new)
     # positive advantage: untouched by drift, identical to GRPO
     torch.testing.assert_close(grad[0], g_grad[0])
     # negative advantage: rho = exp(-0.1) = 0.905 (inside the clip range, gradient scaled by it);
@@ -268,7 +268,7 @@ def test_rspo_damps_every_token_with_a_floor():
     drift = torch.tensor([[0.1, 2.0], [0.1, 2.0]], dtype=torch.float64)
     mask = torch.ones(2, 2, dtype=torch.bool)
     cfg = Stage3Config(policy="rspo", drift_lambda=1.0, rspo_min_weight=0.5, clip_eps=0.2)
-    loss, grad, _ = _grad(lambda x: policy_loss(x, old, adv, mask, cfg, drift=drift), new)
+    loss, grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift), cfg), new)
     d = math.exp(-0.1)                                                      # exp(-2) = 0.135 -> floor 0.5
     # A > 0: -min(w, clip(w)) = -w for w < 1 (never clipped from below); A < 0: max(w, clip(w))
     assert loss == pytest.approx((-d - 0.5 + d + 0.8) / 4)
@@ -281,13 +281,13 @@ def test_gspo_uses_one_clipped_length_normalised_ratio_per_response():
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     cfg = Stage3Config(policy="gspo", seq_clip_eps=0.05)
-    loss, grad, stats = _grad(lambda x: policy_loss(x, old, adv, mask, cfg), new)
+    loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
     s0, s1 = math.exp(0.1), math.exp(0.02)       # geometric means; s0 > 1.05 is clipped (A > 0)
     assert loss == pytest.approx((3 * -1.05 + 2 * s1) / 5)
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, 0.0], [s1, s1, 0.0]], dtype=torch.float64) / 5)
     assert stats["clip_frac"].item() == pytest.approx(3 / 5)
     # ratio_level=sequence turns GRPO into the same loss
-    loss2, grad2, _ = _grad(lambda x: policy_loss(x, old, adv, mask, Stage3Config(
+    loss2, grad2, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(
         policy="grpo", ratio_level="sequence", seq_clip_eps=0.05)), new)
     assert loss2 == pytest.approx(loss)
     torch.testing.assert_close(grad2, grad)
@@ -298,7 +298,7 @@ def test_reference_kl_k3_by_hand():
     ref = torch.tensor([[-0.5, -2.2]], dtype=torch.float64)
     adv, mask = torch.zeros(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool)
     cfg = Stage3Config(policy="grpo", ref_kl=0.1)
-    loss, grad, stats = _grad(lambda x: policy_loss(x, new.detach(), adv, mask, cfg, ref_logp=ref), new)
+    loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, new.detach(), adv, mask, ref_logp=ref), cfg), new)
     k3 = [math.exp(0.5) - 0.5 - 1, math.exp(-0.2) + 0.2 - 1]
     assert loss == pytest.approx(0.1 * sum(k3) / 2)                        # A = 0: only the KL term
     assert stats["ref_kl"].item() == pytest.approx(sum(k3) / 2)
@@ -306,7 +306,7 @@ def test_reference_kl_k3_by_hand():
     torch.testing.assert_close(grad, 0.1 * torch.tensor([[1 - math.exp(0.5), 1 - math.exp(-0.2)]],
                                                         dtype=torch.float64) / 2)
     with pytest.raises(ValueError, match="ref_logp"):
-        policy_loss(new, new, adv, mask, cfg)
+        policy_loss(PolicyInputs(new, new, adv, mask), cfg)
 
 
 @pytest.mark.parametrize("policy, level", [("grpo", "token"), ("pr_grpo", "token"), ("rspo", "token"),
@@ -321,15 +321,15 @@ def test_policy_loss_float64_gradcheck(policy, level):
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     cfg = Stage3Config(policy=policy, ratio_level=level, ref_kl=0.05, seq_clip_eps=0.05)
     assert torch.autograd.gradcheck(
-        lambda x: policy_loss(x, old, adv, mask, cfg, drift=drift, ref_logp=ref)[0], (new,))
+        lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift, ref_logp=ref), cfg)[0], (new,))
 
 
 def test_masked_positions_never_reach_the_loss_or_gradient():
     old = torch.zeros(1, 3, dtype=torch.float64)
     adv, mask = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    base, base_grad, _ = _grad(lambda x: policy_loss(x, old, adv, mask, Stage3Config(policy="grpo")),
+    base, base_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(policy="grpo")),
                                torch.tensor([[0.1, -0.1, 0.0]], dtype=torch.float64))
-    loss, grad, _ = _grad(lambda x: policy_loss(x, old, adv, mask, Stage3Config(policy="grpo")),
+    loss, grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(policy="grpo")),
                           torch.tensor([[0.1, -0.1, -1e30]], dtype=torch.float64))
     assert loss == base and torch.isfinite(grad).all()
     torch.testing.assert_close(grad, base_grad)
@@ -338,13 +338,13 @@ def test_masked_positions_never_reach_the_loss_or_gradient():
 def test_policy_denom_and_input_errors():
     old = torch.zeros(2, 2)
     new, adv, mask = torch.full((2, 2), 0.1), torch.tensor([1.0, -1.0]), torch.ones(2, 2, dtype=torch.bool)
-    local, _ = policy_loss(new, old, adv, mask, Stage3Config(policy="grpo"))
-    glob, _ = policy_loss(new, old, adv, mask, Stage3Config(policy="grpo"), denom=8.0)
+    local, _ = policy_loss(PolicyInputs(new, old, adv, mask), Stage3Config(policy="grpo"))
+    glob, _ = policy_loss(PolicyInputs(new, old, adv, mask), Stage3Config(policy="grpo"), denom=8.0)
     torch.testing.assert_close(glob, local / 2)
     with pytest.raises(ValueError, match="needs drift=Gamma"):
-        policy_loss(new, old, adv, mask, Stage3Config(policy="pr_grpo"))
+        policy_loss(PolicyInputs(new, old, adv, mask), Stage3Config(policy="pr_grpo"))
     with pytest.raises(ValueError, match="advantages must have shape"):
-        policy_loss(new, old, torch.zeros(3), mask, Stage3Config(policy="grpo"))
+        policy_loss(PolicyInputs(new, old, torch.zeros(3), mask), Stage3Config(policy="grpo"))
 
 
 def test_router_drift_by_hand():

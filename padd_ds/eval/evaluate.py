@@ -3,7 +3,10 @@
 Prompts are left-padded so every row's continuation starts at the same position (one KV
 cache per batch), and sorted by length so a batch wastes little on padding. A tokenizer with
 a chat template gets it (what an instruction-tuned math model was trained on); one without
-gets the plain ``Question: ...\\nAnswer:`` prompt the toy world and the trainer use.
+gets the plain ``Question: ...\\nAnswer:`` prompt the toy models and the trainer use.
+
+    decoding = Decoding(max_new_tokens=512, samples=4, prompt_style="auto")
+    result = evaluate_suite(model, tokenizer, "gsm8k", decoding)   # pass@1, avg@4, pass@4
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
+from padd_ds.data.math import load_suite
 from padd_ds.data.prompt import format_prompt
 from padd_ds.eval.grading import extract_answer, grade
+from padd_ds.report.metrics import progress_bar
 
 PromptStyle = Literal["auto", "chat", "plain"]
 
@@ -29,6 +35,21 @@ CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within
 # Generation budget per suite when the caller gives none: a toy solution is ~90 tokens, a
 # GSM8K chain of thought ~300, competition solutions (AIME, Olympiad) run to thousands.
 SUITE_MAX_NEW_TOKENS = {"toy": 128, "gsm8k": 512, "math5": 2048}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are generated. An evaluation takes one greedy answer per problem (pass@1)
+    and, with `samples` = k > 0, k sampled ones more (avg@k, pass@k). One `generate` pass
+    gives k sampled answers per prompt, or one greedy answer when `samples` is 0."""
+
+    max_new_tokens: int | None = None  # None: the suite's budget (SUITE_MAX_NEW_TOKENS, else 1024)
+    batch_size: int = 64  # sequences per model.generate call
+    samples: int = 0
+    temperature: float = 0.6  # of the sampled answers
+    top_p: float = 0.95  # of the sampled answers
+    prompt_style: PromptStyle = "plain"  # see build_prompts
+    seed: int = 0  # evaluate_suite seeds torch with it (the sampled answers' draws)
 
 
 def build_prompts(tokenizer, questions: list[str], style: PromptStyle = "auto") -> tuple[list[str], bool]:
@@ -57,36 +78,41 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def _check_decoding(d: Decoding) -> None:
+    if d.max_new_tokens is None:
+        raise ValueError("max_new_tokens must be set (evaluate_suite alone picks one per suite)")
+    if d.max_new_tokens < 1 or d.batch_size < 1 or d.samples < 0:
+        raise ValueError(f"need max_new_tokens >= 1, batch_size >= 1 and samples >= 0, got "
+                         f"{d.max_new_tokens}, {d.batch_size}, {d.samples}")
+    if d.samples and (d.temperature <= 0 or not 0 < d.top_p <= 1):
+        raise ValueError(f"sampled answers need temperature > 0 and 0 < top_p <= 1, got {d.temperature}, {d.top_p} "
+                         "(samples=0 gives one greedy answer per prompt)")
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64, *,
-             num_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, add_special_tokens: bool = True,
+def generate(model, tokenizer, prompts: list[str], decoding: Decoding, *, add_special_tokens: bool = True,
              synced_gpus: bool = False, on_batch: Callable[[int], None] | None = None) -> list[list[str]]:
-    """``num_samples`` continuations per prompt (greedy when ``temperature`` is 0), decoded and
-    cut at the first EOS. ``batch_size`` counts sequences; ``on_batch(n)`` reports n more done.
+    """``decoding.samples`` sampled continuations per prompt (one greedy one when it is 0),
+    decoded and cut at the first EOS. ``on_batch(n)`` reports n more sequences done.
 
     ``synced_gpus``: the model is ZeRO-3-partitioned over several ranks that all run this
     call; they keep stepping together until every rank is done."""
-    if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
-        raise ValueError(f"max_new_tokens, batch_size and num_samples must be >= 1, got "
-                         f"{max_new_tokens}, {batch_size}, {num_samples}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if temperature == 0 and num_samples > 1:
-        raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set a temperature > 0")
+    _check_decoding(decoding)
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of str")
+    max_new, n = decoding.max_new_tokens, max(decoding.samples, 1)
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} \
+        if decoding.samples else {"do_sample": False}
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
-    _warn_if_too_long(model, max(lengths, default=0) + max_new_tokens)
+    _warn_if_too_long(model, max(lengths, default=0) + max_new)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths share a batch
-    per_batch = max(1, batch_size // num_samples)
+    per_batch = max(1, decoding.batch_size // n)
     outputs: list[list[str]] = [[] for _ in prompts]
     try:
         for start in range(0, len(order), per_batch):
@@ -94,13 +120,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens)
             batch = {k: v.to(device) for k, v in batch.items()}
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+            gen = model.generate(**batch, max_new_tokens=max_new, num_return_sequences=n,
                                  eos_token_id=eos, pad_token_id=pad_id, synced_gpus=synced_gpus, **sampling)
             for row_no, row in enumerate(gen[:, batch["input_ids"].shape[1] :].tolist()):
                 cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-                outputs[idx[row_no // num_samples]].append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+                outputs[idx[row_no // n]].append(tokenizer.decode(row[:cut], skip_special_tokens=True))
             if on_batch is not None:
-                on_batch(len(idx) * num_samples)
+                on_batch(len(idx) * n)
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
@@ -119,12 +145,6 @@ def _warn_if_too_long(model, total: int) -> None:
         _warned_length = True
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
-                    synced_gpus: bool = False) -> list[str]:
-    """Greedy continuation of each prompt (the trainer's held-out evaluation)."""
-    return [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens, batch_size, synced_gpus=synced_gpus)]
-
-
 # ----------------------------------------------------------------------------------------
 # Accuracy on a problem list
 # ----------------------------------------------------------------------------------------
@@ -137,25 +157,23 @@ def _breakdown(problems: list[dict], correct: list[bool], key: str) -> dict[str,
     return {str(k): sum(v) / len(v) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
 
 
-def evaluate_problems(
-    model, tokenizer, problems: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 64,
-    synced_gpus: bool = False, *, samples: int = 0, temperature: float = 0.6, top_p: float = 0.95,
-    prompt_style: PromptStyle = "plain", on_batch: Callable[[int], None] | None = None,
-    keep_records: int | None = 5,
-) -> dict[str, Any]:
+def evaluate_problems(model, tokenizer, problems: list[dict[str, Any]], decoding: Decoding, *,
+                      synced_gpus: bool = False, on_batch: Callable[[int], None] | None = None,
+                      keep_records: int | None = 5) -> dict[str, Any]:
     """Greedy pass@1 on ``problems`` (dicts with ``question`` and ``answer``), and with
-    ``samples`` = k > 0 also avg@k (mean accuracy of k sampled answers) and pass@k (any of k).
+    ``decoding.samples`` = k > 0 also avg@k (mean accuracy of k sampled answers) and pass@k (any of k).
 
     The trainer calls this with the default plain prompt, the one it trains on.
     ``keep_records``: how many per-problem records to return (None: all)."""
     for i, p in enumerate(problems):
         if "question" not in p or "answer" not in p:
             raise KeyError(f"problem {i} needs 'question' and 'answer' keys, has {sorted(p)}")
-    if samples < 0:
-        raise ValueError(f"samples must be >= 0, got {samples}")
-    prompts, special = build_prompts(tokenizer, [p["question"] for p in problems], prompt_style)
-    greedy = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=special,
-                                     synced_gpus=synced_gpus, on_batch=on_batch)]
+    if decoding.samples < 0:
+        raise ValueError(f"samples must be >= 0, got {decoding.samples}")
+    k = decoding.samples
+    prompts, special = build_prompts(tokenizer, [p["question"] for p in problems], decoding.prompt_style)
+    greedy = [o[0] for o in generate(model, tokenizer, prompts, replace(decoding, samples=0),
+                                     add_special_tokens=special, synced_gpus=synced_gpus, on_batch=on_batch)]
     correct = [grade(r, str(p["answer"])) for r, p in zip(greedy, problems)]
     n = len(correct)
     res: dict[str, Any] = {
@@ -165,15 +183,14 @@ def evaluate_problems(
         "per_subject": _breakdown(problems, correct, "subject"),
     }
     sampled_ok: list[list[bool]] = [[] for _ in problems]
-    if samples:
-        sampled = generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples=samples,
-                           temperature=temperature, top_p=top_p, add_special_tokens=special,
+    if k:
+        sampled = generate(model, tokenizer, prompts, decoding, add_special_tokens=special,
                            synced_gpus=synced_gpus, on_batch=on_batch)
         sampled_ok = [[grade(r, str(p["answer"])) for r in rs] for rs, p in zip(sampled, problems)]
-        res[f"avg@{samples}"] = sum(sum(v) / samples for v in sampled_ok) / n if n else 0.0
-        res[f"pass@{samples}"] = sum(any(v) for v in sampled_ok) / n if n else 0.0
+        res[f"avg@{k}"] = sum(sum(v) / k for v in sampled_ok) / n if n else 0.0
+        res[f"pass@{k}"] = sum(any(v) for v in sampled_ok) / n if n else 0.0
     records = [{"id": p.get("id"), "question": p["question"], "answer": str(p["answer"]), "response": r,
-                "extracted": extract_answer(r), "correct": ok, **({"sampled_correct": sum(s)} if samples else {})}
+                "extracted": extract_answer(r), "correct": ok, **({"sampled_correct": sum(s)} if k else {})}
                for p, r, ok, s in zip(problems, greedy, correct, sampled_ok)]
     res["samples"] = records if keep_records is None else records[:keep_records]
     return res
@@ -183,34 +200,27 @@ def evaluate_problems(
 # Suites
 # ----------------------------------------------------------------------------------------
 
-def evaluate_suite(model, tokenizer, suite: str, *, limit: int | None = None, samples: int = 0,
-                   temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None,
-                   batch_size: int = 32, prompt_style: PromptStyle = "auto", seed: int = 0,
+def evaluate_suite(model, tokenizer, suite: str, decoding: Decoding, *, limit: int | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Every benchmark of ``suite`` (see ``padd_ds.data.math.SUITES``): per-benchmark pass@1
-    (greedy), avg@k / pass@k when ``samples`` = k > 0, and their unweighted average over
-    benchmarks (how the paper averages its five)."""
-    from padd_ds.data.math import load_suite
-    from padd_ds.report.metrics import progress_bar
-
+    (greedy), avg@k / pass@k when ``decoding.samples`` = k > 0, and their unweighted average
+    over benchmarks (how the paper averages its five)."""
     benchmarks = load_suite(suite, limit=limit)
-    max_new = max_new_tokens or SUITE_MAX_NEW_TOKENS.get(suite, 1024)
-    torch.manual_seed(seed)
-    total = sum(len(ps) * (1 + samples) for ps in benchmarks.values())
+    d = replace(decoding, max_new_tokens=decoding.max_new_tokens or SUITE_MAX_NEW_TOKENS.get(suite, 1024))
+    torch.manual_seed(d.seed)
+    total = sum(len(ps) * (1 + d.samples) for ps in benchmarks.values())
     out: dict[str, Any] = {"suite": suite, "settings": {
-        "limit": limit, "samples": samples, "temperature": temperature if samples else None,
-        "top_p": top_p if samples else None, "max_new_tokens": max_new, "prompt_style": prompt_style,
-        "chat_template": bool(getattr(tokenizer, "chat_template", None)), "seed": seed}, "benchmarks": {}}
+        "limit": limit, "samples": d.samples, "temperature": d.temperature if d.samples else None,
+        "top_p": d.top_p if d.samples else None, "max_new_tokens": d.max_new_tokens, "prompt_style": d.prompt_style,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)), "seed": d.seed}, "benchmarks": {}}
     t0 = time.perf_counter()
     with progress_bar(total, f"eval {suite}", enabled=progress) as advance:
         for name, problems in benchmarks.items():
-            r = evaluate_problems(model, tokenizer, problems, max_new, batch_size, samples=samples,
-                                  temperature=temperature, top_p=top_p, prompt_style=prompt_style,
-                                  on_batch=advance, keep_records=None)
+            r = evaluate_problems(model, tokenizer, problems, d, on_batch=advance, keep_records=None)
             r["pass@1"] = r.pop("accuracy")
             r["records"] = r.pop("samples")
             out["benchmarks"][name] = r
-    metrics = ["pass@1"] + ([f"avg@{samples}", f"pass@{samples}"] if samples else [])
+    metrics = ["pass@1"] + ([f"avg@{d.samples}", f"pass@{d.samples}"] if d.samples else [])
     out["average"] = {m: sum(b[m] for b in out["benchmarks"].values()) / len(out["benchmarks"]) for m in metrics}
     out["average"]["n"] = sum(b["n"] for b in out["benchmarks"].values())
     out["seconds"] = time.perf_counter() - t0

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from padd_ds.config import PaddConfig
 from padd_ds.data.math import load_heldout_problems
-from padd_ds.eval.evaluate import evaluate_problems
+from padd_ds.eval.evaluate import Decoding, evaluate_problems
 
 
 def heldout_accuracy(model, tok, cfg: PaddConfig, synced: bool = False) -> dict:
     """{accuracy, n, per_level}; `synced` keeps every rank of a sharded model generating in step."""
     problems = load_heldout_problems(cfg.data.source, limit=cfg.eval.num_problems)
-    res = evaluate_problems(model, tok, problems, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, synced_gpus=synced)
+    res = evaluate_problems(model, tok, problems, Decoding(cfg.eval.max_new_tokens, cfg.eval.batch_size),
+                            synced_gpus=synced)
     return {"accuracy": res["accuracy"], "n": res["n"], "per_level": res.get("per_level", {})}

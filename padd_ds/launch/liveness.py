@@ -12,10 +12,11 @@ then report that error instead of a lost rank.
 
 It is also the watchdog for hangs: not every collective honours a timeout (gloo groups that
 DeepSpeed creates itself, e.g. AutoEP's expert-parallel groups, wait 30 minutes, and a
-student whose peer is frozen was seen waiting there indefinitely), so a rank whose peer has
-been silent for `exit_after_s` (topology.timeout_s) prints the same diagnosis and exits 1.
+student whose peer is frozen can wait there indefinitely), so a rank whose peer has been
+silent for `exit_after_s` (topology.timeout_s) prints the same diagnosis and exits 1.
 
-    live = Liveness(addr, port, rank, world_size, names={0: "student", 1: "student", 2: "teacher"})
+    live = Liveness(addr, port, rank, world_size, names={0: "student", 1: "student", 2: "teacher"},
+                    timing=HeartbeatTiming(exit_after_s=600))
     ...
     live.diagnose(error)   # "lost rank 1 (student): no heartbeat for 4s" or None
 
@@ -27,7 +28,10 @@ from __future__ import annotations
 import re
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+
+from padd_ds.launch.bridge import BridgeError
 
 _FAILURES = "padd/failures"  # how many ranks posted their own error; each is at padd/failure/<n>
 _PEER_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket|"
@@ -36,8 +40,6 @@ _PEER_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pi
 
 def looks_like_peer_failure(error: BaseException) -> bool:
     """A failure of communication (a collective or the bridge), not of this rank's own work."""
-    from padd_ds.launch.bridge import BridgeError
-
     seen = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
@@ -57,12 +59,20 @@ def looks_like_peer_failure(error: BaseException) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class HeartbeatTiming:
+    period_s: float = 1.0  # each rank bumps its counter this often
+    stale_s: float = 3.0  # a peer whose counter has not moved for this long is silent
+    exit_after_s: float | None = None  # the watchdog: exit 1 once a peer is silent this long (None: never)
+
+
 class Liveness:
     def __init__(self, addr: str, port: int, rank: int, world_size: int, names: dict[int, str],
-                 period_s: float = 1.0, stale_s: float = 3.0, host: int = 0, exit_after_s: float | None = None):
+                 timing: HeartbeatTiming = HeartbeatTiming(), host: int = 0):
+        """`names`: each rank's role, for the messages; `host`: the rank whose process holds the store."""
         self.addr, self.port, self.rank, self.world_size = addr, port, rank, world_size
-        self.names, self.period_s, self.stale_s, self.host = names, period_s, stale_s, host
-        self.exit_after_s = exit_after_s
+        self.names, self.host = names, host
+        self.period_s, self.stale_s, self.exit_after_s = timing.period_s, timing.stale_s, timing.exit_after_s
         self.peers = [r for r in range(world_size) if r != rank]
         self._lock = threading.Lock()
         self._values: dict[int, int] = {}

@@ -94,9 +94,11 @@ def _argv_local_rank(argv: Sequence[str]) -> int | None:
     return None
 
 
-def _checked(launcher: Launcher, rank: int, world: int, local_rank: int, local_size: int,
-             addr: str, port: int, names: tuple[str, str, str, str]) -> LaunchEnv:
+def _checked(launch: LaunchEnv, names: tuple[str, str, str, str]) -> LaunchEnv:
+    """`launch` once its ranks and sizes agree; an error names the launcher's variable
+    (`names`: rank, world size, local rank, local size)."""
     rank_var, world_var, local_rank_var, local_size_var = names
+    rank, world, local_rank, local_size = launch.rank, launch.world_size, launch.local_rank, launch.local_size
     if world < 1:
         raise ValueError(f"{world_var}={world} must be >= 1")
     if rank >= world:
@@ -105,9 +107,9 @@ def _checked(launcher: Launcher, rank: int, world: int, local_rank: int, local_s
         raise ValueError(f"{local_size_var}={local_size} must be in 1..{world_var}={world}")
     if local_rank >= local_size:
         raise ValueError(f"{local_rank_var}={local_rank} must be smaller than {local_size_var}={local_size}")
-    # No `local_rank <= rank` check: OpenMPI 5 on one node hands out local ranks in another
-    # order than global ranks (seen here: global 1 -> local 2).
-    return LaunchEnv(launcher, rank, world, local_rank, local_size, addr, port)
+    # No `local_rank <= rank` check: OpenMPI 5 on one node can hand out local ranks in another
+    # order than global ranks (e.g. global 1 -> local 2).
+    return launch
 
 
 def _master_addr(env: Mapping[str, str], local_size: int, world: int, launcher: str) -> str:
@@ -198,7 +200,7 @@ def _from_torchrun(env: Mapping[str, str]) -> LaunchEnv:
     rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE", 1)
     local_rank, local_size = _int(env, "LOCAL_RANK"), _int(env, "LOCAL_WORLD_SIZE", 1)
     addr = _master_addr(env, local_size, world, "torchrun")
-    return _checked("torchrun", rank, world, local_rank, local_size, addr, _port(env),
+    return _checked(LaunchEnv("torchrun", rank, world, local_rank, local_size, addr, _port(env)),
                     ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
 
 
@@ -222,7 +224,7 @@ def _from_env_vars(env: Mapping[str, str], argv: Sequence[str]) -> LaunchEnv:
     else:
         local_size, size_var = world, "WORLD_SIZE"
     addr = _master_addr(env, local_size, world, "deepspeed")
-    return _checked("deepspeed", rank, world, local_rank, local_size, addr, _port(env),
+    return _checked(LaunchEnv("deepspeed", rank, world, local_rank, local_size, addr, _port(env)),
                     ("RANK", "WORLD_SIZE", "LOCAL_RANK", size_var))
 
 
@@ -233,7 +235,7 @@ def _from_mpi(env: Mapping[str, str], names: tuple[str, str, str, str]) -> Launc
     rank, world = _int(env, rank_var), _int(env, world_var, 1)
     local_rank, local_size = _int(env, local_rank_var), _int(env, local_size_var, 1)
     addr = _master_addr(env, local_size, world, "mpirun")
-    return _checked("mpirun", rank, world, local_rank, local_size, addr, _port(env), names)
+    return _checked(LaunchEnv("mpirun", rank, world, local_rank, local_size, addr, _port(env)), names)
 
 
 def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
@@ -267,7 +269,7 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
 
     nodelist = next((env[v] for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(v)), None)
     addr = expand_hostlist(nodelist)[0] if nodelist else _master_addr(env, local_size, world, "srun")
-    return _checked("srun", rank, world, local_rank, local_size, addr, _port(env),
+    return _checked(LaunchEnv("srun", rank, world, local_rank, local_size, addr, _port(env)),
                     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", per_node_var))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import Bridge
-from padd_ds.launch.liveness import Liveness, looks_like_peer_failure
+from padd_ds.launch.liveness import HeartbeatTiming, Liveness, looks_like_peer_failure
 from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
                                   student_to_teacher, students_of_teacher, sub_world_env)
 
@@ -74,7 +74,7 @@ def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
         bridge = Bridge(addr, port, env.rank, env.world_size, cfg.topology.timeout_s)
         liveness = Liveness(addr, port, env.rank, env.world_size,
                             {r: "student" if r < roles.num_student else "teacher" for r in range(env.world_size)},
-                            exit_after_s=cfg.topology.timeout_s)
+                            HeartbeatTiming(exit_after_s=cfg.topology.timeout_s))
     apply_env(sub_world_env(env, roles))
     sharded_teacher = roles.role == "teacher" and cfg.teacher.parallel == "zero3" and roles.num_teacher > 1
     if roles.role in ("student", "colocated") or sharded_teacher:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -178,6 +178,18 @@ def _name_or_path(teacher: Any) -> str:
     return str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", "") or "")
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The decompression's knobs, in the order config.json's `padd_decompression` lists them."""
+
+    num_experts: int
+    top_k: int
+    cluster_input: str
+    router_init: str
+    seed: int
+    expert_scale: float
+
+
 @torch.no_grad()
 def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_input: str = "gate_up",
                seed: int = 0, router_init: str = "centroids", expert_scale: float = 1.0) -> tuple[PreTrainedModel, dict]:
@@ -192,85 +204,24 @@ def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_i
     The MoE is built on CPU in the teacher's dtype (clustering runs in float32), in eval
     mode like a `from_pretrained` model. Layer l's clustering uses seed + l.
     """
-    import transformers
-    from transformers.initialization import no_init_weights
-
     tc, target = _check_args(teacher, num_experts, top_k, cluster_input, router_init)
-    dtype = next(teacher.parameters()).dtype
-    config = target.build_config(tc, num_experts, top_k)
-    source = _name_or_path(teacher)
-    config.padd_decompressed_from = source
-    config.padd_decompression = {"num_experts": num_experts, "top_k": top_k, "cluster_input": cluster_input,
-                                 "router_init": router_init, "seed": seed, "expert_scale": expert_scale,
-                                 "provenance": PROVENANCE_FILE}
-    model_cls = getattr(transformers, target.model_class)
-    # Weights are all overwritten below: skip the (for a 7B model, minutes-long) random init.
-    kwargs = {"attn_implementation": tc._attn_implementation} if tc._attn_implementation else {}
-    with no_init_weights():
-        moe = model_cls._from_config(config, dtype=dtype, **kwargs)
-    moe.tie_weights()  # no_init_weights also skips init_weights(), which is where tying happens
-
-    moe_params = dict(moe.named_parameters())
-    teacher_params = dict(teacher.named_parameters())
-    written: set[str] = set()
-
-    def put(name: str, src: torch.Tensor) -> None:
-        p = moe_params.get(name)
-        if p is None:
-            raise ValueError(f"decompress: {target.model_class} has no parameter '{name}'; this teacher/MoE "
-                             "layout is not supported")
-        if tuple(src.shape) != tuple(p.shape):
-            raise ValueError(f"decompress: shape mismatch for '{name}': MoE {tuple(p.shape)} vs source "
-                             f"{tuple(src.shape)}; this teacher variant is not supported")
-        p.copy_(src.to(device=p.device, dtype=p.dtype))
-        written.add(name)
-
-    # Everything outside the MoE blocks keeps its name: embeddings, attention, norms, lm_head.
-    for name in moe_params:
-        if not _EXPERT_PARAM.match(name):
-            if name not in teacher_params:
-                raise ValueError(f"decompress: {target.model_class} needs '{name}' but the teacher "
-                                 f"{type(teacher).__name__} has no such weight; this teacher variant is not supported")
-            put(name, teacher_params[name])
-    left = [n for n in teacher_params if n not in written and not _DENSE_FFN_PARAM.match(n)]
-    if left:
-        raise ValueError(f"decompress: teacher weights {left[:4]} have no counterpart in {target.model_class}; "
-                         "this teacher variant (e.g. extra biases) is not supported")
-
+    settings = _Settings(num_experts, top_k, cluster_input, router_init, seed, expert_scale)
+    moe = _empty_moe(teacher, target, settings)
+    writer = _ParamWriter(moe, target.model_class)
+    _copy_shared_weights(teacher, writer)
     # FFNs one layer at a time: a 7B layer's float32 expert copies are ~0.8 GB, all at once ~20 GB.
-    records = []
-    for i, layer in enumerate(teacher.model.layers):
-        lx = _split_layer(layer.mlp, num_experts, cluster_input, router_init, seed + i)
-        prefix = f"model.layers.{i}.mlp."
-        put(prefix + "gate.weight", lx.router)
-        put(prefix + "experts.gate_up_proj", lx.gate_up)
-        put(prefix + "experts.down_proj", lx.down * expert_scale)
-        records.append({
-            "student_layer": i,
-            "teacher_layer": i,
-            "inertia": lx.clusters.inertia,
-            "kmeans_iterations": lx.clusters.iterations,
-            "experts": [{"expert": j, "teacher_layer": i, "cluster": j, "neurons": ids}
-                        for j, ids in enumerate(lx.neurons)],
-        })
-        del lx
-    missing = [n for n in moe_params if n not in written]
+    records = [_write_experts(writer, i, layer.mlp, settings) for i, layer in enumerate(teacher.model.layers)]
+    missing = [n for n in writer.params if n not in writer.written]
     if missing:
         raise ValueError(f"decompress: {target.model_class} weights {missing[:4]} have no source in the teacher "
                          f"({len(teacher.model.layers)} layers); this teacher/MoE layout is not supported")
-    # Non-persistent buffers (rotary inv_freq) are computed in __init__; take the teacher's
-    # where names match so both run on identical tables.
-    teacher_buffers = dict(teacher.named_buffers())
-    for name, b in moe.named_buffers():
-        src = teacher_buffers.get(name)
-        if src is not None and src.shape == b.shape:
-            b.copy_(src.to(device=b.device, dtype=b.dtype))
+    _copy_buffers(teacher, moe)
     if getattr(teacher, "generation_config", None) is not None:
         moe.generation_config = copy.deepcopy(teacher.generation_config)
     moe.eval()
 
     provenance = {
-        "teacher": source,
+        "teacher": _name_or_path(teacher),
         "teacher_model_type": tc.model_type,
         "student_model_type": target.moe_model_type,
         "num_experts": num_experts,
@@ -283,6 +234,88 @@ def decompress(teacher: PreTrainedModel, num_experts: int, top_k: int, cluster_i
         "layers": records,
     }
     return moe, provenance
+
+
+def _empty_moe(teacher: PreTrainedModel, target: _Target, settings: _Settings) -> PreTrainedModel:
+    """The MoE architecture in the teacher's dtype, weights uninitialised, config carrying the padd_* summary."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    tc = teacher.config
+    dtype = next(teacher.parameters()).dtype
+    config = target.build_config(tc, settings.num_experts, settings.top_k)
+    config.padd_decompressed_from = _name_or_path(teacher)
+    config.padd_decompression = {**asdict(settings), "provenance": PROVENANCE_FILE}
+    model_cls = getattr(transformers, target.model_class)
+    # Weights are all overwritten below: skip the (for a 7B model, minutes-long) random init.
+    kwargs = {"attn_implementation": tc._attn_implementation} if tc._attn_implementation else {}
+    with no_init_weights():
+        moe = model_cls._from_config(config, dtype=dtype, **kwargs)
+    moe.tie_weights()  # no_init_weights also skips init_weights(), which is where tying happens
+    return moe
+
+
+class _ParamWriter:
+    """Copies tensors into the MoE's parameters by name, checking name and shape, and keeps
+    the names written."""
+
+    def __init__(self, moe: torch.nn.Module, model_class: str):
+        self.params = dict(moe.named_parameters())
+        self.model_class = model_class
+        self.written: set[str] = set()
+
+    def put(self, name: str, src: torch.Tensor) -> None:
+        p = self.params.get(name)
+        if p is None:
+            raise ValueError(f"decompress: {self.model_class} has no parameter '{name}'; this teacher/MoE "
+                             "layout is not supported")
+        if tuple(src.shape) != tuple(p.shape):
+            raise ValueError(f"decompress: shape mismatch for '{name}': MoE {tuple(p.shape)} vs source "
+                             f"{tuple(src.shape)}; this teacher variant is not supported")
+        p.copy_(src.to(device=p.device, dtype=p.dtype))
+        self.written.add(name)
+
+
+def _copy_shared_weights(teacher: PreTrainedModel, writer: _ParamWriter) -> None:
+    """Everything outside the MoE blocks keeps its name: embeddings, attention, norms, lm_head."""
+    teacher_params = dict(teacher.named_parameters())
+    for name in writer.params:
+        if not _EXPERT_PARAM.match(name):
+            if name not in teacher_params:
+                raise ValueError(f"decompress: {writer.model_class} needs '{name}' but the teacher "
+                                 f"{type(teacher).__name__} has no such weight; this teacher variant is not supported")
+            writer.put(name, teacher_params[name])
+    left = [n for n in teacher_params if n not in writer.written and not _DENSE_FFN_PARAM.match(n)]
+    if left:
+        raise ValueError(f"decompress: teacher weights {left[:4]} have no counterpart in {writer.model_class}; "
+                         "this teacher variant (e.g. extra biases) is not supported")
+
+
+def _write_experts(writer: _ParamWriter, i: int, mlp: torch.nn.Module, settings: _Settings) -> dict:
+    """Layer i's router and experts from its dense FFN; returns the layer's provenance record."""
+    lx = _split_layer(mlp, settings.num_experts, settings.cluster_input, settings.router_init, settings.seed + i)
+    prefix = f"model.layers.{i}.mlp."
+    writer.put(prefix + "gate.weight", lx.router)
+    writer.put(prefix + "experts.gate_up_proj", lx.gate_up)
+    writer.put(prefix + "experts.down_proj", lx.down * settings.expert_scale)
+    return {
+        "student_layer": i,
+        "teacher_layer": i,
+        "inertia": lx.clusters.inertia,
+        "kmeans_iterations": lx.clusters.iterations,
+        "experts": [{"expert": j, "teacher_layer": i, "cluster": j, "neurons": ids}
+                    for j, ids in enumerate(lx.neurons)],
+    }
+
+
+def _copy_buffers(teacher: PreTrainedModel, moe: PreTrainedModel) -> None:
+    """Non-persistent buffers (rotary inv_freq) are computed in __init__; take the teacher's
+    where names match so both run on identical tables."""
+    teacher_buffers = dict(teacher.named_buffers())
+    for name, b in moe.named_buffers():
+        src = teacher_buffers.get(name)
+        if src is not None and src.shape == b.shape:
+            b.copy_(src.to(device=b.device, dtype=b.dtype))
 
 
 def save_decompressed(model: PreTrainedModel, provenance: dict, out_dir: str | Path, tokenizer=None) -> Path:

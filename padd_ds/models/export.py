@@ -22,9 +22,15 @@ import re
 import shutil
 from pathlib import Path
 
+import deepspeed
+import deepspeed.comm as dist
 import torch
+from safetensors.torch import load_file, save_file
 
 from padd_ds.launch.comm import all_reduce_
+from padd_ds.models.router import (keep_router_inputs, router_inputs, router_scores, router_selected, routers,
+                                   set_routing)
+from padd_ds.models.router import router_weights as current_router_weights  # export_engine's argument has the name
 
 SHARD_BYTES = 4 * 1024**3
 # Written next to a folded export: each MoE layer's unfolded router weight and Stage IV bias.
@@ -37,8 +43,6 @@ _SCORE_BIAS = re.compile(r"^(.*)\.router\.e_score_correction_bias$")
 def has_bias_slot(module: torch.nn.Module) -> bool:
     """True when the routers carry DeepSeek-V3's selection bias (`e_score_correction_bias`):
     the Stage IV bias then exports exactly (added to it), with no fold."""
-    from padd_ds.models.router import routers
-
     return all(getattr(r, "e_score_correction_bias", None) is not None for r in routers(module))
 
 
@@ -48,9 +52,6 @@ def _is_expert_param(p) -> bool:
 
 def _gather_full(engine, name: str, p) -> torch.Tensor:
     """Full tensor of one parameter on every rank (ZeRO-3 gather, then EP all-gather)."""
-    import deepspeed
-    import deepspeed.comm as dist
-
     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
         t = p.data.detach().clone().float() if p.data.dtype != torch.float32 else p.data.detach().clone()
     t = t.to(torch.float32)
@@ -111,95 +112,28 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     The write goes to a temp dir that is renamed at the end, so a crash never leaves a
     checkpoint that looks complete.
     """
-    import deepspeed.comm as dist
-    from safetensors.torch import save_file
-
     rank = dist.get_rank()
-    module = engine.module
-    hf_config = module.config
+    hf_config = engine.module.config
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     expected = _expected_shapes(hf_config) if rank == 0 else {}
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-
-    pending: dict = {}
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes, shards, weight_map = 0, [], {}
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            fname = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            shards.append(fname)
-            weight_map.update({k: fname for k in shard})
-            shard, shard_bytes = {}, 0
-
-    router_names = [n for n, _ in module.named_parameters() if _ROUTER.match(n) and n.endswith(".weight")]
-    if router_weights is not None and len(router_weights) != len(router_names):
-        raise ValueError(f"export: {len(router_weights)} router weights for {len(router_names)} MoE layers")
-    replace = dict(zip(router_names, router_weights or []))
-    routing: dict[str, torch.Tensor] = {}  # folded export: the engine's own routers, for load_exact_routing
-    for name, p in module.named_parameters():
-        t = _gather_full(engine, name, p)
-        if rank != 0:
-            continue
-        if name in replace:
-            prefix = _ROUTER.match(name).group(1)
-            routing[f"{prefix}.gate.weight"] = t.to(dtype).contiguous()
-            routing[f"{prefix}.gate.padd_bias"] = module.get_submodule(f"{prefix}.router").padd_bias.detach().float().cpu()
-            t = replace[name].to(t)
-        for hf_name, ht in hf_name_and_tensor(name, t, pending):
-            if hf_name not in expected:
-                raise ValueError(f"export: engine parameter {name} maps to '{hf_name}', which the "
-                                 f"{type(module).__name__} architecture does not have")
-            ht = _fit_layout(hf_name, ht, expected[hf_name]).to(dtype).contiguous()
-            shard[hf_name] = ht
-            shard_bytes += ht.numel() * ht.element_size()
-            if shard_bytes >= SHARD_BYTES:
-                flush()
-    # DeepSeek-V3's selection bias is a buffer: selection there is top-k(scores + e_score_
-    # correction_bias), ours top-k(scores + padd_bias + e_score_correction_bias), so their sum
-    # in the slot reproduces the engine's routes exactly.
-    for name, buf in module.named_buffers():
-        m = _SCORE_BIAS.match(name)
-        if m is None or rank != 0:
-            continue
-        padd = module.get_submodule(name.rsplit(".", 1)[0]).padd_bias
-        hf_name = f"{m.group(1)}.gate.e_score_correction_bias"
-        if hf_name not in expected:
-            raise ValueError(f"export: engine buffer {name} maps to '{hf_name}', which the architecture does not have")
-        shard[hf_name] = (buf.detach().float().cpu() + padd.detach().float().cpu()).to(dtype).contiguous()
+    shards = _ShardWriter(tmp)
+    routing = _write_parameters(engine, shards, expected, dtype, router_weights)
     if rank != 0:
         dist.barrier()
         return None
 
-    flush()
-    if pending:
-        raise ValueError(f"export: unpaired expert weights for {sorted(pending)}")
+    _write_score_biases(engine.module, shards, expected, dtype)
+    shards.flush()
     tied = getattr(hf_config, "tie_word_embeddings", False)
-    missing = [k for k in expected if k not in weight_map and not (tied and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in shards.weight_map and not (tied and k == "lm_head.weight")]
     if missing:
         raise ValueError(f"export: the engine has no tensor for {missing[:5]} ({len(missing)} missing)")
-
-    # Rename shards to the HF convention now that their number is known.
-    n = len(shards)
-    renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-               for i, f in enumerate(shards)}
-    for old, new in renames.items():
-        os.replace(tmp / old, tmp / new)
-    if n > 1:
-        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in renames.values())},
-                 "weight_map": {k: renames[v] for k, v in weight_map.items()}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-    cfg = hf_config.__class__.from_dict(hf_config.to_dict())
-    if hasattr(cfg, "output_router_logits"):
-        cfg.output_router_logits = False
-    cfg.dtype = str(dtype).replace("torch.", "")
-    cfg.save_pretrained(tmp)
+    shards.name_shards()
+    _save_config(hf_config, dtype, tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if routing:
@@ -210,6 +144,100 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     os.replace(tmp, out_dir)
     dist.barrier()
     return out_dir
+
+
+class _ShardWriter:
+    """Streams tensors into safetensors shards of about SHARD_BYTES in `folder`, so memory
+    holds one shard at a time; `name_shards` gives them the HF names once their number is known."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shard: dict[str, torch.Tensor] = {}
+        self.shard_bytes = 0
+        self.shards: list[str] = []
+        self.weight_map: dict[str, str] = {}  # tensor name -> shard file
+
+    def add(self, name: str, t: torch.Tensor, flush_when_full: bool = True) -> None:
+        self.shard[name] = t
+        self.shard_bytes += t.numel() * t.element_size()
+        if flush_when_full and self.shard_bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.shard:
+            fname = f"model-{len(self.shards) + 1:05d}.safetensors"
+            save_file(self.shard, str(self.folder / fname), metadata={"format": "pt"})
+            self.shards.append(fname)
+            self.weight_map.update({k: fname for k in self.shard})
+            self.shard, self.shard_bytes = {}, 0
+
+    def name_shards(self) -> None:
+        n = len(self.shards)
+        renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+                   for i, f in enumerate(self.shards)}
+        for old, new in renames.items():
+            os.replace(self.folder / old, self.folder / new)
+        if n > 1:
+            index = {"metadata": {"total_size": sum((self.folder / f).stat().st_size for f in renames.values())},
+                     "weight_map": {k: renames[v] for k, v in self.weight_map.items()}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_parameters(engine, shards: _ShardWriter, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                      router_weights: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Every parameter in HF layout into `shards` (collective: every rank gathers, rank 0
+    writes). Returns, for a folded export, the engine's own routers for `EXACT_ROUTING_FILE`."""
+    module = engine.module
+    router_names = [n for n, _ in module.named_parameters() if _ROUTER.match(n) and n.endswith(".weight")]
+    if router_weights is not None and len(router_weights) != len(router_names):
+        raise ValueError(f"export: {len(router_weights)} router weights for {len(router_names)} MoE layers")
+    replace = dict(zip(router_names, router_weights or []))
+    rank0 = dist.get_rank() == 0
+    pending: dict = {}
+    routing: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        t = _gather_full(engine, name, p)
+        if not rank0:
+            continue
+        if name in replace:
+            prefix = _ROUTER.match(name).group(1)
+            routing[f"{prefix}.gate.weight"] = t.to(dtype).contiguous()
+            bias = module.get_submodule(f"{prefix}.router").padd_bias
+            routing[f"{prefix}.gate.padd_bias"] = bias.detach().float().cpu()
+            t = replace[name].to(t)
+        for hf_name, ht in hf_name_and_tensor(name, t, pending):
+            if hf_name not in expected:
+                raise ValueError(f"export: engine parameter {name} maps to '{hf_name}', which the "
+                                 f"{type(module).__name__} architecture does not have")
+            shards.add(hf_name, _fit_layout(hf_name, ht, expected[hf_name]).to(dtype).contiguous())
+    if pending:
+        raise ValueError(f"export: unpaired expert weights for {sorted(pending)}")
+    return routing
+
+
+def _write_score_biases(module: torch.nn.Module, shards: _ShardWriter, expected: dict[str, tuple[int, ...]],
+                        dtype: torch.dtype) -> None:
+    """DeepSeek-V3's selection bias is a buffer: selection there is top-k(scores + e_score_
+    correction_bias), ours top-k(scores + padd_bias + e_score_correction_bias), so their sum
+    in the slot reproduces the engine's routes exactly."""
+    for name, buf in module.named_buffers():
+        m = _SCORE_BIAS.match(name)
+        if m is None:
+            continue
+        padd = module.get_submodule(name.rsplit(".", 1)[0]).padd_bias
+        hf_name = f"{m.group(1)}.gate.e_score_correction_bias"
+        if hf_name not in expected:
+            raise ValueError(f"export: engine buffer {name} maps to '{hf_name}', which the architecture does not have")
+        bias = (buf.detach().float().cpu() + padd.detach().float().cpu()).to(dtype).contiguous()
+        shards.add(hf_name, bias, flush_when_full=False)  # they join the last shard
+
+
+def _save_config(hf_config, dtype: torch.dtype, folder: Path) -> None:
+    cfg = hf_config.__class__.from_dict(hf_config.to_dict())
+    if hasattr(cfg, "output_router_logits"):
+        cfg.output_router_logits = False
+    cfg.dtype = str(dtype).replace("torch.", "")
+    cfg.save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,64 +260,68 @@ def fold_router_bias(engine, batches: list, max_tokens: int = 4096, iters: int =
     loss and gradients are summed over ranks, so every rank ends with the same W'. Returns
     (weights, the engine's choices on this rank's batches [batch][layer] -> [T, k]).
     """
+    biases = torch.stack([r.padd_bias.detach().float().cpu() for r in routers(engine.module)])
+    xs, qs, chosen = _biased_targets(engine, batches, biases)
+    current = current_router_weights(engine.module)  # collective under ZeRO-3: before any early return
+    if not bool((biases != 0).any()):
+        return None, chosen
+    folded = [_fit_router(torch.cat(x)[:max_tokens], torch.cat(q)[:max_tokens], w, iters)
+              for x, q, w in zip(xs, qs, current)]
+    return folded, chosen
 
-    from padd_ds.models.router import keep_router_inputs, router_inputs, router_scores, router_selected
-    from padd_ds.models.router import router_weights, routers, set_routing
 
-    rs = routers(engine.module)
-    biases = torch.stack([r.padd_bias.detach().float().cpu() for r in rs])
-    xs: list[list[torch.Tensor]] = [[] for _ in rs]
-    qs: list[list[torch.Tensor]] = [[] for _ in rs]
+@torch.no_grad()
+def _biased_targets(engine, batches: list, biases: torch.Tensor) -> tuple[list, list, list]:
+    """Per MoE layer, the router inputs x [T, H] and biased targets q [T, N] of every real
+    token of `batches` (one tensor per batch), and the engine's choices [batch][layer]."""
+    n_layers = biases.shape[0]
+    xs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    qs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     chosen = []
     was_training = engine.module.training
     engine.eval()
     set_routing(engine.module, "learned", record=True)
     keep_router_inputs(engine.module, True)
-    with torch.no_grad():
-        for b in batches:
-            engine(input_ids=b.ids, attention_mask=b.attention_mask)
-            valid = b.attention_mask.bool().reshape(-1)
-            for l, (x, p) in enumerate(zip(router_inputs(engine.module), router_scores(engine.module))):
-                q = (p.float() + biases[l]).clamp(min=1e-6)
-                xs[l].append(x[valid].float())
-                qs[l].append((q / q.sum(-1, keepdim=True))[valid])
-            chosen.append([s.clone() for s in router_selected(engine.module)])
+    for b in batches:
+        engine(input_ids=b.ids, attention_mask=b.attention_mask)
+        valid = b.attention_mask.bool().reshape(-1)
+        for l, (x, p) in enumerate(zip(router_inputs(engine.module), router_scores(engine.module))):
+            q = (p.float() + biases[l]).clamp(min=1e-6)
+            xs[l].append(x[valid].float())
+            qs[l].append((q / q.sum(-1, keepdim=True))[valid])
+        chosen.append([s.clone() for s in router_selected(engine.module)])
     keep_router_inputs(engine.module, False)
     set_routing(engine.module, "learned", record=False)
     engine.train(was_training)
-    current = router_weights(engine.module)
-    if not bool((biases != 0).any()):
-        return None, chosen
+    return xs, qs, chosen
 
-    folded = []
-    for l in range(len(rs)):
-        x, q = torch.cat(xs[l])[:max_tokens], torch.cat(qs[l])[:max_tokens]
-        n_tok = torch.tensor([float(x.shape[0])], dtype=torch.float64)
-        all_reduce_(n_tok)
-        w = current[l].clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([w], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-9, tolerance_change=1e-12)
 
-        def closure():
-            opt.zero_grad()
-            logp = torch.log_softmax(x @ w.T, dim=-1)
-            loss = -(q * logp).sum() / float(n_tok)
-            loss.backward()
-            packed = torch.cat([loss.detach().reshape(1), w.grad.reshape(-1)]).double()
-            all_reduce_(packed)  # every rank sees the global loss and gradient
-            w.grad.copy_(packed[1:].view_as(w.grad).to(w.grad.dtype))
-            return packed[0].to(loss.dtype)
+def _fit_router(x: torch.Tensor, q: torch.Tensor, w0: torch.Tensor, iters: int) -> torch.Tensor:
+    """argmin_W sum_tokens KL(q || softmax(W x)) from W = w0 by L-BFGS, with the loss and
+    gradient summed over ranks (collective), so every rank ends with the same W."""
+    n_tok = torch.tensor([float(x.shape[0])], dtype=torch.float64)
+    all_reduce_(n_tok)
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
 
-        opt.step(closure)
-        folded.append(w.detach().clone())
-    return folded, chosen
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(x @ w.T, dim=-1)
+        loss = -(q * logp).sum() / float(n_tok)
+        loss.backward()
+        packed = torch.cat([loss.detach().reshape(1), w.grad.reshape(-1)]).double()
+        all_reduce_(packed)  # every rank sees the global loss and gradient
+        w.grad.copy_(packed[1:].view_as(w.grad).to(w.grad.dtype))
+        return packed[0].to(loss.dtype)
+
+    opt.step(closure)
+    return w.detach().clone()
 
 
 @torch.no_grad()
 def engine_routes(engine, batches: list) -> list[list[torch.Tensor]]:
     """The engine's chosen experts [batch][layer] -> [T, k] on this rank's `batches` (collective)."""
-    from padd_ds.models.router import router_selected, set_routing
-
     was_training = engine.module.training
     engine.eval()
     set_routing(engine.module, "learned", record=True)
@@ -347,8 +379,6 @@ def load_exact_routing(model: torch.nn.Module, export_dir: str | os.PathLike) ->
     stays a plain transformers model (no remote code). Supports the routers of Qwen3-MoE,
     Mixtral and DeepSeek-V2 (greedy and group-limited); DeepSeek-V3 exports are exact
     without this. Returns `model`; a no-op when the export has no routing file (no bias)."""
-    from safetensors.torch import load_file
-
     path = Path(export_dir) / EXACT_ROUTING_FILE
     if not path.exists():
         return model

@@ -12,7 +12,7 @@ from padd_ds.engine.meter import Meter
 from padd_ds.launch.comm import all_sum
 from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
 from padd_ds.pipeline.summary import progress_bar
-from padd_ds.teacher.feed import BatchPlan, TeacherFeed
+from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
 from padd_ds.teacher.sparse import sparse_kd_loss
 
 
@@ -33,8 +33,8 @@ def train_distill(ctx: RunContext, state: ResumeState | None) -> LoopResult:
     guard.load_state_dict(state and state.nonfinite)
     problems = ctx.parts["C"]
     plan = BatchPlan(len(problems), cfg.train.micro_batch_size, ctx.num_students, cfg.train.grad_accum, cfg.run.seed)
-    feed = TeacherFeed(ctx.teacher, ctx.encode, problems, plan, ctx.rank, cfg.train.steps, cfg.teacher.prefetch,
-                       start_step=start)
+    feed = TeacherFeed(ctx.teacher, RankBatches(problems, plan, ctx.rank, ctx.encode), range(start, cfg.train.steps),
+                       cfg.teacher.prefetch)
     progress = progress_bar(cfg, ctx.world)
     meter, waited = Meter(), feed.wait_s
     engine.train()

@@ -33,7 +33,7 @@ from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
 from padd_ds.pipeline.summary import progress_bar
 from padd_ds.rl.balance import BiasController, fold_bias_into_routers
 from padd_ds.rl.rewards import group_advantages, reward
-from padd_ds.rl.rollout import RolloutBatch, sample_rollouts
+from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, sample_rollouts
 from padd_ds.rl.step import StepResult, policy_config, update_on_rollouts
 from padd_ds.teacher.feed import BatchPlan
 
@@ -116,11 +116,11 @@ class PaddLoop:
     # -- the phases of a step ------------------------------------------------------------------
     def rollout(self, step: int, micro: int) -> RolloutBatch:
         """G sampled responses per prompt, sent to the teacher for scoring, then rewarded."""
-        s3, d = self.cfg.stage3, self.cfg.data
+        s3 = self.cfg.stage3
         probs = [self.problems[i] for i in self.plan.indices(step, micro, self.ctx.rank)]
         t0 = time.perf_counter()
-        ro = sample_rollouts(self.mod, self.ctx.tok, probs, s3.group_size, s3.rollout_temperature, s3.rollout_top_p,
-                             d.max_response_tokens, d.max_prompt_tokens, synced=self.ctx.num_students > 1)
+        ro = sample_rollouts(self.mod, self.ctx.tok, probs, RolloutSampling.from_config(self.cfg),
+                             synced=self.ctx.num_students > 1)
         seconds = time.perf_counter() - t0
         rid = self.ctx.teacher.submit(step, ro.batch.ids, ro.batch.lengths) if self.use_teacher else None
         scored = [reward(r, probs[i // s3.group_size]["answer"], self.policy_cfg) for i, r in enumerate(ro.responses)]

@@ -49,6 +49,7 @@ on a batch, or when "old" is an earlier step's router.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -216,48 +217,91 @@ def _aggregate(per_token: torch.Tensor, m: torch.Tensor, how: str,
     raise ValueError(f"stage3.loss_agg={how!r}; choose token_mean or seq_mean")
 
 
-def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cfg: Stage3Config, *, drift: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
-                denom: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stage III clipped-surrogate loss of `cfg.policy` (grpo | pr_grpo | rspo | gspo).
+@dataclass
+class PolicyInputs:
+    """The Stage III loss's per-token inputs: one row per response, [B, T] unless noted."""
 
-    new_logp [B, T]: log pi_theta of the sampled tokens (with gradient); old_logp [B, T]: the
-    same under the policy that sampled (no gradient); advantages [B]: one per response;
-    mask [B, T]: the response tokens; drift [B, T]: router drift Gamma (`router_drift`),
-    required by pr_grpo and rspo; ref_logp [B, T]: the reference policy, required when
-    cfg.ref_kl > 0 (adds ref_kl * k3, k3 = exp(r) - r - 1 with r = ref - new, an unbiased
-    non-negative estimate of KL(pi_theta || pi_ref)). Aggregated by cfg.loss_agg over `denom`.
+    new_logp: torch.Tensor  # log pi_theta of the sampled tokens (with gradient)
+    old_logp: torch.Tensor  # the same under the policy that sampled (no gradient)
+    advantages: torch.Tensor  # [B], one per response
+    mask: torch.Tensor  # the response tokens
+    drift: torch.Tensor | None = None  # router drift Gamma (`router_drift`); pr_grpo and rspo need it
+    ref_logp: torch.Tensor | None = None  # the reference policy; needed when stage3.ref_kl > 0
+
+
+# log w_t of each policy (see the module doc) from Gamma [B, T] and the advantages [B, 1];
+# None: w_t = 1 and no drift needed. A new variant is a new entry.
+def _pr_grpo_log_weight(g: torch.Tensor, adv: torch.Tensor, cfg: Stage3Config) -> torch.Tensor:
+    return torch.where(adv < 0, -cfg.drift_lambda * g, torch.zeros_like(g))
+
+
+def _rspo_log_weight(g: torch.Tensor, adv: torch.Tensor, cfg: Stage3Config) -> torch.Tensor:
+    floor = math.log(cfg.rspo_min_weight) if cfg.rspo_min_weight > 0 else -math.inf
+    return (-cfg.drift_lambda * g).clamp(min=floor)
+
+
+_LOG_WEIGHT = {"grpo": None, "pr_grpo": _pr_grpo_log_weight, "rspo": _rspo_log_weight, "gspo": None}
+
+
+def _check_policy_inputs(x: PolicyInputs, cfg: Stage3Config) -> None:
+    B, T = x.new_logp.shape
+    for name, t, shape in (("old_logp", x.old_logp, (B, T)), ("mask", x.mask, (B, T)),
+                           ("advantages", x.advantages, (B,))):
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} to match new_logp, got {tuple(t.shape)}")
+    if cfg.policy not in _LOG_WEIGHT:
+        raise ValueError(f"stage3.policy={cfg.policy!r}; choose pr_grpo, grpo, rspo or gspo")
+
+
+def _damping_log_weights(x: PolicyInputs, adv: torch.Tensor, cfg: Stage3Config) -> torch.Tensor:
+    """log w_t [B, T] of `cfg.policy` (no gradient)."""
+    weight = _LOG_WEIGHT[cfg.policy]
+    if weight is None:
+        return torch.zeros_like(x.new_logp)
+    B, T = x.new_logp.shape
+    if x.drift is None or x.drift.shape != (B, T):
+        got = "nothing" if x.drift is None else f"shape {tuple(x.drift.shape)}"
+        raise ValueError(f"stage3.policy={cfg.policy} needs drift=Gamma [{B}, {T}] (router_drift of the new and old "
+                         f"router probabilities), got {got}")
+    return weight(x.drift.detach().to(x.new_logp.dtype), adv, cfg)
+
+
+def _ref_kl(x: PolicyInputs, m: torch.Tensor, cfg: Stage3Config,
+            denom: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aggregated k3 estimate of KL(pi_theta || pi_ref), its detached mean over masked tokens)."""
+    B, T = x.new_logp.shape
+    if x.ref_logp is None or x.ref_logp.shape != (B, T):
+        got = "nothing" if x.ref_logp is None else f"shape {tuple(x.ref_logp.shape)}"
+        raise ValueError(f"stage3.ref_kl={cfg.ref_kl} needs ref_logp [{B}, {T}] from the reference policy, got "
+                         f"{got}; or set stage3.ref_kl=0")
+    new_logp = x.new_logp
+    r = torch.where(m, x.ref_logp.detach().to(new_logp.dtype) - new_logp, torch.zeros_like(new_logp))
+    k3 = torch.exp(r) - r - 1.0
+    n_tok = m.sum().clamp(min=1).to(new_logp.dtype)
+    return _aggregate(k3, m, cfg.loss_agg, denom), (torch.where(m, k3, torch.zeros_like(k3)).sum() / n_tok).detach()
+
+
+def policy_loss(x: PolicyInputs, cfg: Stage3Config,
+                denom: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage III clipped-surrogate loss of `cfg.policy` (grpo | pr_grpo | rspo | gspo) on `x`.
+
+    With cfg.ref_kl > 0 it adds ref_kl * k3, k3 = exp(r) - r - 1 with r = ref - new, an
+    unbiased non-negative estimate of KL(pi_theta || pi_ref). Aggregated by cfg.loss_agg over
+    `denom`.
 
     Returns (loss, stats) with detached scalars: pg_loss, clip_frac (masked tokens whose
     clipped branch is active, i.e. with zero gradient), ratio_mean (of the rho used),
     damp_mean (mean w_t), ref_kl (mean k3, when computed).
     """
+    _check_policy_inputs(x, cfg)
+    new_logp, m = x.new_logp, x.mask.bool()
     B, T = new_logp.shape
-    for name, t, shape in (("old_logp", old_logp, (B, T)), ("mask", mask, (B, T)), ("advantages", advantages, (B,))):
-        if t.shape != shape:
-            raise ValueError(f"{name} must have shape {list(shape)} to match new_logp, got {tuple(t.shape)}")
-    policy = cfg.policy
-    if policy not in ("grpo", "pr_grpo", "rspo", "gspo"):
-        raise ValueError(f"stage3.policy={policy!r}; choose pr_grpo, grpo, rspo or gspo")
-    m = mask.bool()
     dtype = new_logp.dtype
-    adv = advantages.detach().to(dtype).unsqueeze(1)                      # [B, 1]
+    adv = x.advantages.detach().to(dtype).unsqueeze(1)                    # [B, 1]
+    log_w = _damping_log_weights(x, adv, cfg)
+    log_ratio = torch.where(m, new_logp - x.old_logp.detach().to(dtype) + log_w, torch.zeros_like(new_logp))
 
-    log_w = torch.zeros_like(new_logp)
-    if policy in ("pr_grpo", "rspo"):
-        if drift is None or drift.shape != (B, T):
-            got = "nothing" if drift is None else f"shape {tuple(drift.shape)}"
-            raise ValueError(f"stage3.policy={policy} needs drift=Gamma [{B}, {T}] (router_drift of the new and old "
-                             f"router probabilities), got {got}")
-        g = drift.detach().to(dtype)
-        if policy == "pr_grpo":
-            log_w = torch.where(adv < 0, -cfg.drift_lambda * g, torch.zeros_like(g))
-        else:
-            floor = math.log(cfg.rspo_min_weight) if cfg.rspo_min_weight > 0 else -math.inf
-            log_w = (-cfg.drift_lambda * g).clamp(min=floor)
-    log_ratio = torch.where(m, new_logp - old_logp.detach().to(dtype) + log_w, torch.zeros_like(new_logp))
-
-    if policy == "gspo" or cfg.ratio_level == "sequence":
+    if cfg.policy == "gspo" or cfg.ratio_level == "sequence":
         n = m.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
         log_ratio = (log_ratio.sum(dim=1, keepdim=True) / n).expand(B, T)
         eps = cfg.seq_clip_eps
@@ -279,13 +323,6 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         }
 
     if cfg.ref_kl > 0:
-        if ref_logp is None or ref_logp.shape != (B, T):
-            got = "nothing" if ref_logp is None else f"shape {tuple(ref_logp.shape)}"
-            raise ValueError(f"stage3.ref_kl={cfg.ref_kl} needs ref_logp [{B}, {T}] from the reference policy, got "
-                             f"{got}; or set stage3.ref_kl=0")
-        r = torch.where(m, ref_logp.detach().to(dtype) - new_logp, torch.zeros_like(new_logp))
-        k3 = torch.exp(r) - r - 1.0
-        kl = _aggregate(k3, m, cfg.loss_agg, denom)
+        kl, stats["ref_kl"] = _ref_kl(x, m, cfg, denom)
         loss = loss + cfg.ref_kl * kl
-        stats["ref_kl"] = (torch.where(m, k3, torch.zeros_like(k3)).sum() / n_tok).detach()
     return loss, stats

@@ -1,7 +1,7 @@
 """G sampled responses per prompt from the student, on every student rank in step.
 
-    ro = sample_rollouts(engine.module, tok, problems, group_size=4, temperature=1.0, top_p=1.0,
-                         max_new_tokens=128, max_prompt_tokens=96, synced=num_students > 1)
+    sampling = RolloutSampling(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=128, max_prompt_tokens=96)
+    ro = sample_rollouts(engine.module, tok, problems, sampling, synced=num_students > 1)
     ro.batch            # TokenBatch: prompt + response ids (right-padded), loss mask on the response
     ro.responses        # decoded responses (for the reward)
     ro.prompt_index     # [P*G]: which problem each row answers (rows of one group are adjacent)
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch
 from padd_ds.data.prompt import format_prompt
 
@@ -39,13 +40,35 @@ def _eos_ids(model, tok) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+@dataclass(frozen=True)
+class RolloutSampling:
+    """How the student samples its answers."""
+
+    group_size: int  # G responses per prompt
+    temperature: float  # > 0: rollouts are sampled
+    top_p: float
+    max_new_tokens: int  # response budget
+    max_prompt_tokens: int  # a longer prompt is an error, not silently cut
+
+    @classmethod
+    def from_config(cls, cfg: PaddConfig) -> RolloutSampling:
+        s3 = cfg.stage3
+        return cls(s3.group_size, s3.rollout_temperature, s3.rollout_top_p, cfg.data.max_response_tokens,
+                   cfg.data.max_prompt_tokens)
+
+
 @torch.no_grad()
-def sample_rollouts(model, tok, problems: list[dict], group_size: int, temperature: float, top_p: float,
-                    max_new_tokens: int, max_prompt_tokens: int, synced: bool) -> Rollouts:
-    if temperature <= 0:
+def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling, synced: bool) -> Rollouts:
+    if sampling.temperature <= 0:
         raise ValueError("rollouts need sampling: stage3.rollout_temperature must be > 0")
     eos = _eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    prompts = _prompt_ids(tok, problems, sampling.max_prompt_tokens)
+    sampled = _sample(model, prompts, sampling, eos, pad, synced)
+    return _rollout_batch(tok, prompts, sampled, sampling.group_size, eos, pad)
+
+
+def _prompt_ids(tok, problems: list[dict], max_prompt_tokens: int) -> list[list[int]]:
     prompts = []
     for p in problems:
         ids = tok(format_prompt(p["question"]))["input_ids"]
@@ -53,7 +76,13 @@ def sample_rollouts(model, tok, problems: list[dict], group_size: int, temperatu
             raise ValueError(f"problem {p.get('id')}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
                              f"{max_prompt_tokens}; raise the limit or filter long problems")
         prompts.append(ids)
-    P, G = len(prompts), group_size
+    return prompts
+
+
+def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: list[int], pad: int,
+            synced: bool) -> list[list[int]]:
+    """The sampled tokens of each of the P*G rows (prompt-major), padding after EOS included."""
+    P = len(prompts)
     width = max(len(x) for x in prompts)
     left = torch.full((P, width), pad, dtype=torch.int64)
     attn = torch.zeros((P, width), dtype=torch.int64)
@@ -63,15 +92,20 @@ def sample_rollouts(model, tok, problems: list[dict], group_size: int, temperatu
     was_training = model.training
     model.eval()
     try:
-        gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=temperature,
-                             top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=G,
-                             eos_token_id=eos, pad_token_id=pad, synced_gpus=synced)
+        gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=sampling.temperature,
+                             top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                             num_return_sequences=sampling.group_size, eos_token_id=eos, pad_token_id=pad,
+                             synced_gpus=synced)
     finally:
         model.train(was_training)
-    new = gen[:, width:].tolist()
+    return gen[:, width:].tolist()
 
+
+def _rollout_batch(tok, prompts: list[list[int]], sampled: list[list[int]], G: int, eos: list[int],
+                   pad: int) -> Rollouts:
+    """Prompt + response rows, right-padded, each cut after its first EOS."""
     seqs, masks, texts, rlen, done = [], [], [], [], []
-    for row, toks in enumerate(new):
+    for row, toks in enumerate(sampled):
         cut = next((j for j, t in enumerate(toks) if t in eos), None)
         resp = toks[: cut + 1] if cut is not None else toks  # keep the EOS: the policy learns to stop
         prompt = prompts[row // G]
@@ -87,6 +121,7 @@ def sample_rollouts(model, tok, problems: list[dict], group_size: int, temperatu
         ids[i, : len(s)] = torch.tensor(s)
         loss_mask[i, : len(s)] = torch.tensor(m)
     batch = TokenBatch(ids, torch.tensor([len(s) for s in seqs]), loss_mask)
+    P = len(prompts)
     return Rollouts(batch, texts, torch.arange(P).repeat_interleave(G), torch.tensor(rlen), torch.tensor(done))
 
 

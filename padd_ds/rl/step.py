@@ -25,7 +25,7 @@ from padd_ds.data.batch import TokenBatch
 from padd_ds.launch.comm import all_sum
 from padd_ds.models.router import routers, routing_trace
 from padd_ds.rl.balance import switch_aux_loss
-from padd_ds.rl.losses import adaptive_kd_loss, policy_loss, router_drift
+from padd_ds.rl.losses import PolicyInputs, adaptive_kd_loss, policy_loss, router_drift
 from padd_ds.rl.rollout import RolloutBatch, token_logprobs
 
 
@@ -63,8 +63,8 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
             new_logp = token_logprobs(logits, batch)
             drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [B, S]
             # With one update the sampling policy is the current one (ratio 1 at the update).
-            loss, pstats = policy_loss(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
-                                       batch.loss_mask, pcfg, drift=drift, denom=denom)
+            loss, pstats = policy_loss(PolicyInputs(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
+                                                    batch.loss_mask, drift=drift), pcfg, denom=denom)
             part = {"policy_loss": float(pstats["pg_loss"]) * denom,
                     "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
             if teacher_logits is not None:

@@ -29,7 +29,7 @@ from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
 from padd_ds.launch.comm import all_reduce_, all_sum
 from padd_ds.models.router import RouterFit, random_router_weights, routers, routing_trace, write_router_weights
 from padd_ds.stage1.warmup import path_agreement, path_kl, path_log_probs
-from padd_ds.teacher.feed import BatchPlan, TeacherFeed
+from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
 from padd_ds.teacher.sparse import sparse_kd_loss
 
 
@@ -51,7 +51,7 @@ class Stage1:
 
     def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int) -> TeacherFeed:
         plan = BatchPlan(len(problems), self.per_rank, self.num_students, 1, seed)
-        return TeacherFeed(self.teacher, self.encode, problems, plan, self.rank, steps,
+        return TeacherFeed(self.teacher, RankBatches(problems, plan, self.rank, self.encode), range(steps),
                            self.cfg.teacher.prefetch, outputs=outputs)
 
     def _batches_for(self, n_problems: int) -> int:

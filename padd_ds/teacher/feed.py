@@ -1,7 +1,8 @@
 """Student-side batches paired with the teacher's outputs, requested ahead of use.
 
     plan = BatchPlan(len(problems), per_rank=16, num_ranks=2, grad_accum=1, seed=1234)
-    for step, micro, batch, out in TeacherFeed(teacher, encode, problems, plan, steps, prefetch=1,
+    batches = RankBatches(problems, plan, rank, encode)
+    for step, micro, batch, out in TeacherFeed(teacher, batches, range(steps), prefetch=1,
                                                outputs=OUT_CLUSTER_ACTS):
         ...   # out.logits (sparse), out.cluster_acts, ...
 
@@ -13,6 +14,7 @@ one being consumed: the teacher scores step t+1 while the student trains on step
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -40,11 +42,25 @@ class BatchPlan:
         return perm[start:start + self.per_rank].tolist()
 
 
+@dataclass(frozen=True)
+class RankBatches:
+    """The token batches one student rank sees: its share of `plan`, encoded."""
+
+    problems: list[dict]
+    plan: BatchPlan
+    rank: int
+    encode: Callable[[list[dict]], TokenBatch]
+
+    def __call__(self, step: int, micro: int) -> TokenBatch:
+        return self.encode([self.problems[j] for j in self.plan.indices(step, micro, self.rank)])
+
+
 class TeacherFeed:
-    def __init__(self, teacher, encode: Callable[[list[dict]], TokenBatch], problems: list[dict], plan: BatchPlan,
-                 rank: int, steps: int, prefetch: int, outputs: int = OUT_LOGITS, start_step: int = 0):
-        self.teacher, self.encode, self.problems, self.plan, self.rank = teacher, encode, problems, plan, rank
-        self.micro_steps = [(s, m) for s in range(start_step, steps) for m in range(plan.grad_accum)]
+    def __init__(self, teacher, batches: RankBatches, steps: range, prefetch: int, outputs: int = OUT_LOGITS):
+        """`steps`: the optimiser steps to feed (each has `plan.grad_accum` micro-steps); `prefetch`:
+        requests kept in flight beyond the one being consumed; `outputs`: the OUT_* flags asked for."""
+        self.teacher, self.batches = teacher, batches
+        self.micro_steps = [(s, m) for s in steps for m in range(batches.plan.grad_accum)]
         self.prefetch, self.outputs = prefetch, outputs
         self.wait_s = 0.0  # time blocked on the teacher, for the wait-fraction metric
 
@@ -57,7 +73,7 @@ class TeacherFeed:
         def request(i: int) -> None:
             if i < len(self.micro_steps) and i not in inflight:
                 s, m = self.micro_steps[i]
-                b = self.encode([self.problems[j] for j in self.plan.indices(s, m, self.rank)])
+                b = self.batches(s, m)
                 inflight[i] = (self.teacher.submit(s, b.ids, b.lengths, outputs=self.outputs), b)
 
         for i, (step, micro) in enumerate(self.micro_steps):

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from padd_ds.data.prompt import format_example
 from padd_ds.data.toy import ToyProblem, toy_splits
-from padd_ds.eval.evaluate import evaluate_problems
+from padd_ds.eval.evaluate import Decoding, evaluate_problems
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
         )
         train_s = time.time() - t
         t = time.time()
-        result = evaluate_problems(model, tokenizer, heldout_rows, cfg.max_new_tokens, cfg.eval_batch_size)
+        result = evaluate_problems(model, tokenizer, heldout_rows, Decoding(cfg.max_new_tokens, cfg.eval_batch_size))
         metrics[who] = {
             "heldout_accuracy": result["accuracy"],
             "heldout_n": result["n"],
