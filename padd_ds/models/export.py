@@ -28,8 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from padd_ds.launch.comm import all_reduce_
-from padd_ds.models.router import (keep_router_inputs, router_inputs, router_scores, router_selected, routers,
-                                   set_routing)
+from padd_ds.models.router import routers, routing_trace
 from padd_ds.models.router import router_weights as current_router_weights  # export_engine's argument has the name
 
 SHARD_BYTES = 4 * 1024**3
@@ -280,18 +279,15 @@ def _biased_targets(engine, batches: list, biases: torch.Tensor) -> tuple[list, 
     chosen = []
     was_training = engine.module.training
     engine.eval()
-    set_routing(engine.module, "learned", record=True)
-    keep_router_inputs(engine.module, True)
-    for b in batches:
-        engine(input_ids=b.ids, attention_mask=b.attention_mask)
-        valid = b.attention_mask.bool().reshape(-1)
-        for l, (x, p) in enumerate(zip(router_inputs(engine.module), router_scores(engine.module))):
-            q = (p.float() + biases[l]).clamp(min=1e-6)
-            xs[l].append(x[valid].float())
-            qs[l].append((q / q.sum(-1, keepdim=True))[valid])
-        chosen.append([s.clone() for s in router_selected(engine.module)])
-    keep_router_inputs(engine.module, False)
-    set_routing(engine.module, "learned", record=False)
+    with routing_trace(engine.module, inputs=True) as trace:
+        for b in batches:
+            engine(input_ids=b.ids, attention_mask=b.attention_mask)
+            valid = b.attention_mask.bool().reshape(-1)
+            for l, (x, p) in enumerate(zip(trace.inputs(), trace.scores())):
+                q = (p.float() + biases[l]).clamp(min=1e-6)
+                xs[l].append(x[valid].float())
+                qs[l].append((q / q.sum(-1, keepdim=True))[valid])
+            chosen.append([s.clone() for s in trace.selected()])
     engine.train(was_training)
     return xs, qs, chosen
 
@@ -324,12 +320,11 @@ def engine_routes(engine, batches: list) -> list[list[torch.Tensor]]:
     """The engine's chosen experts [batch][layer] -> [T, k] on this rank's `batches` (collective)."""
     was_training = engine.module.training
     engine.eval()
-    set_routing(engine.module, "learned", record=True)
     out = []
-    for b in batches:
-        engine(input_ids=b.ids, attention_mask=b.attention_mask)
-        out.append([s.clone() for s in router_selected(engine.module)])
-    set_routing(engine.module, "learned", record=False)
+    with routing_trace(engine.module) as trace:
+        for b in batches:
+            engine(input_ids=b.ids, attention_mask=b.attention_mask)
+            out.append([s.clone() for s in trace.selected()])
     engine.train(was_training)
     return out
 

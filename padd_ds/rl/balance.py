@@ -24,6 +24,9 @@ from __future__ import annotations
 import torch
 
 from padd_ds.config import Stage4Config
+from padd_ds.launch.comm import all_reduce_
+from padd_ds.models.export import engine_routes, fold_router_bias, same_experts
+from padd_ds.models.router import set_bias, write_router_weights
 
 
 class BiasController:
@@ -123,11 +126,6 @@ def fold_bias_into_routers(engine, batches: list, controller: BiasController) ->
     (`fold_router_bias`, fitted on `batches`); afterwards the engine routes with the folded
     weights plus a bias that grows again from 0 (or stays 0 while settling). Returns the fraction of the batches'
     (token, layer) routes the folded routers keep (in-sample), or None when the bias is 0."""
-    from padd_ds.launch.comm import all_reduce_
-    from padd_ds.models.export import engine_routes, fold_router_bias, same_experts
-    from padd_ds.models.router import set_bias
-    from padd_ds.models.router import write_router_weights
-
     folded, before = fold_router_bias(engine, batches)
     if folded is None:
         return None
