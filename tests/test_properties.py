@@ -248,10 +248,10 @@ lines = st.one_of(  # a clean file (blank lines allowed), one bad line among goo
 
 
 @pytest.fixture(scope="module")
-def tokenizer(toy_world):
+def tokenizer(toy_build):
     from padd_ds.models.loading import load_tokenizer
 
-    return load_tokenizer(str(toy_world.teacher_dir))
+    return load_tokenizer(str(toy_build.teacher_dir))
 
 
 @SETTINGS

@@ -3,7 +3,7 @@
 Prompts are left-padded so every row's continuation starts at the same position (one KV
 cache per batch), and sorted by length so a batch wastes little on padding. A tokenizer with
 a chat template gets it (what an instruction-tuned math model was trained on); one without
-gets the plain ``Question: ...\\nAnswer:`` prompt the toy world and the trainer use.
+gets the plain ``Question: ...\\nAnswer:`` prompt the toy models and the trainer use.
 """
 
 from __future__ import annotations
