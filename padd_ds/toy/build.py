@@ -172,7 +172,7 @@ def _write_jsonl(path: Path, problems: list[ToyProblem]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def _tokenizer_corpus(train: list[ToyProblem], use_gsm8k: bool) -> list[str]:
+def tokenizer_corpus(train: list[ToyProblem], use_gsm8k: bool) -> list[str]:
     """Toy examples, then (``use_gsm8k``) every GSM8K train example, as the tokenizer sees them."""
     texts = ["".join(format_example(p.question, p.solution)) for p in train]
     if not use_gsm8k:
@@ -483,7 +483,7 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
     _write_jsonl(root / "heldout.jsonl", heldout)
 
     t = time.time()
-    tokenizer = train_tokenizer(_tokenizer_corpus(train, cfg.tokenizer_use_gsm8k), root / "tokenizer", cfg.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(train, cfg.tokenizer_use_gsm8k), root / "tokenizer", cfg.vocab_size)
     console.log(f"tokenizer: {len(tokenizer)} tokens in {time.time() - t:.1f}s")
     examples = encode_examples(tokenizer, train, cfg.max_seq_len)
     heldout_rows = [{"question": p.question, "answer": p.answer, "level": p.level} for p in heldout]
