@@ -1,4 +1,4 @@
-# make demo   - build the toy world and run the 3-process PADD skeleton on CPU
+# make demo   - build the toy models and run the 3-process PADD skeleton on CPU
 # make test   - the whole test suite
 # Both create .venv and install everything on first use.
 PY      ?= python3

@@ -35,12 +35,12 @@ def main(argv=None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from padd_ds.config import ConfigError, load_config, validate
     from padd_ds.launch.roles import detect_launch
-    from padd_ds.toy.resolve import use_toy_world_for
+    from padd_ds.toy.resolve import use_toy_build_for
 
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed}"] if args.deepspeed else [])
     try:
         cfg = load_config(args.recipe, overrides)
-        use_toy_world_for(cfg)
+        use_toy_build_for(cfg)
         env = detect_launch()
         validate(cfg, world_size=env.world_size)
         from padd_ds.config import check_supported

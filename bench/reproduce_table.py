@@ -338,7 +338,7 @@ def plot_accuracies(rows: dict[str, dict], args: argparse.Namespace, path: Path)
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_ylim(0, 1)
     ci = "95% t-intervals" if len(args.seeds) > 1 else "1 seed, no interval"
-    ax.set_title(f"toy world: {len(args.seeds)} seed(s), {args.steps} RL steps, {ci}", fontsize=10)
+    ax.set_title(f"toy build: {len(args.seeds)} seed(s), {args.steps} RL steps, {ci}", fontsize=10)
     ax.axhline(rows["base student"]["accuracy_mean"], color="0.5", lw=0.8, ls="--")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,6 +1,6 @@
 """Does Stage I help? Router init from the teacher's clusters vs a randomly initialised router.
 
-Runs Stage I on the toy world (one colocated process each, identical data and steps) for:
+Runs Stage I on the toy models (one colocated process each, identical data and steps) for:
   pretrained + fitted   the toy MoE student, router = least-squares projection of the
                         teacher's centroids (the paper's setting)
   pretrained + random   the same student with a freshly initialised router

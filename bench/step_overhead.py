@@ -16,7 +16,7 @@ The last line is
 
     STEP_OVERHEAD padd_over_grpo=<median PADD step time / median GRPO step time>
 
-Usage: python bench/step_overhead.py [--steps 20] [--micro-batch 16]   (PADD_TOY_DIR or the demo world)
+Usage: python bench/step_overhead.py [--steps 20] [--micro-batch 16]   (PADD_TOY_DIR or the demo toy build)
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ def prepare(args: argparse.Namespace) -> Inputs:
     from padd_ds.rl.rewards import group_advantages, reward
     from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, sample_rollouts
     from padd_ds.teacher.service import TeacherModel
-    from padd_ds.toy.resolve import use_toy_world_for
+    from padd_ds.toy.resolve import use_toy_build_for
 
     cfg = load_config(str(REPO / "recipes" / "toy_cpu.yaml"),
                       ["train.mode=padd", f"train.micro_batch_size={args.micro_batch}", "train.lr=1e-5",
                        "deepspeed.expert_parallel_size=1", "topology.colocated=true"])
-    use_toy_world_for(cfg)
+    use_toy_build_for(cfg)
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
     from padd_ds.launch.world import release_shm_names

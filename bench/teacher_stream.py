@@ -7,7 +7,7 @@
    relative error of the KD loss and of its gradient (w.r.t. the student logits) versus
    full-vocabulary KD. The baseline is full KD computed in the same process.
 2. Waiting: the real 3-process run (1 teacher rank, 2 ZeRO-3 + AutoEP student ranks, toy
-   world), with prefetch off and on, in the same invocation: the fraction of student step time
+   models), with prefetch off and on, in the same invocation: the fraction of student step time
    spent waiting for the teacher.
 
 Last line: TEACHER_STREAM bytes_ratio=<r> kd_grad_rel_err=<e> wait_fraction=<w> (152k top-k at
@@ -124,9 +124,9 @@ def main() -> None:
     torch.manual_seed(0)
     n = 16 if args.quick else 64
 
-    from padd_ds.toy.build import build_toy_world
+    from padd_ds.toy.build import build_toy
 
-    os.environ.setdefault("PADD_TOY_DIR", str(build_toy_world("test" if args.quick else "demo").root))
+    os.environ.setdefault("PADD_TOY_DIR", str(build_toy("test" if args.quick else "demo").root))
 
     print(f"== fidelity vs full-vocabulary KD (k={args.k}; 'sampled x64' = mean of 64 independent "
           "estimates, as accumulated over 64 steps: it shows the estimator is unbiased)")

@@ -1,6 +1,6 @@
 """The `padd` command.
 
-    padd demo                         build the toy world, run the 3-process skeleton, print the table
+    padd demo                         build the toy models, run the 3-process skeleton, print the table
     padd toy build [--profile P]      build (or reuse) the tiny teacher, student and tokenizer
     padd train [--nproc N] [--recipe R] [--set k=v]   launch train.py with the deepspeed launcher
     padd config show [--recipe R] [--set k=v]         the resolved config as YAML
@@ -34,12 +34,12 @@ def _free_port() -> int:
 
 def cmd_config(args) -> int:
     from padd_ds.config import ConfigError, dump_yaml, load_config, validate
-    from padd_ds.toy.resolve import use_toy_world_for
+    from padd_ds.toy.resolve import use_toy_build_for
 
     try:
         cfg = load_config(args.recipe, args.overrides)
         if args.action == "validate":
-            use_toy_world_for(cfg)
+            use_toy_build_for(cfg)
             validate(cfg, world_size=args.world_size)
             print("config OK")
         else:
@@ -55,12 +55,12 @@ def cmd_plan(args) -> int:
     2 on a config error."""
     from padd_ds.config import ConfigError, load_config, validate
     from padd_ds.plan import make_plan, resolve_cluster, slurm_shape
-    from padd_ds.toy.resolve import use_toy_world_for
+    from padd_ds.toy.resolve import use_toy_build_for
 
     try:
         overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed}"] if args.deepspeed else [])
         cfg = load_config(args.recipe, overrides)
-        use_toy_world_for(cfg)
+        use_toy_build_for(cfg)
         validate(cfg)
         if args.slurm:
             nodes, per_node, world = slurm_shape()
@@ -78,10 +78,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_toy(args) -> int:
-    from padd_ds.toy.build import build_toy_world
+    from padd_ds.toy.build import build_toy
 
-    world = build_toy_world(args.profile, args.cache_dir, args.force)
-    print(f"PADD_TOY_DIR={world.root}")
+    toy = build_toy(args.profile, args.cache_dir, args.force)
+    print(f"PADD_TOY_DIR={toy.root}")
     return 0
 
 
@@ -93,11 +93,11 @@ def launch_command(nproc: int, script_args: list[str], port: int | None = None) 
 
 def cmd_train(args) -> int:
     from padd_ds.config import ConfigError, load_config, validate
-    from padd_ds.toy.resolve import use_toy_world_for
+    from padd_ds.toy.resolve import use_toy_build_for
 
     try:
         cfg = load_config(args.recipe, args.overrides)
-        use_toy_world_for(cfg)
+        use_toy_build_for(cfg)
         nproc = args.nproc or (1 if cfg.topology.colocated else cfg.topology.teacher_ranks + 2)
         validate(cfg, world_size=nproc)
     except ConfigError as e:
@@ -123,10 +123,10 @@ def _cuda() -> bool:
 
 
 def cmd_demo(args) -> int:
-    from padd_ds.toy.build import build_toy_world
+    from padd_ds.toy.build import build_toy
 
-    world = build_toy_world("demo")
-    os.environ["PADD_TOY_DIR"] = str(world.root)
+    toy = build_toy("demo")
+    os.environ["PADD_TOY_DIR"] = str(toy.root)
     # A demo always trains from the start; a cluster job resumes (train.resume=auto, the default).
     ns = argparse.Namespace(recipe=str(REPO_ROOT / "recipes" / "toy_cpu.yaml"),
                             overrides=["train.resume=never", *args.overrides], nproc=3)
@@ -141,11 +141,11 @@ def cmd_eval(args) -> int:
     from padd_ds.config import ConfigError, PaddConfig, resolve_model_path
     from padd_ds.eval.evaluate import Decoding, evaluate_suite, results_table, save_results
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
-    from padd_ds.toy.resolve import use_toy_world_for
+    from padd_ds.toy.resolve import use_toy_build_for
 
     try:
         if args.suite == "toy" or args.model.startswith("toy://"):
-            use_toy_world_for(PaddConfig())
+            use_toy_build_for(PaddConfig())
         model_path = resolve_model_path(args.model, field_name="--model")
         tok_path = resolve_model_path(args.tokenizer, field_name="--tokenizer", need_config=False) \
             if args.tokenizer else model_path
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     pl.add_argument("--slurm", action="store_true", help="take nodes and tasks per node from this SLURM allocation")
     pl.set_defaults(fn=cmd_plan)
 
-    t = sub.add_parser("toy", help="the built-in toy world")
+    t = sub.add_parser("toy", help="the built-in toy models")
     t.add_argument("action", choices=["build"])
     t.add_argument("--profile", default="demo", choices=["demo", "test"])
     t.add_argument("--cache-dir", default=None)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the test-profile toy world (built once, cached under .cache/padd_ds)."""
+"""Shared fixtures: the test-profile toy build (built once, cached under .cache/padd_ds)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def toy_world():
-    """The fast 'test' toy world; PADD_TOY_DIR points at it for every subprocess."""
-    from padd_ds.toy.build import build_toy_world
+def toy_build():
+    """The fast 'test' toy build; PADD_TOY_DIR points at it for every subprocess."""
+    from padd_ds.toy.build import build_toy
 
-    world = build_toy_world("test")
-    os.environ["PADD_TOY_DIR"] = str(world.root)
-    return world
+    toy = build_toy("test")
+    os.environ["PADD_TOY_DIR"] = str(toy.root)
+    return toy
 
 
 def free_port() -> int:

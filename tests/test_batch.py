@@ -9,13 +9,13 @@ from padd_ds.data.math import load_jsonl
 from padd_ds.data.prompt import format_prompt
 
 
-def test_batch_matches_build_and_generation_tokenization(toy_world):
+def test_batch_matches_build_and_generation_tokenization(toy_build):
     from transformers import AutoTokenizer
 
     from padd_ds.data.toy import generate
     from padd_ds.toy.build import encode_examples as build_encode
 
-    tok = AutoTokenizer.from_pretrained(toy_world.teacher_dir)
+    tok = AutoTokenizer.from_pretrained(toy_build.teacher_dir)
     problems = generate(6, seed=3)
     rows = [{"id": p.id, "question": p.question, "solution": p.solution, "answer": p.answer} for p in problems]
     batch = encode_examples(tok, rows, max_prompt_tokens=96, max_response_tokens=96)
@@ -31,25 +31,25 @@ def test_batch_matches_build_and_generation_tokenization(toy_world):
     assert not batch.loss_mask[pad].any()
 
 
-def test_overlong_prompt_is_an_error(toy_world):
+def test_overlong_prompt_is_an_error(toy_build):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(toy_world.teacher_dir)
-    row = load_jsonl(toy_world.train_file, limit=1)[0]
+    tok = AutoTokenizer.from_pretrained(toy_build.teacher_dir)
+    row = load_jsonl(toy_build.train_file, limit=1)[0]
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         encode_examples(tok, [row], max_prompt_tokens=3, max_response_tokens=96)
 
 
-def _pool(toy_world, n: int = 40) -> tuple[object, list[dict]]:
+def _pool(toy_build, n: int = 40) -> tuple[object, list[dict]]:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(toy_world.teacher_dir), load_jsonl(toy_world.train_file, limit=n)
+    return AutoTokenizer.from_pretrained(toy_build.teacher_dir), load_jsonl(toy_build.train_file, limit=n)
 
 
-def test_long_prompts_are_refused_up_front_naming_the_problem(toy_world):
+def test_long_prompts_are_refused_up_front_naming_the_problem(toy_build):
     from padd_ds.data.batch import usable_problems
 
-    tok, pool = _pool(toy_world)
+    tok, pool = _pool(toy_build)
     lengths = [len(tok(format_prompt(p["question"]))["input_ids"]) for p in pool]
     limit = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer
     first = next(i for i, n in enumerate(lengths) if n > limit)
@@ -64,10 +64,10 @@ def test_long_prompts_are_refused_up_front_naming_the_problem(toy_world):
     assert usable_problems(tok, pool, max(lengths), "error") == pool
 
 
-def test_empty_pool_after_skipping_is_an_error(toy_world):
+def test_empty_pool_after_skipping_is_an_error(toy_build):
     from padd_ds.data.batch import usable_problems
 
-    tok, pool = _pool(toy_world)
+    tok, pool = _pool(toy_build)
     with pytest.raises(ValueError) as e:
         usable_problems(tok, pool, 3, "skip", source="data.source=toy")
     assert str(e.value) == ("data.source=toy: all 40 problems have prompts longer than data.max_prompt_tokens=3; "
@@ -76,10 +76,10 @@ def test_empty_pool_after_skipping_is_an_error(toy_world):
         usable_problems(tok, [], 96, source="data.source=toy")
 
 
-def test_problem_without_solution_is_refused_up_front(toy_world):
+def test_problem_without_solution_is_refused_up_front(toy_build):
     from padd_ds.data.batch import usable_problems
 
-    tok, pool = _pool(toy_world)
+    tok, pool = _pool(toy_build)
     pool[7] = {**pool[7], "solution": None}
     with pytest.raises(ValueError) as e:
         usable_problems(tok, pool, 96, source="data.source=toy")

@@ -14,17 +14,17 @@ from padd_ds.eval.grading import extract_answer
 
 
 @pytest.fixture(scope="module")
-def student(toy_world):
+def student(toy_build):
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(str(toy_world.student_dir), "float32"), load_tokenizer(str(toy_world.student_dir))
+    return load_causal_lm(str(toy_build.student_dir), "float32"), load_tokenizer(str(toy_build.student_dir))
 
 
 @pytest.fixture(scope="module")
-def heldout(toy_world):
+def heldout(toy_build):
     from padd_ds.data.math import load_jsonl
 
-    return load_jsonl(toy_world.heldout_file, limit=6)
+    return load_jsonl(toy_build.heldout_file, limit=6)
 
 
 def _one_by_one(model, tok, prompts, max_new_tokens):
@@ -81,10 +81,10 @@ def test_sampling_is_seeded_and_counts_k_answers(student, heldout):
     assert res["avg@2"] == 0.0 and res["pass@2"] == 0.0 and all(r["sampled_correct"] == 0 for r in res["samples"])
 
 
-def test_chat_template_is_used_when_present(toy_world):
+def test_chat_template_is_used_when_present(toy_build):
     from padd_ds.models.loading import load_tokenizer
 
-    tok = load_tokenizer(str(toy_world.student_dir))
+    tok = load_tokenizer(str(toy_build.student_dir))
     assert build_prompts(tok, ["Q?"]) == (["Question: Q?\nAnswer:"], True)
     with pytest.raises(ValueError, match="chat template"):
         build_prompts(tok, ["Q?"], "chat")
@@ -95,9 +95,9 @@ def test_chat_template_is_used_when_present(toy_world):
 
 
 @pytest.mark.parametrize("suite", ["toy", "gsm8k", "math5"])
-def test_padd_eval_runs_every_suite(toy_world, tmp_path, capsys, suite):
+def test_padd_eval_runs_every_suite(toy_build, tmp_path, capsys, suite):
     out = tmp_path / f"{suite}.json"
-    rc = padd(["eval", "--model", str(toy_world.student_dir), "--suite", suite, "--limit", "2",
+    rc = padd(["eval", "--model", str(toy_build.student_dir), "--suite", suite, "--limit", "2",
                "--max-new-tokens", "8", "--batch-size", "8", "--threads", "1", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -111,15 +111,15 @@ def test_padd_eval_runs_every_suite(toy_world, tmp_path, capsys, suite):
         assert b["pass@1"] == sum(r["correct"] for r in b["records"]) / 2
     assert "average" in printed and res["average"]["n"] == 2 * len(names)
     assert res["average"]["pass@1"] == pytest.approx(sum(b["pass@1"] for b in res["benchmarks"].values()) / len(names))
-    assert res["settings"]["max_new_tokens"] == 8 and res["model"] == str(toy_world.student_dir)
+    assert res["settings"]["max_new_tokens"] == 8 and res["model"] == str(toy_build.student_dir)
 
 
-def test_padd_eval_sampled_and_bad_arguments(toy_world, tmp_path, capsys):
+def test_padd_eval_sampled_and_bad_arguments(toy_build, tmp_path, capsys):
     out = tmp_path / "s.json"
-    assert padd(["eval", "--model", str(toy_world.student_dir), "--suite", "gsm8k", "--limit", "2", "--samples", "2",
+    assert padd(["eval", "--model", str(toy_build.student_dir), "--suite", "gsm8k", "--limit", "2", "--samples", "2",
                  "--temperature", "0.8", "--max-new-tokens", "8", "--threads", "1", "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     assert {"pass@1", "avg@2", "pass@2"} <= set(res["average"]) and "avg@2" in capsys.readouterr().out
-    assert padd(["eval", "--model", str(toy_world.student_dir), "--samples", "2", "--temperature", "0"]) == 2
+    assert padd(["eval", "--model", str(toy_build.student_dir), "--samples", "2", "--temperature", "0"]) == 2
     assert padd(["eval", "--model", str(tmp_path / "missing"), "--suite", "gsm8k"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def _wait_training(tmp_path: Path, procs: list[subprocess.Popen], timeout: float
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
-def test_teacher_fault_stops_students(toy_world, tmp_path, fault):
+def test_teacher_fault_stops_students(toy_build, tmp_path, fault):
     procs = _start(tmp_path)
     teacher = procs[2]
     try:
@@ -93,7 +93,7 @@ def _hit_student(procs: list[subprocess.Popen], sig: int) -> tuple[list[str], fl
     return outs, time.time() - t0
 
 
-def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrupted_run(toy_world, tmp_path):
+def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrupted_run(toy_build, tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     outs = finish_ranks(_start(ref_dir, KILL_ARGS), 400)
     assert (ref_dir / "results.json").exists(), outs[0][-3000:]
@@ -129,7 +129,7 @@ def test_student_killed_stops_the_rest_and_a_restart_finishes_like_an_uninterrup
         assert resumed[key] == reference[key], key
 
 
-def test_student_hung_stops_the_rest_within_the_timeout(toy_world, tmp_path):
+def test_student_hung_stops_the_rest_within_the_timeout(toy_build, tmp_path):
     """A frozen student (SIGSTOP): alive, silent, its sockets open. Not every collective the
     other student may be waiting in has a timeout of its own; the heartbeat watchdog ends it."""
     args = [a.replace("topology.timeout_s=60", "topology.timeout_s=15") for a in KILL_ARGS]

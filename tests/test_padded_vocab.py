@@ -17,10 +17,10 @@ from conftest import REPO, deepspeed_cmd, read_results, run_cmd
 PAD = 64
 
 
-def padded_teacher(toy_world):
+def padded_teacher(toy_build):
     from padd_ds.models.loading import load_causal_lm
 
-    model = load_causal_lm(str(toy_world.teacher_dir), "float32")
+    model = load_causal_lm(str(toy_build.teacher_dir), "float32")
     v = model.config.vocab_size
     model.resize_token_embeddings(v + PAD, mean_resizing=False)
     g = torch.Generator().manual_seed(0)
@@ -31,11 +31,11 @@ def padded_teacher(toy_world):
     return model, v
 
 
-def test_teacher_targets_stay_inside_the_student_vocab(toy_world):
+def test_teacher_targets_stay_inside_the_student_vocab(toy_build):
     from padd_ds.teacher.service import TeacherModel
     from padd_ds.teacher.sparse import encode_topk
 
-    model, v = padded_teacher(toy_world)
+    model, v = padded_teacher(toy_build)
     ids = torch.randint(3, v, (2, 12), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([12, 7])
     unlimited = TeacherModel(model).score(ids, lengths, k=8)
@@ -49,18 +49,18 @@ def test_teacher_targets_stay_inside_the_student_vocab(toy_world):
     torch.testing.assert_close(out.lse, ref.lse)  # renormalised over the shared rows
 
 
-def test_three_process_distillation_from_a_padded_teacher(toy_world, tmp_path):
+def test_three_process_distillation_from_a_padded_teacher(toy_build, tmp_path):
     """The teacher rank reads the student's vocab_size and limits its targets: the run
     finishes and its KD loss is finite (without the limit the students fail on an index
     past their vocabulary)."""
-    model, v = padded_teacher(toy_world)
+    model, v = padded_teacher(toy_build)
     teacher_dir = tmp_path / "teacher"
     model.save_pretrained(teacher_dir)
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(toy_world.tokenizer_dir / f, teacher_dir / f)
+        shutil.copy(toy_build.tokenizer_dir / f, teacher_dir / f)
     out = tmp_path / "run"
     run_cmd(deepspeed_cmd(3, "--recipe", str(REPO / "recipes" / "toy_cpu.yaml"),
-                          "--set", f"models.teacher={teacher_dir}", "--set", f"models.tokenizer={toy_world.tokenizer_dir}",
+                          "--set", f"models.teacher={teacher_dir}", "--set", f"models.tokenizer={toy_build.tokenizer_dir}",
                           "--set", "train.steps=2", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4",
                           "--set", "eval.num_problems=4", "--set", "eval.max_new_tokens=16",
                           "--set", "eval.references=false", "--set", "logging.wandb_mode=disabled",

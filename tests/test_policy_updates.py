@@ -25,7 +25,7 @@ def _history(tmp_path, policy: str, updates: int) -> list[dict]:
     return read_results(out)["history"]
 
 
-def test_one_update_is_on_policy_and_two_updates_clip(toy_world, tmp_path):
+def test_one_update_is_on_policy_and_two_updates_clip(toy_build, tmp_path):
     h = {(p, u): _history(tmp_path, p, u) for p in ("grpo", "gspo") for u in (1, 2)}
     loss = {k: [r["train/policy_loss"] for r in v] for k, v in h.items()}
     clip = {k: [r["train/clip_frac"] for r in v] for k, v in h.items()}

@@ -30,7 +30,7 @@ def _start(out: Path) -> list[subprocess.Popen]:
                              stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) for r in range(3)]
 
 
-def test_sigusr1_checkpoints_exits_zero_and_resumes(toy_world, tmp_path):
+def test_sigusr1_checkpoints_exits_zero_and_resumes(toy_build, tmp_path):
     procs = _start(tmp_path)
     metrics = tmp_path / "metrics.jsonl"
     t0 = time.time()

@@ -248,10 +248,10 @@ lines = st.one_of(  # a clean file (blank lines allowed), one bad line among goo
 
 
 @pytest.fixture(scope="module")
-def tokenizer(toy_world):
+def tokenizer(toy_build):
     from padd_ds.models.loading import load_tokenizer
 
-    return load_tokenizer(str(toy_world.teacher_dir))
+    return load_tokenizer(str(toy_build.teacher_dir))
 
 
 @SETTINGS
@@ -260,14 +260,14 @@ def tokenizer(toy_world):
 @pytest.mark.timeout(120)
 def test_random_dataset_lines_load_or_fail_cleanly(tokenizer, lines, as_array, max_prompt, skip, fields):
     from padd_ds.data.batch import usable_problems
-    from padd_ds.data.math import load_problems
+    from padd_ds.data.math import Fields, load_problems
     from padd_ds.data.splits import split_pool
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / ("problems.json" if as_array else "problems.jsonl")
         path.write_text(("[" + ", ".join(l for l in lines if l.strip()) + "]") if as_array else "\n".join(lines))
         try:
-            problems = load_problems(path, question_field=fields[0], answer_field=fields[1], split="train")
+            problems = load_problems(path, Fields(question=fields[0], answer=fields[1]), split="train")
             problems = usable_problems(tokenizer, problems, max_prompt, "skip" if skip else "error")
             parts = split_pool(problems, {"A": 0.25, "B": 0.25, "C": 0.25, "D": 0.25}, seed=0)
         except ValueError as e:

@@ -73,7 +73,7 @@ def test_every_deepspeed_field_is_documented():
             assert f"`{key}`" in doc, f"{path.name}: {key} is not documented in ds_configs/README.md"
 
 
-def test_zero2_and_zero3_offload_configs_train_like_each_other(toy_world, tmp_path):
+def test_zero2_and_zero3_offload_configs_train_like_each_other(toy_build, tmp_path):
     """One colocated process per config, same data and seed: ZeRO-2 and ZeRO-3 with CPU
     offload of parameters and optimizer must give the same losses (fp32 on CPU), and the
     resolved JSON must carry the offload settings."""

@@ -18,7 +18,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def toy_run(toy_world, tmp_path_factory):
+def toy_run(toy_build, tmp_path_factory):
     """4 steps of the real trainer (one process, colocated teacher), W&B left to `auto`
     without an API key, then routing snapshots of the student before and after."""
     from padd_ds.data.math import load_problems
@@ -41,7 +41,7 @@ def toy_run(toy_world, tmp_path_factory):
     problems = load_problems("math500", limit=16)
     tok = load_tokenizer(str(out / "hf"))
     log = RoutingLog(out / "routing.json")
-    for step, model_dir in ((0, toy_world.student_dir), (4, out / "hf")):
+    for step, model_dir in ((0, toy_build.student_dir), (4, out / "hf")):
         entry = log.add(step, collect_routing(load_causal_lm(str(model_dir), "float32"), tok, problems,
                                               max_tokens_per_problem=128))
         assert set(routing_metrics(entry, entry["drift"])) >= {"routing/load_cv", "routing/nmi"}

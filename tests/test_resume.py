@@ -31,7 +31,7 @@ def _run(out, steps):
 
 
 @pytest.fixture(scope="module")
-def runs(toy_world, tmp_path_factory):
+def runs(toy_build, tmp_path_factory):
     full, split = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("split")
     _run(full, N)
     _run(split, N // 2)
@@ -73,7 +73,7 @@ def test_eval_cli_restores_exact_routing(runs, tmp_path):
         out = tmp_path / f"eval{flag}.json"
         run_cmd([sys.executable, "-m", "padd_ds.cli", "eval", "--model", str(split / "hf"), "--suite", "toy",
                  "--limit", "8", "--max-new-tokens", "32", "--output", str(out), *([flag] if flag else [])],
-                timeout=300)  # PADD_TOY_DIR: the toy_world fixture
+                timeout=300)  # PADD_TOY_DIR: the toy_build fixture
         res[flag] = json.loads(out.read_text())
     assert res[""]["exact_routing"] is False and res["--exact-routing"]["exact_routing"] is True
 

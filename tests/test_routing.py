@@ -79,10 +79,10 @@ def test_router_drift_hand_computed():
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def student(toy_world):
+def student(toy_build):
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(str(toy_world.student_dir), "float32"), load_tokenizer(str(toy_world.tokenizer_dir))
+    return load_causal_lm(str(toy_build.student_dir), "float32"), load_tokenizer(str(toy_build.tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +158,12 @@ def test_routing_log_drift_and_file(student, problems, tmp_path):
     assert data["num_experts"] == 8 and data["specialization"]["step"] == 3
 
 
-def test_provenance_of_a_decompressed_student(toy_world, tmp_path, problems):
+def test_provenance_of_a_decompressed_student(toy_build, tmp_path, problems):
     from padd_ds.models.decompress import decompress, save_decompressed
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
 
-    teacher = load_causal_lm(str(toy_world.teacher_dir), "float32")
-    tok = load_tokenizer(str(toy_world.tokenizer_dir))
+    teacher = load_causal_lm(str(toy_build.teacher_dir), "float32")
+    tok = load_tokenizer(str(toy_build.tokenizer_dir))
     moe, prov = decompress(teacher, num_experts=8, top_k=2)
     out = save_decompressed(moe, prov, tmp_path / "moe", tok)
     summary = expert_provenance(out)
@@ -172,14 +172,14 @@ def test_provenance_of_a_decompressed_student(toy_world, tmp_path, problems):
     for layer in summary["layers"]:
         assert [e["neurons"] for e in layer["experts"]] == [d_ff // 8] * 8
         assert [e["cluster"] for e in layer["experts"]] == list(range(8))
-    assert expert_provenance(toy_world.student_dir) is None  # trained directly, not decompressed
+    assert expert_provenance(toy_build.student_dir) is None  # trained directly, not decompressed
     snap = collect_routing(load_causal_lm(str(out), "float32"), tok, problems[:3], max_tokens_per_problem=64)
     assert snap.probs.shape[0] == teacher.config.num_hidden_layers and snap.num_experts == 8
 
 
-def test_dense_model_is_refused(toy_world, problems):
+def test_dense_model_is_refused(toy_build, problems):
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
 
     with pytest.raises(ValueError, match="MoE"):
-        collect_routing(load_causal_lm(str(toy_world.teacher_dir), "float32"),
-                        load_tokenizer(str(toy_world.tokenizer_dir)), problems[:1])
+        collect_routing(load_causal_lm(str(toy_build.teacher_dir), "float32"),
+                        load_tokenizer(str(toy_build.tokenizer_dir)), problems[:1])

@@ -16,7 +16,7 @@ ARGS = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mode
         "--set", "topology.colocated=true", "--set", "deepspeed.expert_parallel_size=1"]
 
 
-def test_settle_steps_train_and_export_the_final_routing(toy_world, tmp_path):
+def test_settle_steps_train_and_export_the_final_routing(toy_build, tmp_path):
     run_cmd([sys.executable, str(REPO / "train.py"), *ARGS, "--set", f"run.output_dir={tmp_path}"], timeout=300,
             env={"MASTER_PORT": str(free_port())})
     res = read_results(tmp_path)

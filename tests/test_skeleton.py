@@ -18,7 +18,7 @@ COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", f"train.s
 
 
 @pytest.fixture(scope="module")
-def three_process_run(toy_world, tmp_path_factory):
+def three_process_run(toy_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("skeleton3")
     # eval.references=false: the teacher rank skips its own evaluation and posts none, the
     # students evaluate only the trained model (the single-process run below keeps all three).
@@ -42,7 +42,7 @@ def test_three_process_distillation_learns_and_exports(three_process_run):
     assert (out / "checkpoints" / f"step_{STEPS}").is_dir()
 
 
-def test_export_is_a_native_transformers_checkpoint(three_process_run, toy_world):
+def test_export_is_a_native_transformers_checkpoint(three_process_run, toy_build):
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
     out, _ = three_process_run
@@ -50,7 +50,7 @@ def test_export_is_a_native_transformers_checkpoint(three_process_run, toy_world
     assert isinstance(model, Qwen3MoeForCausalLM)
     assert not list((out / "hf").glob("*.py")) and not list((out / "hf").glob("*.bin"))
     # Training changed the weights relative to the starting student.
-    start = AutoModelForCausalLM.from_pretrained(toy_world.student_dir)
+    start = AutoModelForCausalLM.from_pretrained(toy_build.student_dir)
     ids = torch.arange(1, 20).unsqueeze(0)
     assert (model(ids).logits - start(ids).logits).abs().max() > 1e-3
 
@@ -69,7 +69,7 @@ def test_single_process_run_matches_three_process_run(three_process_run, tmp_pat
     assert kd1 == pytest.approx(kd3, rel=2e-3), (kd1, kd3)
 
 
-def test_impossible_combination_is_refused_before_any_process_group(toy_world):
+def test_impossible_combination_is_refused_before_any_process_group(toy_build):
     """PADD rollouts per rank must split into whole groups: refused in a second, not after loading."""
     p = run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", "topology.colocated=true",
                  "--set", "deepspeed.expert_parallel_size=1", "--set", "train.mode=padd",

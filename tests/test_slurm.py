@@ -82,7 +82,7 @@ echo "scontrol $*" >> "$FAKE_SLURM_LOG"
 
 
 @pytest.fixture
-def fake_slurm(tmp_path, toy_world):
+def fake_slurm(tmp_path, toy_build):
     """PATH with srun/scontrol stand-ins, and the environment of a 2-node, 3-task job."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -95,7 +95,7 @@ def fake_slurm(tmp_path, toy_world):
             if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "PADD_", "OMPI_", "PMI_"))}
     env = {**keep, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PADD_TOY_DIR": str(toy_world.root), "PADD_PYTHON": sys.executable,
+           "PADD_TOY_DIR": str(toy_build.root), "PADD_PYTHON": sys.executable,
            "PADD_MASTER_PORT": str(free_port()), "PADD_RUN_DIR": str(tmp_path / "run"),
            "PADD_RECIPE": "recipes/toy_cpu.yaml", "PADD_EXTRA_ARGS": TOY_ARGS,
            # what sbatch --nodes=2 with 2 + 1 tasks puts into the batch script's environment

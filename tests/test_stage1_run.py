@@ -1,4 +1,4 @@
-"""Stage I end to end on the toy world: teacher ranks cluster their FFNs and stream per-cluster
+"""Stage I end to end on the toy models: teacher ranks cluster their FFNs and stream per-cluster
 targets, the students (ZeRO-3 + AutoEP over 2 ranks) fit the router and warm up under a
 uniform router. The 3-process run must agree with a 1-process colocated run, Stage I must
 move the student's routes towards the teacher's paths, and a decompressed student must start
@@ -34,7 +34,7 @@ def _one(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def pretrained_runs(toy_world, tmp_path_factory):
+def pretrained_runs(toy_build, tmp_path_factory):
     out3, out1 = tmp_path_factory.mktemp("s1_three"), tmp_path_factory.mktemp("s1_one")
     _three(out3)
     _one(out1)
@@ -83,7 +83,7 @@ def test_fitted_router_beats_a_random_one(pretrained_runs, tmp_path):
     assert fitted["after_warmup"]["kd_loss"] < 1.05 * rand["after_warmup"]["kd_loss"], (fitted, rand)
 
 
-def test_warmup_learning_rate_and_learned_router(toy_world, tmp_path):
+def test_warmup_learning_rate_and_learned_router(toy_build, tmp_path):
     """stage1.lr governs the warmup only: at ~0 a kept router warmed up with its own routes
     leaves the student unchanged, and the main phase then runs at train.lr."""
     _one(tmp_path, "--set", "stage1.router_init=keep", "--set", "stage1.warmup_router=learned",
@@ -95,7 +95,7 @@ def test_warmup_learning_rate_and_learned_router(toy_world, tmp_path):
     assert [h["train/lr"] for h in res["history"]] == [2e-4]
 
 
-def test_decompressed_student_starts_warmup_as_its_teacher(toy_world, tmp_path):
+def test_decompressed_student_starts_warmup_as_its_teacher(toy_build, tmp_path):
     _three(tmp_path, "--set", "models.student=null", "--set", "train.log_every=1")
     res = read_results(tmp_path)
     s = res["stage1"]

@@ -92,7 +92,7 @@ COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.st
 
 
 @pytest.fixture(scope="module")
-def one_process_kd(toy_world, tmp_path_factory):
+def one_process_kd(toy_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("colocated")
     run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", f"run.output_dir={out}",
              "--set", "topology.colocated=true", "--set", "deepspeed.expert_parallel_size=1",

@@ -1,4 +1,4 @@
-"""Build the "test" toy world once and check that what it saved is loadable and shaped right."""
+"""Build the "test" toy models once and check that what it saved is loadable and shaped right."""
 
 import json
 import time
@@ -9,41 +9,41 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from padd_ds.data.toy import generate
 from padd_ds.data.prompt import format_example
-from padd_ds.toy.build import ToyBuildConfig, build_toy_world, count_params
+from padd_ds.toy.build import ToyBuildConfig, build_toy, count_params
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def toy(tmp_path_factory):
     torch.set_num_threads(2)
     cache = tmp_path_factory.mktemp("padd_cache")
     t = time.time()
-    w = build_toy_world("test", cache_dir=cache)
+    w = build_toy("test", cache_dir=cache)
     w.metrics["_test_build_seconds"] = time.time() - t
     return w
 
 
-def test_layout_and_metrics(world):
-    assert world.root.name.startswith("toy-test-")
-    for d in (world.tokenizer_dir, world.teacher_dir, world.student_dir):
+def test_layout_and_metrics(toy):
+    assert toy.root.name.startswith("toy-test-")
+    for d in (toy.tokenizer_dir, toy.teacher_dir, toy.student_dir):
         assert (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file()
-    for d in (world.teacher_dir, world.student_dir):
+    for d in (toy.teacher_dir, toy.student_dir):
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
-    rows = [json.loads(line) for line in world.heldout_file.read_text().splitlines()]
-    train = [json.loads(line) for line in world.train_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in toy.heldout_file.read_text().splitlines()]
+    train = [json.loads(line) for line in toy.train_file.read_text().splitlines()]
     assert set(rows[0]) == {"id", "question", "solution", "answer", "level"}
     assert {r["level"] for r in rows} == {1, 2, 3}
     assert not {r["question"] for r in rows} & {r["question"] for r in train}
-    m = world.metrics
+    m = toy.metrics
     for who in ("teacher", "student"):
         assert 0.0 <= m[who]["heldout_accuracy"] <= 1.0
         assert m[who]["heldout_n"] == len(rows)
     assert m["build_seconds"] > 0
-    assert not list(world.root.parent.glob(".*tmp-*")), "temp build dirs must not be left behind"
+    assert not list(toy.root.parent.glob(".*tmp-*")), "temp build dirs must not be left behind"
 
 
 @pytest.mark.parametrize("who", ["teacher", "student"])
-def test_checkpoints_reload_with_finite_logits(world, who):
-    path = getattr(world, f"{who}_dir")
+def test_checkpoints_reload_with_finite_logits(toy, who):
+    path = getattr(toy, f"{who}_dir")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.dtype == torch.float32
@@ -55,9 +55,9 @@ def test_checkpoints_reload_with_finite_logits(world, who):
     assert torch.isfinite(logits).all()
 
 
-def test_student_is_a_smaller_active_moe(world):
-    teacher = AutoModelForCausalLM.from_pretrained(world.teacher_dir)
-    student = AutoModelForCausalLM.from_pretrained(world.student_dir)
+def test_student_is_a_smaller_active_moe(toy):
+    teacher = AutoModelForCausalLM.from_pretrained(toy.teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(toy.student_dir)
     cfg = student.config
     assert type(teacher).__name__ == "Qwen3ForCausalLM"
     assert type(student).__name__ == "Qwen3MoeForCausalLM"
@@ -68,11 +68,11 @@ def test_student_is_a_smaller_active_moe(world):
     s, t = count_params(student), count_params(teacher)
     assert s["active"] < t["active"] == t["total"]
     assert s["active"] < s["total"]
-    assert world.metrics["student"]["params"] == s and world.metrics["teacher"]["params"] == t
+    assert toy.metrics["student"]["params"] == s and toy.metrics["teacher"]["params"] == t
 
 
-def test_tokenizer_round_trips(world):
-    tok = AutoTokenizer.from_pretrained(world.tokenizer_dir)
+def test_tokenizer_round_trips(toy):
+    tok = AutoTokenizer.from_pretrained(toy.tokenizer_dir)
     assert tok.bos_token_id is not None and tok.eos_token_id is not None and tok.pad_token_id is not None
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
     for p in generate(30, seed=99):
@@ -86,16 +86,16 @@ def test_tokenizer_round_trips(world):
     assert tok.decode(tok(odd, add_special_tokens=False)["input_ids"]) == odd
 
 
-def test_second_call_hits_the_cache(world):
+def test_second_call_hits_the_cache(toy):
     t = time.time()
-    again = build_toy_world("test", cache_dir=world.root.parent)
+    again = build_toy("test", cache_dir=toy.root.parent)
     assert time.time() - t < 5.0
-    assert again.root == world.root
-    assert again.metrics["build_seconds"] == world.metrics["build_seconds"]
+    assert again.root == toy.root
+    assert again.metrics["build_seconds"] == toy.metrics["build_seconds"]
 
 
 def test_bad_profile_raises(tmp_path):
     with pytest.raises(ValueError, match="profile"):
-        build_toy_world("huge", cache_dir=tmp_path)
+        build_toy("huge", cache_dir=tmp_path)
     with pytest.raises(ValueError):
         ToyBuildConfig(profile="test", student_num_experts=4)

@@ -5,11 +5,11 @@ is the reference final answer as a string (what ``grade`` compares against), ``s
 worked solution when the set has one (SFT / distillation train on it), ``subject`` and
 ``level`` are None when the set has none.
 
-The benchmark files in ``../shared/data`` name their fields differently and write answers in
-different forms (``#### 18`` at the end of a solution, floats such as ``27.0``, LaTeX, an
+The benchmark files (shipped in ``padd_ds/data/files``, see its README for sources and
+licenses) name their fields differently and write answers in different forms (``#### 18`` at the end of a solution, floats such as ``27.0``, LaTeX, an
 answer only inside ``\\boxed{}`` of the solution, lists of answers). ``BENCHMARKS`` maps each
 to the record; ``load_problems`` reads any user file (JSONL, JSON, Parquet), dataset folder or
-`datasets` hub name through the same interface, with configurable field names. A malformed
+`datasets` hub name through the same interface, with configurable field names (``Fields``). A malformed
 row is an error naming the file and the line (or row).
 """
 
@@ -19,17 +19,18 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from padd_ds.config import REPO_ROOT, expand_user
+from padd_ds.config import expand_user
 from padd_ds.data.answers import last_boxed
 
 
 @dataclass(frozen=True)
 class Fields:
-    """Which field holds what. None: detect it from the first row (``*_CANDIDATES``)."""
+    """Which field holds what. None: detect it from the first row (``*_CANDIDATES``), or for a
+    benchmark keep its own field."""
 
     question: str | None = None
     answer: str | None = None  # None and no answer-like field: the last \boxed{} of the solution
@@ -78,13 +79,29 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
 SUITES: dict[str, tuple[str, ...]] = {
     "math5": ("aime24", "amc23", "math500", "minerva", "olympiadbench"),  # the paper's table
     "gsm8k": ("gsm8k",),
-    "toy": ("toy",),  # the toy world's held-out split (needs PADD_TOY_DIR)
+    "toy": ("toy",),  # the toy build's held-out split (needs PADD_TOY_DIR)
 }
+
+# The benchmark and GSM8K files installed with the package (README.md there: sources, licenses).
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "files"
 
 
 def data_root() -> Path:
-    """Shared data sets: $PADD_DATA_DIR, else ../shared/data next to the repository."""
-    return Path(os.environ.get("PADD_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+    """Where the benchmark files are read: $PADD_DATA_DIR if set, else the packaged copies."""
+    env = os.environ.get("PADD_DATA_DIR")
+    return Path(env) if env else PACKAGED_DATA_DIR
+
+
+def benchmark_path(name: str) -> Path:
+    """The file of benchmark ``name``; an error naming PADD_DATA_DIR if it is not there."""
+    path = data_root() / BENCHMARKS[name].path
+    if path.is_file():
+        return path
+    if os.environ.get("PADD_DATA_DIR"):
+        raise FileNotFoundError(f"benchmark '{name}' expects {path}; PADD_DATA_DIR must name a folder holding "
+                                f"gsm8k/ and math_eval/ (unset it to use the copies shipped with padd-ds)")
+    raise FileNotFoundError(f"benchmark '{name}': the packaged file {path} is missing; reinstall padd-ds, "
+                            f"or set PADD_DATA_DIR to a folder holding gsm8k/ and math_eval/")
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,10 +243,10 @@ def _resolve_fields(row: dict, fields: Fields, where: str) -> Fields:
     )
     if resolved.question is None:
         raise ValueError(f"{where}: no question field (looked for {QUESTION_CANDIDATES}; fields: {sorted(row)}); "
-                         f"name it with question_field=... (data.question_field)")
+                         f"name it with data.question_field (Fields.question)")
     if resolved.answer is None and resolved.solution is None:
         raise ValueError(f"{where}: no answer field (looked for {ANSWER_CANDIDATES + SOLUTION_CANDIDATES}; "
-                         f"fields: {sorted(row)}); name it with answer_field=... (data.answer_field)")
+                         f"fields: {sorted(row)}); name it with data.answer_field (Fields.answer)")
     return resolved
 
 
@@ -278,25 +295,19 @@ def _record(row: Any, f: Fields, where: str, source: str, strip_prefix: str, ind
             "level": level, "source": source}
 
 
-def load_problems(source: str | os.PathLike, *, question_field: str | None = None,
-                  answer_field: str | None = None, solution_field: str | None = None,
-                  subject_field: str | None = None, id_field: str | None = None, split: str = "test",
+def load_problems(source: str | os.PathLike, fields: Fields | None = None, *, split: str = "test",
                   limit: int | None = None) -> list[dict]:
     """Problems from a benchmark name (``BENCHMARKS``), a .jsonl/.json/.parquet file, a dataset
     folder, or a `datasets` hub name (``org/name`` or ``org/name:subset``; ``split`` picks the
-    split). Field arguments override the benchmark's or the detected field names."""
+    split). The set fields of ``fields`` override the benchmark's or the detected field names."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    overrides = {k: v for k, v in dict(question=question_field, answer=answer_field, solution=solution_field,
-                                       subject=subject_field, id=id_field).items() if v is not None}
+    overrides = {k: v for k, v in asdict(fields or Fields()).items() if v is not None}
     name = str(source)
     bench = BENCHMARKS.get(name)
     if bench is not None:
-        path = data_root() / bench.path
-        if not path.is_file():
-            raise FileNotFoundError(f"benchmark '{name}' expects {path}; set PADD_DATA_DIR to the folder "
-                                    f"holding gsm8k/ and math_eval/")
-        rows, fields, label, prefix = _jsonl_rows(path), replace(bench.fields, **overrides), name, bench.strip_prefix
+        rows, label, prefix = _jsonl_rows(benchmark_path(name)), name, bench.strip_prefix
+        fields = replace(bench.fields, **overrides)
     else:
         rows, fields, label, prefix = _rows(source, split), Fields(**overrides), Path(name).stem or name, ""
     out: list[dict] = []
@@ -323,21 +334,22 @@ def load_suite(suite: str, limit: int | None = None) -> dict[str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------
-# The toy world and the trainer's entry points
+# The toy build and the trainer's entry points
 # ----------------------------------------------------------------------------------------
 
-def load_jsonl(path: str | os.PathLike, question_field: str = "question", answer_field: str = "answer",
-               solution_field: str | None = "solution", limit: int | None = None) -> list[dict]:
-    """Problems from a JSONL file with exactly these field names (the toy world's splits)."""
+TOY_FIELDS = Fields(question="question", answer="answer", solution="solution")
+
+
+def load_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """Problems from a JSONL file with the fields question, answer, solution (the toy build's splits)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    return load_problems(path, question_field=question_field, answer_field=answer_field,
-                         solution_field=solution_field, limit=limit)
+    return load_problems(path, TOY_FIELDS, limit=limit)
 
 
-def toy_world_dir() -> Path:
-    """Where `padd toy build` put the toy world (set by the CLI / train.py as PADD_TOY_DIR)."""
+def toy_build_dir() -> Path:
+    """Where `padd toy build` put the toy models (set by the CLI / train.py as PADD_TOY_DIR)."""
     d = os.environ.get("PADD_TOY_DIR")
     if not d:
         raise RuntimeError("PADD_TOY_DIR is not set: run `padd toy build` first")
@@ -346,13 +358,14 @@ def toy_world_dir() -> Path:
 
 def load_train_problems(source: str, question_field: str = "question", answer_field: str = "answer") -> list[dict]:
     if source == "toy":
-        return load_jsonl(toy_world_dir() / "train.jsonl")
+        return load_jsonl(toy_build_dir() / "train.jsonl")
     # The config's default names mean "detect": a benchmark or file using `problem` still loads.
-    return load_problems(source, question_field=None if question_field == "question" else question_field,
-                         answer_field=None if answer_field == "answer" else answer_field, split="train")
+    fields = Fields(question=None if question_field == "question" else question_field,
+                    answer=None if answer_field == "answer" else answer_field)
+    return load_problems(source, fields, split="train")
 
 
 def load_heldout_problems(source: str, limit: int | None = None) -> list[dict]:
     if source == "toy":
-        return load_jsonl(toy_world_dir() / "heldout.jsonl", limit=limit)
+        return load_jsonl(toy_build_dir() / "heldout.jsonl", limit=limit)
     raise ValueError(f"no held-out split known for data.source={source!r}")

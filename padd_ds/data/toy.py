@@ -1,6 +1,6 @@
 """Synthetic arithmetic word problems in the GSM8K answer convention.
 
-The toy world needs a task that a ~1M-parameter transformer can learn on two CPU
+The toy build needs a task that a ~1M-parameter transformer can learn on two CPU
 cores in minutes, yet that still looks like GSM8K: a short story, a step-by-step
 solution and a final ``#### <number>`` line. Each problem is a chain of 1-3
 operations (+, -, * with small factors) on a running count, and every

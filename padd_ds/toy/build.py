@@ -1,7 +1,7 @@
-"""Build the toy world: a SentencePiece tokenizer, a dense teacher and a weak MoE student.
+"""Build the toy models: a SentencePiece tokenizer, a dense teacher and a weak MoE student.
 
 The real recipe distills a large dense LM into an MoE student on GPUs. The toy
-world reproduces its shape on two CPU cores: a Qwen3 teacher that solves most
+build reproduces its shape on two CPU cores: a Qwen3 teacher that solves most
 synthetic arithmetic word problems and a Qwen3-MoE student (8 experts, top-2,
 fewer active parameters) that is trained less and so is clearly weaker. Tests,
 demos and benchmarks all start from it, so the build is cached under a hash of
@@ -29,11 +29,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from padd_ds.data.math import PACKAGED_DATA_DIR
 from padd_ds.data.prompt import format_example
 from padd_ds.data.toy import ToyProblem, toy_splits
 from padd_ds.eval.evaluate import Decoding, evaluate_problems
-
-log = logging.getLogger(__name__)
 
 # Bump whenever the build recipe changes in a way the config does not capture.
 BUILD_VERSION = "1"
@@ -43,7 +42,7 @@ _COMPLETE_MARKER = "BUILD_COMPLETE"
 
 @dataclass
 class ToyBuildConfig:
-    """Everything that determines a toy world; its hash names the cache folder.
+    """Everything that determines a toy build; its hash names the cache folder.
 
     Defaults are the "demo" profile (under 10 minutes on 2 CPU cores); use
     ``ToyBuildConfig.for_profile("test")`` for the fast one used by tests.
@@ -55,14 +54,14 @@ class ToyBuildConfig:
     n_heldout: int = 300  # held-out problems for the accuracies in metrics
     # Tokenizer: small vocab, digits split so arithmetic works digit by digit.
     vocab_size: int = 1024
-    tokenizer_use_gsm8k: bool = True  # also train the tokenizer on ../shared/data/gsm8k/train.jsonl
+    tokenizer_use_gsm8k: bool = True  # also train the tokenizer on the packaged GSM8K train file
     max_seq_len: int = 192  # longest prompt+response in tokens (~150 seen); longer examples are an error
     # Teacher: dense Qwen3.
     teacher_hidden: int = 128
     teacher_layers: int = 4
     teacher_heads: int = 4
     teacher_intermediate: int = 512
-    teacher_steps: int = 1100  # ~0.2 s/step on 2 cores; accuracy jumps between ~700 and ~1000 steps
+    teacher_steps: int = 1100  # held-out accuracy jumps between ~700 and ~1000 steps
     teacher_lr: float = 3e-3
     # Student: Qwen3-MoE, every layer sparse.
     student_hidden: int = 128
@@ -121,7 +120,7 @@ class ToyBuildConfig:
 
 
 @dataclass
-class ToyWorld:
+class ToyBuild:
     """Paths of a finished toy build plus its metrics (accuracies, parameter counts, seconds)."""
 
     root: Path
@@ -133,7 +132,7 @@ class ToyWorld:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def at(cls, root: Path) -> "ToyWorld":
+    def at(cls, root: Path) -> "ToyBuild":
         root = Path(root)
         metrics_file = root / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -153,9 +152,8 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def shared_data_dir() -> Path:
-    """``../shared/data`` next to the checkout (same layout locally and in CI)."""
-    return repo_root().parent / "shared" / "data"
+# GSM8K's train split, installed with the package (padd_ds/data/files/README.md).
+GSM8K_TRAIN = PACKAGED_DATA_DIR / "gsm8k" / "train.jsonl"
 
 
 def default_cache_dir() -> Path:
@@ -174,15 +172,14 @@ def _write_jsonl(path: Path, problems: list[ToyProblem]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def _tokenizer_corpus(train: list[ToyProblem], use_gsm8k: bool) -> list[str]:
+def tokenizer_corpus(train: list[ToyProblem], use_gsm8k: bool) -> list[str]:
+    """Toy examples, then (``use_gsm8k``) every GSM8K train example, as the tokenizer sees them."""
     texts = ["".join(format_example(p.question, p.solution)) for p in train]
-    gsm8k = shared_data_dir() / "gsm8k" / "train.jsonl"
     if not use_gsm8k:
         return texts
-    if not gsm8k.exists():
-        log.warning("GSM8K train file %s not found; training the tokenizer on toy text only", gsm8k)
-        return texts
-    with gsm8k.open() as f:
+    if not GSM8K_TRAIN.is_file():
+        raise FileNotFoundError(f"the toy tokenizer's corpus {GSM8K_TRAIN} is missing; reinstall padd-ds")
+    with GSM8K_TRAIN.open() as f:
         for line in f:
             row = json.loads(line)
             texts.append("".join(format_example(row["question"], row["answer"])))
@@ -390,25 +387,33 @@ def _batches(examples: list[tuple[list[int], int]], batch_size: int, pad_id: int
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@dataclass(frozen=True)
+class LMTraining:
+    """How `train_lm` trains one model: AdamW, linear warmup then cosine decay."""
+
+    steps: int
+    batch_size: int
+    lr: float  # peak learning rate
+    warmup_steps: int
+    weight_decay: float  # on matrices only; norms and biases get none
+    seed: int  # batch order
+
+
 def train_lm(
     model: torch.nn.Module,
     examples: list[tuple[list[int], int]],
+    how: LMTraining,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup_steps: int,
-    weight_decay: float,
     pad_id: int,
-    seed: int,
     desc: str,
     console: Console | None = None,
 ) -> list[float]:
     """AdamW on the response tokens; returns the loss per step."""
+    steps, lr = how.steps, how.lr
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": how.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
         betas=(0.9, 0.98),
         eps=1e-8,
@@ -417,7 +422,7 @@ def train_lm(
     extra = {"output_router_logits": True} if getattr(model.config, "num_experts", None) else {}
     model.train()
     losses: list[float] = []
-    batches = _batches(examples, batch_size, pad_id, seed)
+    batches = _batches(examples, how.batch_size, pad_id, how.seed)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -430,7 +435,7 @@ def train_lm(
         task = progress.add_task(desc, total=steps, loss=float("nan"))
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, lr, warmup_steps)
+                group["lr"] = _lr_at(step, steps, lr, how.warmup_steps)
             out = model(**next(batches), **extra)
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"{desc}: non-finite loss at step {step}")
@@ -478,7 +483,7 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
     _write_jsonl(root / "heldout.jsonl", heldout)
 
     t = time.time()
-    tokenizer = train_tokenizer(_tokenizer_corpus(train, cfg.tokenizer_use_gsm8k), root / "tokenizer", cfg.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(train, cfg.tokenizer_use_gsm8k), root / "tokenizer", cfg.vocab_size)
     console.log(f"tokenizer: {len(tokenizer)} tokens in {time.time() - t:.1f}s")
     examples = encode_examples(tokenizer, train, cfg.max_seq_len)
     heldout_rows = [{"question": p.question, "answer": p.answer, "level": p.level} for p in heldout]
@@ -492,19 +497,9 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
         t = time.time()
         torch.manual_seed(cfg.seed + (0 if who == "teacher" else 1))
         model = cls(model_cfg)
-        losses = train_lm(
-            model,
-            examples,
-            steps=steps,
-            batch_size=cfg.batch_size,
-            lr=lr,
-            warmup_steps=cfg.warmup_steps,
-            weight_decay=cfg.weight_decay,
-            pad_id=tokenizer.pad_token_id,
-            seed=cfg.seed,
-            desc=who,
-            console=console,
-        )
+        how = LMTraining(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=cfg.warmup_steps,
+                         weight_decay=cfg.weight_decay, seed=cfg.seed)
+        losses = train_lm(model, examples, how, pad_id=tokenizer.pad_token_id, desc=who, console=console)
         train_s = time.time() - t
         t = time.time()
         result = evaluate_problems(model, tokenizer, heldout_rows, Decoding(cfg.max_new_tokens, cfg.eval_batch_size))
@@ -528,8 +523,8 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
     return metrics
 
 
-def _print_summary(world: ToyWorld, console: Console) -> None:
-    m = world.metrics
+def _print_summary(build: ToyBuild, console: Console) -> None:
+    m = build.metrics
     for who in ("teacher", "student"):
         w = m[who]
         console.print(
@@ -537,11 +532,11 @@ def _print_summary(world: ToyWorld, console: Console) -> None:
             f"params total {w['params']['total']:,} active {w['params']['active']:,}, "
             f"train {w['train_seconds']}s eval {w['eval_seconds']}s"
         )
-    console.print(f"toy world (profile {m['profile']}) built in {m['build_seconds']}s at {world.root}")
+    console.print(f"toy build (profile {m['profile']}) done in {m['build_seconds']}s at {build.root}")
 
 
-def world_root(cfg: ToyBuildConfig, cache_dir: Path | None = None) -> Path:
-    """Where the toy world of `cfg` lives (complete once it holds the BUILD_COMPLETE marker)."""
+def build_root(cfg: ToyBuildConfig, cache_dir: Path | None = None) -> Path:
+    """Where the toy build of `cfg` lives (complete once it holds the BUILD_COMPLETE marker)."""
     return (cache_dir or default_cache_dir()) / f"toy-{cfg.profile}-{cfg.cache_key()}"
 
 
@@ -549,13 +544,13 @@ def is_built(root: Path) -> bool:
     return _is_complete(root)
 
 
-def build_toy_world(
+def build_toy(
     profile: str = "demo",
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     config: ToyBuildConfig | None = None,
-) -> ToyWorld:
-    """Return the cached toy world for ``profile``, building it first if needed.
+) -> ToyBuild:
+    """Return the cached toy build for ``profile``, building it first if needed.
 
     ``config`` overrides the profile's defaults (its own ``profile`` field wins).
     The build goes to a temp dir next to the cache and is renamed into place
@@ -563,18 +558,18 @@ def build_toy_world(
     """
     cfg = config if config is not None else ToyBuildConfig.for_profile(profile)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = world_root(cfg, cache)
+    root = build_root(cfg, cache)
     if _is_complete(root) and not force:
-        return ToyWorld.at(root)
+        return ToyBuild.at(root)
 
     console = Console(stderr=True)
     with _file_lock(cache / f".{root.name}.lock"):
         if _is_complete(root) and not force:  # another process finished it while we waited
-            return ToyWorld.at(root)
+            return ToyBuild.at(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=cache))
         threads = torch.get_num_threads()
         try:
-            torch.set_num_threads(min(2, os.cpu_count() or 1))  # the reference machine has 2 cores
+            torch.set_num_threads(min(2, os.cpu_count() or 1))  # the thread count changes float sums, so fix it
             metrics = _build_into(cfg, tmp, console)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
             (tmp / "build_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -587,18 +582,18 @@ def build_toy_world(
         finally:
             torch.set_num_threads(threads)
             shutil.rmtree(tmp, ignore_errors=True)
-    world = ToyWorld.at(root)
-    _print_summary(world, console)
-    return world
+    build = ToyBuild.at(root)
+    _print_summary(build, console)
+    return build
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build (or reuse) the cached toy world.")
+    parser = argparse.ArgumentParser(description="Build (or reuse) the cached toy models.")
     parser.add_argument("--profile", default="demo", choices=PROFILES)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    build_toy_world(args.profile, args.cache_dir, args.force)
+    build_toy(args.profile, args.cache_dir, args.force)
