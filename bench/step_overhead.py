@@ -50,11 +50,11 @@ def main() -> None:
     import deepspeed
     import torch
 
-    from padd_ds.config import load_config
     from padd_ds.data.math import load_train_problems
     from padd_ds.engine.build import initialize_engine
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
     from padd_ds.models.router import router_weights, routers, set_bias
+    from padd_ds.recipe import load_config
     from padd_ds.rl.balance import BiasController
     from padd_ds.rl.rewards import group_advantages, reward
     from padd_ds.rl.rollout import sample_rollouts

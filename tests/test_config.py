@@ -1,4 +1,4 @@
-"""Config loading, overrides and validation (padd_ds/config.py).
+"""Config loading, overrides and validation (padd_ds/config.py, recipe.py, validate.py).
 
 The model directories made here hold a `config.json`, which is all validation reads, plus an
 empty `model.safetensors` and `tokenizer_config.json`: validation only checks that weights and
@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from padd_ds.config import (
-    REPO_ROOT,
-    ConfigError,
-    PaddConfig,
-    dump_yaml,
-    expert_parallel_size,
-    from_dict,
-    load_config,
-    resolve_model_path,
-    student_moe_shape,
-    to_dict,
-    validate,
-)
+from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.engine.ds_config import read_deepspeed_config
+from padd_ds.models.arch import expert_parallel_size
+from padd_ds.models.files import resolve_model_path, student_moe_shape
+from padd_ds.paths import REPO_ROOT
+from padd_ds.recipe import dump_yaml, from_dict, load_config, to_dict
+from padd_ds.validate import validate
 
 # --------------------------------------------------------------------------------------
 # Fixtures: a DeepSpeed JSON and model directories holding a config.json
@@ -223,6 +217,44 @@ def test_range_errors(setup, override, expected):
     assert expected in error_of(validate, bad, repo_root=root)
 
 
+TRAINER_CANNOT_RUN = [
+    (["train.mode=padd", "train.micro_batch_size=6"],
+     "train.micro_batch_size=6 must be a multiple of stage3.group_size=4 in train.mode=padd (it counts rollouts "
+     "per rank: prompts x group size)"),
+    (["models.student=null", "stage1.router_init=keep"],
+     "stage1.router_init=keep needs a pre-trained student; a decompressed one (models.student=null) starts from "
+     "the centroids or a random router"),
+    (["stage1.projection=none"],
+     "stage1.projection=none cannot place teacher centroids in a pre-trained student's hidden space; use "
+     "stage1.projection=lstsq (or router_init=keep/random)"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", TRAINER_CANNOT_RUN)
+def test_config_check_refuses_what_the_trainer_cannot_run(setup, overrides, expected):
+    cfg, root = setup
+    bad = load_config(None, overrides)
+    bad.models.teacher, bad.deepspeed = cfg.models.teacher, cfg.deepspeed
+    bad.models.student = cfg.models.student if bad.models.student else None
+    assert error_of(bad.check) == expected
+    assert error_of(validate, bad, world_size=3, repo_root=root) == expected
+
+
+@pytest.mark.parametrize("overrides, expected", TRAINER_CANNOT_RUN)
+def test_padd_config_validate_refuses_what_the_trainer_cannot_run(setup, capsys, overrides, expected):
+    from padd_ds.cli import main
+
+    cfg, root = setup
+    cfg.data.source = "gsm8k"  # a hub dataset: no toy models needed, nothing downloaded by validation
+    recipe = root / "recipe.yaml"
+    recipe.write_text(dump_yaml(cfg))
+    assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3"]) == 0
+    assert capsys.readouterr().out == "config OK\n"
+    args = [a for o in overrides for a in ("--set", o)]
+    assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3", *args]) == 2
+    assert capsys.readouterr().err == f"padd-ds: config error: {expected}\n"
+
+
 def test_group_size_one_is_fine_without_stage3(setup):
     cfg, root = setup
     cfg.stage3.enabled, cfg.stage3.group_size = False, 1
@@ -247,21 +279,25 @@ def test_unparsable_deepspeed_json(setup):
     assert "is not valid JSON (line 1" in error_of(validate, cfg, repo_root=root)
 
 
+def ep_size(cfg: PaddConfig, root: Path) -> int:
+    return expert_parallel_size(read_deepspeed_config(cfg, repo_root=root), cfg.deepspeed.expert_parallel_size)
+
+
 def test_deepspeed_json_relative_to_repo_root(setup, tmp_path_factory, monkeypatch):
     cfg, root = setup
     cfg.deepspeed.config = "ds.json"
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
-    assert expert_parallel_size(cfg, repo_root=root) == 2
+    assert ep_size(cfg, root) == 2
 
 
 def test_expert_parallel_size_sources(setup):
     cfg, root = setup
-    assert expert_parallel_size(cfg, repo_root=root) == 2
+    assert ep_size(cfg, root) == 2
     cfg.deepspeed.expert_parallel_size = 4
-    assert expert_parallel_size(cfg, repo_root=root) == 4
+    assert ep_size(cfg, root) == 4
     cfg.deepspeed.expert_parallel_size = None
     Path(cfg.deepspeed.config).write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert expert_parallel_size(cfg, repo_root=root) == 1
+    assert ep_size(cfg, root) == 1
 
 
 def test_experts_not_divisible_by_ep(setup):
@@ -411,7 +447,7 @@ def test_missing_data_file(setup):
 @pytest.mark.parametrize("world, teachers, expected", [
     (2, 2, "world size 2 cannot hold topology.teacher_ranks=2 plus at least one student rank"),
     (3, 2, "topology.teacher_ranks=2 exceeds the 1 student ranks of world size 3"),
-    (2, 1, "1 student ranks (world size 2) do not divide into expert-parallel groups of 2"),
+    (2, 1, "1 student ranks do not divide into expert-parallel groups of 2 (world size 2)"),
     (1, 1, "world size 1 cannot hold a separate teacher rank; set topology.colocated=true"),
 ])
 def test_world_size_errors(setup, world, teachers, expected):
@@ -435,7 +471,8 @@ def test_world_size_ok_cases(setup):
 
 
 def test_imports_without_torch_or_deepspeed():
-    code = ("import sys; import padd_ds.config, padd_ds.launch.roles; "
+    code = ("import sys; import padd_ds.config, padd_ds.recipe, padd_ds.validate, padd_ds.plan, padd_ds.cli, "
+            "padd_ds.launch.roles; "
             "bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=60)

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from padd_ds.config import Stage2Config, Stage3Config
+from padd_ds.config import ConfigError, Stage2Config, Stage3Config
+from padd_ds.recipe import load_config
 from padd_ds.rl.losses import (adaptive_kd_loss, effective_temperature, policy_loss, router_drift,
                                tempered_kd_loss)
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk, full_kd_loss, sparse_kd_loss
+from padd_ds.validate import validate
 
 
 def _topk64(z: torch.Tensor, k: int) -> SparseLogits:
@@ -368,8 +370,6 @@ def test_router_drift_by_hand():
     ("stage3.loss_agg=sum", "stage3.loss_agg: 'sum' is not allowed"),
 ])
 def test_new_config_fields_are_range_checked(override, expected):
-    from padd_ds.config import ConfigError, load_config, validate
-
     with pytest.raises(ConfigError) as info:
         validate(load_config(None, [override]))       # ranges are checked before any path
     assert expected in str(info.value)

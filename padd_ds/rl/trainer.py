@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from padd_ds.config import ConfigError, PaddConfig, dump_yaml, resolve_model_path, to_dict
+from padd_ds.config import PaddConfig
+from padd_ds.models.files import resolve_model_path
+from padd_ds.recipe import dump_yaml, to_dict
 from padd_ds.data.batch import TokenBatch, encode_examples, usable_problems
 from padd_ds.data.math import load_heldout_problems, load_train_problems
 from padd_ds.data.splits import split_pool
@@ -57,21 +59,6 @@ def model_paths(cfg: PaddConfig) -> tuple[str, str | None, str]:
     tok = (resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer", need_config=False)
            if cfg.models.tokenizer else teacher)  # a tokenizer-only directory has no config.json
     return teacher, student, tok
-
-
-def check_supported(cfg: PaddConfig) -> None:
-    """Refuse, before any process group exists, combinations the trainer cannot run."""
-    if cfg.train.mode == "padd" and cfg.train.micro_batch_size % cfg.stage3.group_size:
-        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
-                          f"stage3.group_size={cfg.stage3.group_size} in train.mode=padd (it counts rollouts "
-                          "per rank: prompts x group size)")
-    if cfg.models.student is None and cfg.stage1.router_init == "keep":
-        raise ConfigError("stage1.router_init=keep needs a pre-trained student; a decompressed one "
-                          "(models.student=null) starts from the centroids or a random router")
-    if cfg.models.student is not None and cfg.stage1.enabled and cfg.stage1.router_init == "centroids" \
-            and cfg.stage1.projection == "none":
-        raise ConfigError("stage1.projection=none cannot place teacher centroids in a pre-trained student's "
-                          "hidden space; use stage1.projection=lstsq (or router_init=keep/random)")
 
 
 def run(cfg: PaddConfig, world: World) -> dict | None:
@@ -255,7 +242,7 @@ def send_stage1_setup(cfg: PaddConfig, world: World, student_cfg, teacher_path: 
     from transformers import AutoConfig
 
     from padd_ds.teacher.clusters import cluster_map_from_provenance, cluster_teacher, layer_map
-    from padd_ds.models.loading import moe_shape
+    from padd_ds.models.arch import moe_shape
 
     if provenance is not None:
         cmap = cluster_map_from_provenance(provenance)

@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from padd_ds.data.prompt import format_example
 from padd_ds.data.toy import ToyProblem, toy_splits
 from padd_ds.eval.evaluate import evaluate_problems
+from padd_ds.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class ToyWorld:
 
 def repo_root() -> Path:
     """The checkout root: the parent of the ``padd_ds`` package directory."""
-    return Path(__file__).resolve().parents[2]
+    return REPO_ROOT
 
 
 def shared_data_dir() -> Path:
