@@ -166,13 +166,13 @@ class Stage1Config:
     cluster_input: Literal["gate_up", "gate", "up"] = "gate_up"
     # xi: the teacher's path distribution p_T = softmax(mean_act / xi). 1 keeps the
     # activations' own scale; the paper gives no value.
-    xi: float = 1.0
+    path_temperature: float = 1.0
     # alpha: warmup loss L_LM + alpha * L_KD + beta * KL(p_S || p_T). 1: KD as important as
     # LM, the classic Hinton weighting.
-    alpha: float = 1.0
+    kd_weight: float = 1.0
     # beta: the path KL is an auxiliary shaping term, an order of magnitude below the main
     # losses so it steers routing without dominating them.
-    beta: float = 0.1
+    path_kl_weight: float = 0.1
     # Short: experts start from teacher neurons (or a pre-trained MoE); the warmup only has
     # to align them under the uniform router before the real router takes over.
     warmup_steps: int = 100
@@ -207,9 +207,9 @@ class Stage1Config:
     decompress_top_k: int = 2
 
     def check(self) -> None:
-        positive("stage1.xi", self.xi)
-        non_negative("stage1.alpha", self.alpha)
-        non_negative("stage1.beta", self.beta)
+        positive("stage1.path_temperature", self.path_temperature)
+        non_negative("stage1.kd_weight", self.kd_weight)
+        non_negative("stage1.path_kl_weight", self.path_kl_weight)
         non_negative("stage1.warmup_steps", self.warmup_steps)
         if self.lr is not None:
             positive("stage1.lr", self.lr)
@@ -225,25 +225,25 @@ class Stage2Config:
     # Weight of the forward KL to the teacher; 1 puts it on par with the policy loss.
     kd_weight: float = 1.0
     # tau: 1 = the teacher's own distribution for a zero-advantage path.
-    tau: float = 1.0
+    base_temperature: float = 1.0
     # kappa: Phi(A) = 1 + tanh(kappa * A). Advantages are standardised (about +-1), so 1 uses
     # most of tanh's range without saturating.
-    kappa: float = 1.0
+    advantage_scale: float = 1.0
     # as_intended: effective temperature tau / Phi(A) (good paths sharper, the paper's
     # stated intent); as_written: tau * Phi(A); fixed: tau (the online-KD baseline).
     temperature_coupling: Literal["as_intended", "as_written", "fixed"] = "as_intended"
     # Floor of Phi(A), which -> 0 as A -> -inf: 0.1 caps the temperature at 10 tau (as_intended;
     # 0.1 tau as_written), already a nearly flat (one-hot) target; kappa = 1: only A < -1.47.
-    phi_floor: float = 0.1
+    coupling_floor: float = 0.1
     # The notes temper only the target p_T*. Tempering the student too (Hinton KD, loss * T^2)
     # makes the untempered teacher the optimum for every T; a switch for that classic reading.
     temper_student: bool = False
 
     def check(self) -> None:
         non_negative("stage2.kd_weight", self.kd_weight)
-        positive("stage2.tau", self.tau)
-        non_negative("stage2.kappa", self.kappa)
-        require(0 < self.phi_floor <= 1, f"stage2.phi_floor must be in (0, 1], got {self.phi_floor}")
+        positive("stage2.base_temperature", self.base_temperature)
+        non_negative("stage2.advantage_scale", self.advantage_scale)
+        require(0 < self.coupling_floor <= 1, f"stage2.coupling_floor must be in (0, 1], got {self.coupling_floor}")
 
 
 @dataclass
@@ -257,7 +257,7 @@ class Stage3Config:
     # lambda: rho_t *= exp(-lambda * Gamma_t) on negative-advantage tokens. Gamma is an L2
     # distance of probability vectors, in [0, sqrt(2)]: 1 damps a fully switched route to
     # ~0.24 and leaves small drifts almost untouched.
-    drift_lambda: float = 1.0
+    drift_penalty: float = 1.0
     # The PPO/GRPO standard clip range.
     clip_eps: float = 0.2
     # Responses per prompt. 4 is the smallest group whose reward std is meaningful and fits
@@ -293,7 +293,7 @@ class Stage3Config:
     updates_per_batch: int = 1
 
     def check(self) -> None:
-        non_negative("stage3.drift_lambda", self.drift_lambda)
+        non_negative("stage3.drift_penalty", self.drift_penalty)
         require(0 < self.clip_eps < 1, f"stage3.clip_eps must be in (0, 1), got {self.clip_eps}")
         positive("stage3.group_size", self.group_size)
         require(not self.enabled or self.group_size >= 2,
@@ -314,10 +314,10 @@ class Stage4Config:
     enabled: bool = True
     # eta: b_j -= eta * (f_j - 1/N). f_j - 1/N is at most ~1, so 0.01 moves a logit by at most
     # 0.01 per step: balance builds over ~100 steps without making routing jump (path rupture).
-    eta: float = 0.01
+    balance_rate: float = 0.01
     # gamma: + gamma * EMA(A_j), ten times weaker than the balancing term, so a preference for
     # high-reward experts can never starve the others.
-    gamma: float = 0.001
+    advantage_rate: float = 0.001
     # EMA of per-expert advantage: ~10-step horizon, follows the policy, smooths batch noise.
     ema_decay: float = 0.9
     # balancing: b_j - eta * (f_j - 1/N) (overloaded experts lose bias); as_written: the
@@ -336,8 +336,8 @@ class Stage4Config:
     settle_steps: int = 0
 
     def check(self) -> None:
-        non_negative("stage4.eta", self.eta)
-        non_negative("stage4.gamma", self.gamma)
+        non_negative("stage4.balance_rate", self.balance_rate)
+        non_negative("stage4.advantage_rate", self.advantage_rate)
         require(0 <= self.ema_decay < 1, f"stage4.ema_decay must be in [0, 1), got {self.ema_decay}")
         non_negative("stage4.aux_loss_coeff", self.aux_loss_coeff)
         require(isinstance(self.fold_every, int) and self.fold_every >= 0,

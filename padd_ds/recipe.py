@@ -1,12 +1,13 @@
 """Recipes: a YAML file plus `--set section.field=value` overrides -> a PaddConfig.
 
-    cfg = load_config("recipes/toy_cpu.yaml", ["stage2.tau=2.0", "train.lr=1e-4"])
+    cfg = load_config("recipes/toy_cpu.yaml", ["stage2.base_temperature=2.0", "train.lr=1e-4"])
     print(dump_yaml(cfg))                # saved into every run dir
 
 Values are type-checked by pydantic in strict mode, one field at a time (int -> float is the
 only conversion; a bool is never an int; a Literal matches exactly). The walk over the
 sections is ours: it names the dotted field, suggests the nearest key ("did you mean"),
-points a right name in the wrong section at its place, and turns every error into one line.
+points a right name in the wrong section or a renamed key at its place, and turns every
+error into one line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from padd_ds.config import ConfigError, PaddConfig
 from padd_ds.paths import REPO_ROOT, expand_user
 
+# Keys that were paper symbols; a recipe or override that still uses one is told the new name.
+RENAMED = {
+    "stage1.xi": "stage1.path_temperature",
+    "stage1.alpha": "stage1.kd_weight",
+    "stage1.beta": "stage1.path_kl_weight",
+    "stage2.tau": "stage2.base_temperature",
+    "stage2.kappa": "stage2.advantage_scale",
+    "stage2.phi_floor": "stage2.coupling_floor",
+    "stage3.drift_lambda": "stage3.drift_penalty",
+    "stage4.eta": "stage4.balance_rate",
+    "stage4.gamma": "stage4.advantage_rate",
+}
 
 # --------------------------------------------------------------------------------------
 # YAML with YAML 1.2 floats
@@ -140,8 +153,11 @@ def _leaf_keys(cls, prefix: str = "") -> list[str]:
 
 def _unknown_key(cls, prefix: str, name: Any, where: str) -> ConfigError:
     dotted = f"{prefix}{name}"
-    # A valid name in the wrong section (train.tau -> stage2.tau)?
+    if dotted in RENAMED:
+        return ConfigError(f"key '{dotted}'{where} was renamed to '{RENAMED[dotted]}'")
+    # A valid (or renamed) name in the wrong section (train.base_temperature -> stage2.base_temperature)?
     elsewhere = [k for k in _leaf_keys(PaddConfig) if k.rsplit(".", 1)[-1] == name]
+    elsewhere += [new for old, new in RENAMED.items() if old.rsplit(".", 1)[-1] == name]
     siblings = list(_fields(cls))
     close = [prefix + c for c in difflib.get_close_matches(str(name), siblings, n=1, cutoff=0.6)]
     if elsewhere or close:

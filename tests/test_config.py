@@ -88,7 +88,7 @@ def test_override_types():
         "stage1.enabled=false",
         "models.student=null",
         "topology.bridge_port=29600",
-        "stage2.tau=2",            # int -> float
+        "stage2.base_temperature=2",  # int -> float
         "data.split_fractions.A=0.15",
         "data.split_fractions.C=0.6",
     ])
@@ -96,15 +96,15 @@ def test_override_types():
     assert cfg.stage1.enabled is False
     assert cfg.models.student is None
     assert cfg.topology.bridge_port == 29600
-    assert cfg.stage2.tau == 2.0 and isinstance(cfg.stage2.tau, float)
+    assert cfg.stage2.base_temperature == 2.0 and isinstance(cfg.stage2.base_temperature, float)
     assert cfg.data.split_fractions == {"A": 0.15, "B": 0.20, "C": 0.6, "D": 0.05}
 
 
 def test_override_parses_lists_and_mappings():
     # No field holds a list, so a list value is parsed and then rejected by type.
     assert "got list [1, 2]" in error_of(load_config, None, ["models.student=[1,2]"])
-    cfg = load_config(None, ["stage2={tau: 0.5, kappa: 2}"])
-    assert (cfg.stage2.tau, cfg.stage2.kappa) == (0.5, 2.0)
+    cfg = load_config(None, ["stage2={base_temperature: 0.5, advantage_scale: 2}"])
+    assert (cfg.stage2.base_temperature, cfg.stage2.advantage_scale) == (0.5, 2.0)
 
 
 def test_recipe_then_overrides(tmp_path):
@@ -121,14 +121,15 @@ def test_recipe_then_overrides(tmp_path):
 
 def test_unknown_nested_key_in_recipe_suggests_nearest(tmp_path):
     recipe = tmp_path / "x.yaml"
-    recipe.write_text("stage2:\n  tua: 2.0\n")
+    recipe.write_text("stage2:\n  base_temprature: 2.0\n")
     msg = error_of(load_config, str(recipe))
-    assert msg == f"unknown key 'stage2.tua' in {recipe}; did you mean 'stage2.tau'?"
+    assert msg == f"unknown key 'stage2.base_temprature' in {recipe}; did you mean 'stage2.base_temperature'?"
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("stag2.tau=1", "unknown key 'stag2' in --set stag2.tau=1; did you mean 'stage2'?"),
-    ("train.tau=1", "did you mean 'stage2.tau'?"),          # right name, wrong section
+    ("stag2.base_temperature=1", "unknown key 'stag2' in --set stag2.base_temperature=1; did you mean 'stage2'?"),
+    ("train.base_temperature=1", "did you mean 'stage2.base_temperature'?"),  # right name, wrong section
+    ("train.tau=1", "did you mean 'stage2.base_temperature'?"),               # a renamed name, wrong section
     ("train.zzz=1", "valid keys of train: mode, steps"),    # nothing close: list the section
 ])
 def test_unknown_override_key(override, expected):
@@ -151,6 +152,23 @@ def test_unknown_override_key(override, expected):
 ])
 def test_wrong_types_name_the_field(override, expected):
     assert expected in error_of(load_config, None, [override])
+
+
+@pytest.mark.parametrize("old, new", [
+    ("stage1.xi", "stage1.path_temperature"), ("stage1.alpha", "stage1.kd_weight"),
+    ("stage1.beta", "stage1.path_kl_weight"), ("stage2.tau", "stage2.base_temperature"),
+    ("stage2.kappa", "stage2.advantage_scale"), ("stage2.phi_floor", "stage2.coupling_floor"),
+    ("stage3.drift_lambda", "stage3.drift_penalty"), ("stage4.eta", "stage4.balance_rate"),
+    ("stage4.gamma", "stage4.advantage_rate"),
+])
+def test_renamed_keys_name_the_new_key(tmp_path, old, new):
+    assert error_of(load_config, None, [f"{old}=0.5"]) == f"key '{old}' in --set {old}=0.5 was renamed to '{new}'"
+    section, name = old.split(".")
+    assert error_of(load_config, None, [f"{section}={{{name}: 0.5}}"]).endswith(f"was renamed to '{new}'")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{section}:\n  {name}: 0.5\n")
+    assert error_of(load_config, str(recipe)) == f"key '{old}' in {recipe} was renamed to '{new}'"
+    assert getattr(getattr(load_config(None, [f"{new}=0.5"]), section), new.split(".")[1]) == 0.5
 
 
 def test_errors_stay_on_one_line():
@@ -197,7 +215,7 @@ def test_missing_recipe():
     ("train.steps=0", "train.steps must be > 0"),
     ("train.lr=-1e-3", "train.lr must be > 0"),
     ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
-    ("stage2.tau=0", "stage2.tau must be > 0"),
+    ("stage2.base_temperature=0", "stage2.base_temperature must be > 0"),
     ("teacher.logits_top_k=0", "teacher.logits_top_k must be > 0"),
     ("stage3.group_size=1", "stage3.group_size must be >= 2 when stage3 is enabled"),
     ("stage3.clip_eps=1.5", "stage3.clip_eps must be in (0, 1)"),
