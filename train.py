@@ -33,23 +33,21 @@ def main(argv=None) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from padd_ds.config import ConfigError, load_config, validate
+    from padd_ds.config import ConfigError
     from padd_ds.launch.roles import detect_launch
+    from padd_ds.plan import plan_for_launch
+    from padd_ds.recipe import load_config
     from padd_ds.toy.resolve import use_toy_build_for
+    from padd_ds.validate import validate
 
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed}"] if args.deepspeed else [])
     try:
         cfg = load_config(args.recipe, overrides)
         use_toy_build_for(cfg)
         env = detect_launch()
-        validate(cfg, world_size=env.world_size)
-        from padd_ds.config import check_supported
-
-        check_supported(cfg)
+        validate(cfg, world_size=env.world_size)  # everything checkable before a process group
         # Memory plan of this launch on this device (GPU memory, or on CPU this host's RAM
         # shared by its ranks): refuse now rather than die out of memory after the load.
-        from padd_ds.plan import plan_for_launch
-
         plan = plan_for_launch(cfg, env)
         if env.rank == 0:
             print(plan.brief() if plan else "padd-ds plan: skipped (cannot read this device's memory)", flush=True)

@@ -68,10 +68,11 @@ def prepare(args: argparse.Namespace) -> Inputs:
     import deepspeed
     import torch
 
-    from padd_ds.config import load_config
     from padd_ds.data.math import load_train_problems
     from padd_ds.engine.build import initialize_engine
-    from padd_ds.models.loading import load_causal_lm, load_tokenizer, model_paths
+    from padd_ds.models.files import model_paths
+    from padd_ds.models.loading import load_causal_lm, load_tokenizer
+    from padd_ds.recipe import load_config
     from padd_ds.rl.rewards import group_advantages, reward
     from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, sample_rollouts
     from padd_ds.teacher.service import TeacherModel

@@ -18,7 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.models.files import resolve_model_path
+from padd_ds.paths import REPO_ROOT
+from padd_ds.plan import make_plan, resolve_cluster, slurm_shape
+from padd_ds.recipe import dump_yaml, load_config
+from padd_ds.toy.resolve import use_toy_build_for
+from padd_ds.validate import validate
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -33,9 +39,6 @@ def _free_port() -> int:
 
 
 def cmd_config(args) -> int:
-    from padd_ds.config import ConfigError, dump_yaml, load_config, validate
-    from padd_ds.toy.resolve import use_toy_build_for
-
     try:
         cfg = load_config(args.recipe, args.overrides)
         if args.action == "validate":
@@ -53,9 +56,6 @@ def cmd_config(args) -> int:
 def cmd_plan(args) -> int:
     """Exit 0 when the plan fits, 1 when it does not (the report says why and how to fix it),
     2 on a config error."""
-    from padd_ds.config import ConfigError, load_config, validate
-    from padd_ds.plan import make_plan, resolve_cluster, slurm_shape
-    from padd_ds.toy.resolve import use_toy_build_for
 
     try:
         overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed}"] if args.deepspeed else [])
@@ -92,9 +92,6 @@ def launch_command(nproc: int, script_args: list[str], port: int | None = None) 
 
 
 def cmd_train(args) -> int:
-    from padd_ds.config import ConfigError, load_config, validate
-    from padd_ds.toy.resolve import use_toy_build_for
-
     try:
         cfg = load_config(args.recipe, args.overrides)
         use_toy_build_for(cfg)
@@ -138,10 +135,9 @@ def cmd_eval(args) -> int:
     import torch
     from rich.console import Console
 
-    from padd_ds.config import ConfigError, PaddConfig, resolve_model_path
+    # torch, transformers and the evaluation code load only for this command
     from padd_ds.eval.evaluate import Decoding, evaluate_suite, results_table, save_results
     from padd_ds.models.loading import load_causal_lm, load_tokenizer
-    from padd_ds.toy.resolve import use_toy_build_for
 
     try:
         if args.suite == "toy" or args.model.startswith("toy://"):

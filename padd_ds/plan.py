@@ -29,8 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from padd_ds.config import (REPO_ROOT, ConfigError, PaddConfig, _model_field, _read_model_config,
-                            read_deepspeed_config, resolve_model_path)
+from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.engine.ds_config import read_deepspeed_config
+from padd_ds.launch.roles import expand_tasks_per_node
+from padd_ds.models.arch import expert_count, expert_parallel_size, model_field, uses_bf16
+from padd_ds.models.files import read_model_config, resolve_model_path
+from padd_ds.paths import REPO_ROOT
+from padd_ds.validate import expert_groups_problem, experts_problem, positions_problem, teacher_split_problem
 
 GB = 1e9
 
@@ -89,9 +94,6 @@ for _alias, _base in {"Qwen/Qwen2.5-Math-7B-Instruct": "Qwen/Qwen2.5-Math-7B",
 # --------------------------------------------------------------------------------------
 # Architecture: parameter counts, activations, KV cache
 # --------------------------------------------------------------------------------------
-
-_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -264,7 +266,7 @@ class Arch:
 
 def arch_from_config(conf: Mapping[str, Any], name: str) -> Arch:
     """An `Arch` from the fields of an HF config.json (multimodal configs: text_config)."""
-    f = lambda key, default=None: (v if (v := _model_field(conf, key)) is not None else default)  # noqa: E731
+    f = lambda key, default=None: (v if (v := model_field(conf, key)) is not None else default)  # noqa: E731
     model_type = str(f("model_type", ""))
     try:
         hidden, layers, vocab = int(f("hidden_size")), int(f("num_hidden_layers")), int(f("vocab_size"))
@@ -274,7 +276,7 @@ def arch_from_config(conf: Mapping[str, Any], name: str) -> Arch:
                           "num_attention_heads; the planner needs a decoder-only LM config") from None
     kv_heads = int(f("num_key_value_heads", heads))
     head_dim = int(f("head_dim", hidden // heads))
-    experts = next((int(v) for k in _EXPERT_COUNT_FIELDS if (v := f(k)) and int(v) > 0), 0)
+    experts = expert_count(conf)
     top_k = int(f("num_experts_per_tok", 0)) if experts else 0
     moe_width = int(f("moe_intermediate_size", 0) or 0)
     if experts and not moe_width:  # Mixtral: every expert is an intermediate_size-wide FFN
@@ -325,14 +327,14 @@ def _cached_hub_config(repo_id: str) -> dict | None:
     except ImportError:
         return None
     path = try_to_load_from_cache(repo_id, "config.json")
-    return _read_model_config(Path(path).parent) if isinstance(path, str) else None
+    return read_model_config(Path(path).parent) if isinstance(path, str) else None
 
 
 def load_arch(ref: str, field_name: str) -> Arch:
     """Shape of the model a config field names: local directory, HF cache, or the table."""
     resolved = resolve_model_path(ref, field_name=field_name)
     if Path(resolved).is_dir():
-        return arch_from_config(_read_model_config(resolved), ref)
+        return arch_from_config(read_model_config(resolved), ref)
     conf = _cached_hub_config(resolved) or KNOWN_CONFIGS.get(resolved)
     if conf is None:
         raise ConfigError(f"{field_name}: the planner does not know the shape of '{ref}' and it is not in the "
@@ -533,20 +535,6 @@ def _inputs(cfg: PaddConfig) -> _Inputs:
     return _Inputs(teacher, student, read_deepspeed_config(cfg))
 
 
-def _elem_bytes(cfg: PaddConfig, cluster: Cluster) -> int:
-    """models.dtype auto = bf16 on GPU, fp32 on CPU (models/loading.py)."""
-    if cfg.models.dtype == "auto":
-        return 2 if cluster.device == "gpu" else 4
-    return 2 if cfg.models.dtype == "bfloat16" else 4
-
-
-def _ep(cfg: PaddConfig, ds: dict) -> int:
-    if cfg.deepspeed.expert_parallel_size is not None:
-        return cfg.deepspeed.expert_parallel_size
-    ep = ds.get("expert_parallel") or {}
-    return int(ep.get("autoep_size", 1)) if isinstance(ep, dict) and ep.get("enabled") else 1
-
-
 def min_shards(model_gb: float, device_gb: float) -> int:
     """Fewest devices whose memory holds `model_gb` of weights split evenly (a lower bound:
     a real shard also needs room to gather a layer and to compute)."""
@@ -562,8 +550,8 @@ def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fix
     colocated = cfg.topology.colocated
     n_teacher = 0 if colocated else cfg.topology.teacher_ranks
     n_student = world - n_teacher
-    ep = _ep(cfg, ds)
-    elem = _elem_bytes(cfg, cluster)
+    ep = expert_parallel_size(ds, cfg.deepspeed.expert_parallel_size, cfg.deepspeed.config)
+    elem = 2 if uses_bf16(cfg.models.dtype, cluster.device == "gpu") else 4
     seq = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     mbs = cfg.train.micro_batch_size
     tokens = mbs * seq  # per student rank per micro-step, right-padded to the longest sequence
@@ -589,18 +577,16 @@ def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fix
         checks.append(Check(ok, good if ok else bad, fatal))
 
     if not colocated:
-        check(n_student >= 1, f"{n_student} student ranks after topology.teacher_ranks={n_teacher}",
-              f"no GPU left for students: the {world} ranks all go to topology.teacher_ranks={n_teacher}")
-        if n_student >= 1:
-            check(n_teacher <= n_student, f"{n_teacher} teacher rank(s) for {n_student} students",
-                  f"topology.teacher_ranks={n_teacher} exceeds the {n_student} student ranks (each teacher rank "
-                  "must serve a student)")
+        problem = teacher_split_problem(cfg.topology, world)
+        check(problem is None, f"{n_student} student ranks and {n_teacher} teacher rank(s) after "
+              f"topology.teacher_ranks={n_teacher}", str(problem))
     if S.is_moe:
-        check(S.experts % ep == 0, f"{S.experts} experts divide over expert-parallel size {ep}",
-              f"{S.experts} experts do not divide over expert-parallel size {ep}")
+        problem = experts_problem(S.experts, ep)
+        check(problem is None, f"{S.experts} experts divide over expert-parallel size {ep}", str(problem))
         if n_student >= 1:
-            check(n_student % ep == 0, f"{n_student} student ranks = {n_student // ep} data-parallel x {ep} expert-parallel",
-                  f"{n_student} student ranks do not divide into expert-parallel groups of {ep}")
+            problem = expert_groups_problem(n_student, ep)
+            check(problem is None, f"{n_student} student ranks = {n_student // ep} data-parallel x {ep} expert-parallel",
+                  str(problem))
     if parallel == "replicas" and n_teacher > 1 and n_student >= 1:
         check(n_student % n_teacher == 0, f"{n_student} students spread evenly over {n_teacher} teacher replicas",
               f"{n_student} students do not spread evenly over {n_teacher} teacher replicas (some serve one more)",
@@ -612,9 +598,9 @@ def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fix
               f"meets on one node: use at most {gpn} teacher ranks, all on the last node")
     for name, arch in (("models.teacher", T), ("models.student", S)):
         if isinstance(arch.max_positions, int):
-            check(seq <= arch.max_positions, f"{name}: {seq}-token sequences within its {arch.max_positions} positions",
-                  f"{name}: data.max_prompt_tokens + data.max_response_tokens = {seq} exceeds its "
-                  f"max_position_embeddings {arch.max_positions}")
+            problem = positions_problem(name, arch.max_positions, seq)
+            check(problem is None, f"{name}: {seq}-token sequences within its {arch.max_positions} positions",
+                  str(problem))
     per_rank = mbs * cfg.train.grad_accum
     if cfg.train.mode == "padd" and cfg.stage3.enabled:
         check(per_rank % cfg.stage3.group_size == 0,
@@ -826,7 +812,7 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
         for m in range(mbs - 1, 0, -1))
     # Another expert-parallel size, nearest first.
     if inp.student.is_moe:
-        ep_now = _ep(cfg, inp.ds)
+        ep_now = expert_parallel_size(inp.ds, cfg.deepspeed.expert_parallel_size, cfg.deepspeed.config)
         sizes = sorted((d for d in range(1, inp.student.experts + 1) if inp.student.experts % d == 0 and d != ep_now),
                        key=lambda d: abs(d - ep_now))
         any(attempt(Fix("", {"deepspeed.expert_parallel_size": e})) for e in sizes)
@@ -885,8 +871,6 @@ def plan_for_launch(cfg: PaddConfig, env) -> Plan | None:
 
 def slurm_shape(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     """(nodes, ranks per node, world size) of a SLURM allocation, from its variables."""
-    from padd_ds.launch.roles import expand_tasks_per_node
-
     env = os.environ if environ is None else environ
     if "SLURM_NTASKS" not in env:
         raise ConfigError("not inside a SLURM allocation (SLURM_NTASKS is not set); pass --nodes and --gpus-per-node")

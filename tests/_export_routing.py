@@ -69,8 +69,8 @@ def main() -> None:
 
     from padd_ds.data.batch import TokenBatch
     from padd_ds.launch.world import leave, release_shm_names
+    from padd_ds.models.arch import autoep_preset
     from padd_ds.models.export import EXACT_ROUTING_FILE, export_engine, fold_router_bias, has_bias_slot, load_exact_routing
-    from padd_ds.models.loading import autoep_preset
     from padd_ds.models.router import padd_router_installed, router_selected, routers, set_bias, set_routing
 
     name = sys.argv[1]
@@ -82,7 +82,7 @@ def main() -> None:
                       lengths=torch.full((8,), 20), loss_mask=torch.zeros(8, 20, dtype=torch.bool)) for i in range(2)]
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-          "expert_parallel": {"enabled": True, "autoep_size": 1, "preset_model": autoep_preset(model.config),
+          "expert_parallel": {"enabled": True, "autoep_size": 1, "preset_model": autoep_preset(model.config.model_type),
                               "use_grouped_mm": False}}
     with padd_router_installed():
         engine = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)[0]

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from padd_ds.paths import REPO_ROOT
+
+REPO = REPO_ROOT  # the checkout whose padd_ds the tests import (its train.py, recipes, ds_configs)
 
 
 @pytest.fixture(scope="session")

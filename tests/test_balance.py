@@ -10,7 +10,8 @@ from padd_ds.rl.balance import BiasController, switch_aux_loss
 
 
 def _controller(sign="balancing", eta=0.01, gamma=0.0, decay=0.9, layers=2, experts=4):
-    return BiasController(layers, experts, Stage4Config(eta=eta, gamma=gamma, ema_decay=decay, bias_sign=sign))
+    return BiasController(layers, experts, Stage4Config(balance_rate=eta, advantage_rate=gamma, ema_decay=decay,
+                                                        bias_sign=sign))
 
 
 def test_overloaded_expert_loses_bias_when_balancing_and_gains_as_written():
@@ -53,7 +54,7 @@ def test_closed_loop_balancing_flattens_load_and_as_written_concentrates_it(sign
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(512, 8, generator=g)
     scores[:, 0] += 1.0                                                    # expert 0 starts overloaded
-    ctl = BiasController(1, 8, Stage4Config(eta=0.05, gamma=0.0, bias_sign=sign))
+    ctl = BiasController(1, 8, Stage4Config(balance_rate=0.05, advantage_rate=0.0, bias_sign=sign))
     first = _route(scores, ctl.bias[0], 2)
     for _ in range(300):
         counts = _route(scores, ctl.bias[0], 2)

@@ -1,4 +1,4 @@
-"""Config loading, overrides and validation (padd_ds/config.py).
+"""Config loading, overrides and validation (padd_ds/config.py, recipe.py, validate.py).
 
 The model directories made here hold a `config.json`, which is all validation reads, plus an
 empty `model.safetensors` and `tokenizer_config.json`: validation only checks that weights and
@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from padd_ds.config import (
-    REPO_ROOT,
-    ConfigError,
-    PaddConfig,
-    dump_yaml,
-    expert_parallel_size,
-    from_dict,
-    load_config,
-    resolve_model_path,
-    student_moe_shape,
-    to_dict,
-    validate,
-)
+from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.engine.ds_config import read_deepspeed_config
+from padd_ds.models.arch import expert_parallel_size
+from padd_ds.models.files import resolve_model_path, student_moe_shape
+from padd_ds.paths import REPO_ROOT
+from padd_ds.recipe import dump_yaml, from_dict, load_config, to_dict
+from padd_ds.validate import validate
 
 # --------------------------------------------------------------------------------------
 # Fixtures: a DeepSpeed JSON and model directories holding a config.json
@@ -94,7 +88,7 @@ def test_override_types():
         "stage1.enabled=false",
         "models.student=null",
         "topology.bridge_port=29600",
-        "stage2.tau=2",            # int -> float
+        "stage2.base_temperature=2",  # int -> float
         "data.split_fractions.A=0.15",
         "data.split_fractions.C=0.6",
     ])
@@ -102,15 +96,15 @@ def test_override_types():
     assert cfg.stage1.enabled is False
     assert cfg.models.student is None
     assert cfg.topology.bridge_port == 29600
-    assert cfg.stage2.tau == 2.0 and isinstance(cfg.stage2.tau, float)
+    assert cfg.stage2.base_temperature == 2.0 and isinstance(cfg.stage2.base_temperature, float)
     assert cfg.data.split_fractions == {"A": 0.15, "B": 0.20, "C": 0.6, "D": 0.05}
 
 
 def test_override_parses_lists_and_mappings():
     # No field holds a list, so a list value is parsed and then rejected by type.
     assert "got list [1, 2]" in error_of(load_config, None, ["models.student=[1,2]"])
-    cfg = load_config(None, ["stage2={tau: 0.5, kappa: 2}"])
-    assert (cfg.stage2.tau, cfg.stage2.kappa) == (0.5, 2.0)
+    cfg = load_config(None, ["stage2={base_temperature: 0.5, advantage_scale: 2}"])
+    assert (cfg.stage2.base_temperature, cfg.stage2.advantage_scale) == (0.5, 2.0)
 
 
 def test_recipe_then_overrides(tmp_path):
@@ -127,14 +121,15 @@ def test_recipe_then_overrides(tmp_path):
 
 def test_unknown_nested_key_in_recipe_suggests_nearest(tmp_path):
     recipe = tmp_path / "x.yaml"
-    recipe.write_text("stage2:\n  tua: 2.0\n")
+    recipe.write_text("stage2:\n  base_temprature: 2.0\n")
     msg = error_of(load_config, str(recipe))
-    assert msg == f"unknown key 'stage2.tua' in {recipe}; did you mean 'stage2.tau'?"
+    assert msg == f"unknown key 'stage2.base_temprature' in {recipe}; did you mean 'stage2.base_temperature'?"
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("stag2.tau=1", "unknown key 'stag2' in --set stag2.tau=1; did you mean 'stage2'?"),
-    ("train.tau=1", "did you mean 'stage2.tau'?"),          # right name, wrong section
+    ("stag2.base_temperature=1", "unknown key 'stag2' in --set stag2.base_temperature=1; did you mean 'stage2'?"),
+    ("train.base_temperature=1", "did you mean 'stage2.base_temperature'?"),  # right name, wrong section
+    ("train.tau=1", "did you mean 'stage2.base_temperature'?"),               # a renamed name, wrong section
     ("train.zzz=1", "valid keys of train: mode, steps"),    # nothing close: list the section
 ])
 def test_unknown_override_key(override, expected):
@@ -157,6 +152,23 @@ def test_unknown_override_key(override, expected):
 ])
 def test_wrong_types_name_the_field(override, expected):
     assert expected in error_of(load_config, None, [override])
+
+
+@pytest.mark.parametrize("old, new", [
+    ("stage1.xi", "stage1.path_temperature"), ("stage1.alpha", "stage1.kd_weight"),
+    ("stage1.beta", "stage1.path_kl_weight"), ("stage2.tau", "stage2.base_temperature"),
+    ("stage2.kappa", "stage2.advantage_scale"), ("stage2.phi_floor", "stage2.coupling_floor"),
+    ("stage3.drift_lambda", "stage3.drift_penalty"), ("stage4.eta", "stage4.balance_rate"),
+    ("stage4.gamma", "stage4.advantage_rate"),
+])
+def test_renamed_keys_name_the_new_key(tmp_path, old, new):
+    assert error_of(load_config, None, [f"{old}=0.5"]) == f"key '{old}' in --set {old}=0.5 was renamed to '{new}'"
+    section, name = old.split(".")
+    assert error_of(load_config, None, [f"{section}={{{name}: 0.5}}"]).endswith(f"was renamed to '{new}'")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{section}:\n  {name}: 0.5\n")
+    assert error_of(load_config, str(recipe)) == f"key '{old}' in {recipe} was renamed to '{new}'"
+    assert getattr(getattr(load_config(None, [f"{new}=0.5"]), section), new.split(".")[1]) == 0.5
 
 
 def test_errors_stay_on_one_line():
@@ -203,7 +215,7 @@ def test_missing_recipe():
     ("train.steps=0", "train.steps must be > 0"),
     ("train.lr=-1e-3", "train.lr must be > 0"),
     ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
-    ("stage2.tau=0", "stage2.tau must be > 0"),
+    ("stage2.base_temperature=0", "stage2.base_temperature must be > 0"),
     ("teacher.logits_top_k=0", "teacher.logits_top_k must be > 0"),
     ("stage3.group_size=1", "stage3.group_size must be >= 2 when stage3 is enabled"),
     ("stage3.clip_eps=1.5", "stage3.clip_eps must be in (0, 1)"),
@@ -221,6 +233,44 @@ def test_range_errors(setup, override, expected):
     bad = load_config(None, [override])
     bad.models, bad.deepspeed = cfg.models, cfg.deepspeed
     assert expected in error_of(validate, bad, repo_root=root)
+
+
+TRAINER_CANNOT_RUN = [
+    (["train.mode=padd", "train.micro_batch_size=6"],
+     "train.micro_batch_size=6 must be a multiple of stage3.group_size=4 in train.mode=padd (it counts rollouts "
+     "per rank: prompts x group size)"),
+    (["models.student=null", "stage1.router_init=keep"],
+     "stage1.router_init=keep needs a pre-trained student; a decompressed one (models.student=null) starts from "
+     "the centroids or a random router"),
+    (["stage1.projection=none"],
+     "stage1.projection=none cannot place teacher centroids in a pre-trained student's hidden space; use "
+     "stage1.projection=lstsq (or router_init=keep/random)"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", TRAINER_CANNOT_RUN)
+def test_config_check_refuses_what_the_trainer_cannot_run(setup, overrides, expected):
+    cfg, root = setup
+    bad = load_config(None, overrides)
+    bad.models.teacher, bad.deepspeed = cfg.models.teacher, cfg.deepspeed
+    bad.models.student = cfg.models.student if bad.models.student else None
+    assert error_of(bad.check) == expected
+    assert error_of(validate, bad, world_size=3, repo_root=root) == expected
+
+
+@pytest.mark.parametrize("overrides, expected", TRAINER_CANNOT_RUN)
+def test_padd_config_validate_refuses_what_the_trainer_cannot_run(setup, capsys, overrides, expected):
+    from padd_ds.cli import main
+
+    cfg, root = setup
+    cfg.data.source = "gsm8k"  # a hub dataset: no toy models needed, nothing downloaded by validation
+    recipe = root / "recipe.yaml"
+    recipe.write_text(dump_yaml(cfg))
+    assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3"]) == 0
+    assert capsys.readouterr().out == "config OK\n"
+    args = [a for o in overrides for a in ("--set", o)]
+    assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3", *args]) == 2
+    assert capsys.readouterr().err == f"padd-ds: config error: {expected}\n"
 
 
 def test_group_size_one_is_fine_without_stage3(setup):
@@ -247,21 +297,25 @@ def test_unparsable_deepspeed_json(setup):
     assert "is not valid JSON (line 1" in error_of(validate, cfg, repo_root=root)
 
 
+def ep_size(cfg: PaddConfig, root: Path) -> int:
+    return expert_parallel_size(read_deepspeed_config(cfg, repo_root=root), cfg.deepspeed.expert_parallel_size)
+
+
 def test_deepspeed_json_relative_to_repo_root(setup, tmp_path_factory, monkeypatch):
     cfg, root = setup
     cfg.deepspeed.config = "ds.json"
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
-    assert expert_parallel_size(cfg, repo_root=root) == 2
+    assert ep_size(cfg, root) == 2
 
 
 def test_expert_parallel_size_sources(setup):
     cfg, root = setup
-    assert expert_parallel_size(cfg, repo_root=root) == 2
+    assert ep_size(cfg, root) == 2
     cfg.deepspeed.expert_parallel_size = 4
-    assert expert_parallel_size(cfg, repo_root=root) == 4
+    assert ep_size(cfg, root) == 4
     cfg.deepspeed.expert_parallel_size = None
     Path(cfg.deepspeed.config).write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert expert_parallel_size(cfg, repo_root=root) == 1
+    assert ep_size(cfg, root) == 1
 
 
 def test_experts_not_divisible_by_ep(setup):
@@ -411,7 +465,7 @@ def test_missing_data_file(setup):
 @pytest.mark.parametrize("world, teachers, expected", [
     (2, 2, "world size 2 cannot hold topology.teacher_ranks=2 plus at least one student rank"),
     (3, 2, "topology.teacher_ranks=2 exceeds the 1 student ranks of world size 3"),
-    (2, 1, "1 student ranks (world size 2) do not divide into expert-parallel groups of 2"),
+    (2, 1, "1 student ranks do not divide into expert-parallel groups of 2 (world size 2)"),
     (1, 1, "world size 1 cannot hold a separate teacher rank; set topology.colocated=true"),
 ])
 def test_world_size_errors(setup, world, teachers, expected):
@@ -435,7 +489,8 @@ def test_world_size_ok_cases(setup):
 
 
 def test_imports_without_torch_or_deepspeed():
-    code = ("import sys; import padd_ds.config, padd_ds.launch.roles; "
+    code = ("import sys; import padd_ds.config, padd_ds.recipe, padd_ds.validate, padd_ds.plan, padd_ds.cli, "
+            "padd_ds.launch.roles; "
             "bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=60)

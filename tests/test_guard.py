@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from conftest import REPO, free_port, run_cmd
-from padd_ds.config import ConfigError, load_config, validate
+from padd_ds.config import ConfigError
+from padd_ds.recipe import load_config
+from padd_ds.validate import validate
 
 
 def test_guard_on_two_zero3_ranks():

@@ -28,7 +28,7 @@ SEARCH = 16  # steps of the data plan searched for a suitable word piece
 def _hits(toy_build) -> tuple[int, list[list[set]]]:
     """A word piece whose occurrences (per step, per student rank) skip some steps, then
     three in a row; and that pattern. Mirrors the trainer's data path exactly."""
-    from padd_ds.config import load_config
+    from padd_ds.recipe import load_config
     from padd_ds.data.batch import encode_examples, usable_problems
     from padd_ds.data.math import load_train_problems
     from padd_ds.data.splits import split_pool

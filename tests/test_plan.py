@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from padd_ds.config import load_config
+from padd_ds.recipe import load_config
 from padd_ds.plan import (GPU_RESERVE_GB, KNOWN_CONFIGS, Cluster, arch_from_config, make_plan, min_shards,
                           slurm_shape)
 
@@ -220,8 +220,17 @@ def test_slurm_shape():
 
 
 def padd_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "padd_ds.cli", "plan", "--recipe", RECIPE_70B, *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    # train.mode=distill: the padd mode of the recipe is refused by validation (next test)
+    return subprocess.run([sys.executable, "-m", "padd_ds.cli", "plan", "--recipe", RECIPE_70B,
+                           "--set", "train.mode=distill", *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_padd_plan_validates_first_with_the_trainers_words():
+    p = subprocess.run([sys.executable, "-m", "padd_ds.cli", "plan", "--recipe", RECIPE_70B, "--nodes", "8"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr == ("padd-ds: config error: train.micro_batch_size=1 must be a multiple of stage3.group_size=8 "
+                        "in train.mode=padd (it counts rollouts per rank: prompts x group size)\n")
 
 
 def test_padd_plan_70b_on_8_nodes_fits():
@@ -239,7 +248,7 @@ def test_padd_plan_70b_on_one_node_refuses_clearly():
     lines = p.stdout.strip().splitlines()
     assert re.fullmatch(r"PLAN fits=false peak_gpu_gb=\d+\.\d", lines[-1]), lines[-1]
     assert "verdict  does NOT fit:" in p.stdout
-    assert "no GPU left for students: the 8 ranks all go to topology.teacher_ranks=8" in p.stdout
+    assert "world size 8 cannot hold topology.teacher_ranks=8 plus at least one student rank" in p.stdout
     assert re.search(r"\d+ nodes \(sbatch --nodes=\d+\)", p.stdout)  # a concrete fix
 
 

@@ -26,7 +26,10 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from padd_ds.config import ConfigError, PaddConfig, dump_yaml, load_config, to_dict, validate
+from padd_ds.config import PaddConfig
+from padd_ds.plan import Cluster, make_plan
+from padd_ds.recipe import dump_yaml, load_config, to_dict
+from padd_ds.validate import validate
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     derandomize=True)  # reproducible in CI; a failure prints its minimal example
@@ -158,14 +161,10 @@ def base(tmp_path_factory):
 
 
 def check_config(cfg: PaddConfig, world_size: int, root: Path) -> None:
-    """What train.py runs before any process group: validate, the trainer's own refusals,
-    the memory plan. Each may refuse, only cleanly."""
-    from padd_ds.plan import Cluster, make_plan
-    from padd_ds.config import check_supported
-
+    """What train.py runs before any process group: validate (the trainer's own refusals
+    included), the memory plan. Each may refuse, only cleanly."""
     try:
         validate(cfg, world_size=world_size, repo_root=root)
-        check_supported(cfg)
         make_plan(cfg, Cluster(1, world_size, 80.0))
     except ValueError as e:
         assert_clean(e)

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from padd_ds.config import Stage3Config
+from padd_ds.config import ConfigError, Stage3Config
 from padd_ds.eval.grading import grade
+from padd_ds.recipe import load_config
 from padd_ds.rl.rewards import group_advantages, has_answer_marker, reward
+from padd_ds.validate import validate
 
 
 @pytest.mark.parametrize("response, reference, correct, formatted", [
@@ -80,7 +82,5 @@ def test_bad_reward_shapes_are_refused():
 
 
 def test_negative_reward_weights_are_refused_by_validate():
-    from padd_ds.config import ConfigError, load_config, validate
-
     with pytest.raises(ConfigError, match="stage3.reward_format must be >= 0"):
         validate(load_config(None, ["stage3.reward_format=-0.1"]))

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from padd_ds.config import Stage2Config, Stage3Config
+from padd_ds.config import ConfigError, Stage2Config, Stage3Config
+from padd_ds.recipe import load_config
 from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, effective_temperature, policy_loss, router_drift,
                                tempered_kd_loss)
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk, full_kd_loss, sparse_kd_loss
+from padd_ds.validate import validate
 
 
 def _topk64(z: torch.Tensor, k: int) -> SparseLogits:
@@ -38,7 +40,7 @@ def _dense_kl(teacher: torch.Tensor, student: torch.Tensor, temp: torch.Tensor, 
 def test_effective_temperature_by_hand_for_each_coupling():
     adv = torch.tensor([1.0, 0.0, -0.5, -5.0])
     phi = [1 + math.tanh(0.5), 1.0, 1 + math.tanh(-0.25), 0.1]   # 1 + tanh(-2.5) = 0.013 -> floor 0.1
-    cfg = Stage2Config(tau=2.0, kappa=0.5, phi_floor=0.1)
+    cfg = Stage2Config(base_temperature=2.0, advantage_scale=0.5, coupling_floor=0.1)
     cfg.temperature_coupling = "as_intended"
     torch.testing.assert_close(effective_temperature(adv, cfg), torch.tensor([2.0 / p for p in phi]))
     cfg.temperature_coupling = "as_written"
@@ -47,12 +49,14 @@ def test_effective_temperature_by_hand_for_each_coupling():
     torch.testing.assert_close(effective_temperature(adv, cfg), torch.full((4,), 2.0))
 
 
-def test_phi_floor_keeps_temperatures_finite_at_extreme_advantages():
+def test_coupling_floor_keeps_temperatures_finite_at_extreme_advantages():
     adv = torch.tensor([-1e6, -40.0, 1e6])
     for coupling in ("as_intended", "as_written"):
-        t = effective_temperature(adv, Stage2Config(tau=1.0, kappa=1.0, temperature_coupling=coupling))
+        t = effective_temperature(adv, Stage2Config(base_temperature=1.0, advantage_scale=1.0,
+                                                    temperature_coupling=coupling))
         assert torch.isfinite(t).all() and (t > 0).all()
-    t = effective_temperature(adv, Stage2Config(tau=1.0, temperature_coupling="as_intended", phi_floor=0.25))
+    t = effective_temperature(adv, Stage2Config(base_temperature=1.0, temperature_coupling="as_intended",
+                                                coupling_floor=0.25))
     torch.testing.assert_close(t, torch.tensor([4.0, 4.0, 0.5]))   # good path sharper, bad path softer
 
 
@@ -246,7 +250,7 @@ def test_pr_grpo_damps_only_drifting_tokens_of_bad_responses():
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     drift = torch.tensor([[0.1, 0.5, 0.0], [0.1, 0.5, 0.0]], dtype=torch.float64)
     mask = torch.ones(2, 3, dtype=torch.bool)
-    cfg = Stage3Config(policy="pr_grpo", drift_lambda=1.0, clip_eps=0.2)
+    cfg = Stage3Config(policy="pr_grpo", drift_penalty=1.0, clip_eps=0.2)
     loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift), cfg), new)
     g_loss, g_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(policy="grpo")), new)
     # positive advantage: untouched by drift, identical to GRPO
@@ -267,7 +271,7 @@ def test_rspo_damps_every_token_with_a_floor():
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     drift = torch.tensor([[0.1, 2.0], [0.1, 2.0]], dtype=torch.float64)
     mask = torch.ones(2, 2, dtype=torch.bool)
-    cfg = Stage3Config(policy="rspo", drift_lambda=1.0, rspo_min_weight=0.5, clip_eps=0.2)
+    cfg = Stage3Config(policy="rspo", drift_penalty=1.0, rspo_min_weight=0.5, clip_eps=0.2)
     loss, grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift), cfg), new)
     d = math.exp(-0.1)                                                      # exp(-2) = 0.135 -> floor 0.5
     # A > 0: -min(w, clip(w)) = -w for w < 1 (never clipped from below); A < 0: max(w, clip(w))
@@ -362,14 +366,12 @@ def test_router_drift_by_hand():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("stage2.phi_floor=0", "stage2.phi_floor must be in (0, 1]"),
+    ("stage2.coupling_floor=0", "stage2.coupling_floor must be in (0, 1]"),
     ("stage3.seq_clip_eps=1", "stage3.seq_clip_eps must be in (0, 1)"),
     ("stage3.rspo_min_weight=1.5", "stage3.rspo_min_weight must be in [0, 1]"),
     ("stage3.loss_agg=sum", "stage3.loss_agg: 'sum' is not allowed"),
 ])
 def test_new_config_fields_are_range_checked(override, expected):
-    from padd_ds.config import ConfigError, load_config, validate
-
     with pytest.raises(ConfigError) as info:
         validate(load_config(None, [override]))       # ranges are checked before any path
     assert expected in str(info.value)

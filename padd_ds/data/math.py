@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from padd_ds.config import expand_user
+from padd_ds.paths import REPO_ROOT, expand_user
 from padd_ds.data.answers import last_boxed
 
 

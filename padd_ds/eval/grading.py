@@ -28,9 +28,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from padd_ds.data.answers import BOXED, last_boxed
+from padd_ds.paths import REPO_ROOT
 
 GRADE_TIMEOUT_S = 5.0  # per call; a symbolic check of a sane answer takes < 0.3 s, sympy on a hostile one never ends
 MAX_ANSWER_CHARS = 512  # a longer "final answer" is a runaway generation, not an answer; math-verify on it is slow
@@ -143,7 +143,7 @@ class _Helper:
 
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+            [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         proc = subprocess.Popen([sys.executable, "-m", "padd_ds.eval.grading"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
         line = self._read_line(proc, _WORKER_START_TIMEOUT_S)

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from padd_ds.config import PaddConfig, resolve_model_path
+from padd_ds.models.arch import uses_bf16
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bf16 on CUDA (what clusters train in) and fp32 on CPU (bf16 matmuls are slow
-    and lossy there)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def model_paths(cfg: PaddConfig) -> tuple[str, str | None, str]:
-    """(teacher, student or None when it is decompressed from the teacher, tokenizer)."""
-    teacher = resolve_model_path(cfg.models.teacher, field_name="models.teacher")
-    student = (resolve_model_path(cfg.models.student, field_name="models.student")
-               if cfg.models.student is not None else None)
-    tok = (resolve_model_path(cfg.models.tokenizer, field_name="models.tokenizer", need_config=False)
-           if cfg.models.tokenizer else teacher)  # a tokenizer-only directory has no config.json
-    return teacher, student, tok
+    """The torch dtype of a models.dtype setting on this machine (the rule: arch.uses_bf16)."""
+    return torch.bfloat16 if uses_bf16(name, torch.cuda.is_available()) else torch.float32
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -42,33 +29,6 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     return model.to(device)
-
-
-def moe_shape(hf_config) -> tuple[int, int] | None:
-    """(num routed experts, top-k) of an HF MoE config, None for a dense model."""
-    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
-        n = getattr(hf_config, attr, None)
-        if n:
-            return int(n), int(hf_config.num_experts_per_tok)
-    return None
-
-
-# DeepSpeed AutoEP preset for each HF model_type we support as a student.
-AUTOEP_PRESETS = {
-    "qwen3_moe": "qwen3_moe",
-    "qwen2_moe": "qwen3_moe",
-    "mixtral": "mixtral",
-    "deepseek_v2": "deepseek_v2",
-    "deepseek_v3": "deepseek_v3",
-}
-
-
-def autoep_preset(hf_config) -> str:
-    mt = getattr(hf_config, "model_type", None)
-    if mt not in AUTOEP_PRESETS:
-        raise ValueError(f"student model_type '{mt}' has no DeepSpeed AutoEP preset; supported: "
-                         f"{sorted(AUTOEP_PRESETS)}")
-    return AUTOEP_PRESETS[mt]
 
 
 def decoder_layers(model: torch.nn.Module):

@@ -12,7 +12,8 @@ from typing import Callable
 
 import deepspeed.comm as dist
 
-from padd_ds.config import PaddConfig, dump_yaml, to_dict
+from padd_ds.config import PaddConfig
+from padd_ds.recipe import dump_yaml, to_dict
 from padd_ds.data.batch import usable_problems
 from padd_ds.data.math import load_train_problems
 from padd_ds.data.splits import split_pool
@@ -21,7 +22,8 @@ from padd_ds.engine.build import initialize_engine
 from padd_ds.eval.heldout import heldout_accuracy
 from padd_ds.launch.world import World
 from padd_ds.models.decompress import PROVENANCE_FILE, decompress, save_decompressed
-from padd_ds.models.loading import load_causal_lm, load_tokenizer, model_paths
+from padd_ds.models.files import model_paths
+from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.pipeline.records import ResumeState, RunContext
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.stage1.handshake import send_stage1_setup

@@ -8,6 +8,8 @@ After every optimiser step, for each MoE layer l and routed expert j:
     balancing:  b_j <- b_j - eta * (f_j - 1/N) + gamma * EMA_j   (overloaded experts lose bias)
     as_written: b_j <- b_j + eta * (f_j - 1/N) + gamma * EMA_j   (the notes' sign: positive feedback)
 
+with eta = stage4.balance_rate and gamma = stage4.advantage_rate.
+
 The router adds b to its scores before top-k. An expert that received no token this step
 keeps its EMA: "no evidence" is not "advantage 0", and decaying it would pull an idle
 expert's quality estimate towards neutral only because the router skipped it. The EMA
@@ -73,7 +75,7 @@ class BiasController:
         self.adv_ema = torch.where(seen, d * self.adv_ema + (1.0 - d) * step_adv, self.adv_ema)
         excess = f - 1.0 / num_experts
         sign = -1.0 if self.cfg.bias_sign == "balancing" else 1.0
-        self.bias = self.bias + sign * self.cfg.eta * excess + self.cfg.gamma * self.adv_ema
+        self.bias = self.bias + sign * self.cfg.balance_rate * excess + self.cfg.advantage_rate * self.adv_ema
         self.steps += 1
         return {
             "load_max_over_mean": float((f * num_experts).max(dim=1).values.mean()),

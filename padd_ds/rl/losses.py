@@ -31,7 +31,8 @@ Stage III policy losses
 All share the clipped surrogate  -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)  and differ in
 rho, built from the log-ratio  log pi_new - log pi_old + log w_t:
   grpo     w_t = 1;
-  pr_grpo  w_t = exp(-lambda * Gamma_t) on tokens of negative-advantage responses, else 1;
+  pr_grpo  w_t = exp(-lambda * Gamma_t) on tokens of negative-advantage responses, else 1
+           (lambda = stage3.drift_penalty);
   rspo     w_t = max(exp(-lambda * Gamma_t), rspo_min_weight) on every token. RSPO's
            published form rescales the importance ratio by a stop-gradient router-shift
            weight with a lower floor *before* clipping, and so do we (it then also moves the
@@ -81,18 +82,19 @@ def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
 def effective_temperature(advantages: torch.Tensor, cfg: Stage2Config) -> torch.Tensor:
     """Per-response KD temperature [B] from advantages [B] (no gradient).
 
-    Phi(A) = max(1 + tanh(kappa * A), phi_floor); as_intended: tau / Phi (good paths
-    sharper), as_written: tau * Phi (the notes' formula), fixed: tau.
+    Phi(A) = max(1 + tanh(kappa * A), floor) with kappa = advantage_scale, floor =
+    coupling_floor; with tau = base_temperature, as_intended: tau / Phi (good paths sharper),
+    as_written: tau * Phi (the notes' formula), fixed: tau.
     """
     a = advantages.detach()
     a = a.to(torch.float64) if a.dtype == torch.float64 else a.float()
     if cfg.temperature_coupling == "fixed":
-        return torch.full_like(a, cfg.tau)
-    phi = (1.0 + torch.tanh(cfg.kappa * a)).clamp(min=cfg.phi_floor)
+        return torch.full_like(a, cfg.base_temperature)
+    phi = (1.0 + torch.tanh(cfg.advantage_scale * a)).clamp(min=cfg.coupling_floor)
     if cfg.temperature_coupling == "as_intended":
-        return cfg.tau / phi
+        return cfg.base_temperature / phi
     if cfg.temperature_coupling == "as_written":
-        return cfg.tau * phi
+        return cfg.base_temperature * phi
     raise ValueError(f"stage2.temperature_coupling={cfg.temperature_coupling!r}; choose as_intended, as_written or fixed")
 
 
@@ -100,7 +102,7 @@ def _temperature_column(temperature: float | torch.Tensor, like: torch.Tensor) -
     """Temperature as [B, L, 1] (or a scalar) broadcasting against [B, L, k] tensors."""
     t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device).detach()
     if not torch.isfinite(t).all() or (t <= 0).any():
-        raise ValueError("KD temperature must be finite and > 0; check stage2.tau and stage2.phi_floor")
+        raise ValueError("KD temperature must be finite and > 0; check stage2.base_temperature and stage2.coupling_floor")
     B, L = like.shape[:2]
     if t.dim() == 0:
         return t
@@ -232,12 +234,12 @@ class PolicyInputs:
 # log w_t of each policy (see the module doc) from Gamma [B, T] and the advantages [B, 1];
 # None: w_t = 1 and no drift needed. A new variant is a new entry.
 def _pr_grpo_log_weight(g: torch.Tensor, adv: torch.Tensor, cfg: Stage3Config) -> torch.Tensor:
-    return torch.where(adv < 0, -cfg.drift_lambda * g, torch.zeros_like(g))
+    return torch.where(adv < 0, -cfg.drift_penalty * g, torch.zeros_like(g))
 
 
 def _rspo_log_weight(g: torch.Tensor, adv: torch.Tensor, cfg: Stage3Config) -> torch.Tensor:
     floor = math.log(cfg.rspo_min_weight) if cfg.rspo_min_weight > 0 else -math.inf
-    return (-cfg.drift_lambda * g).clamp(min=floor)
+    return (-cfg.drift_penalty * g).clamp(min=floor)
 
 
 _LOG_WEIGHT = {"grpo": None, "pr_grpo": _pr_grpo_log_weight, "rspo": _rspo_log_weight, "gspo": None}

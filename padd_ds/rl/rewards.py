@@ -12,7 +12,7 @@ it their rewards are all equal and their advantages all zero.
 A_i = (r_i - mean_g r) / std_g r within each group of G responses to one prompt, with the
 population std (divide by G, not G - 1): the advantages of a group then have mean 0 and
 mean square exactly 1 whatever G is (G = 2 with rewards {0, 1} gives exactly -1 and +1),
-which is the scale `Stage2Config.kappa` assumes. A group whose rewards are all equal
+which is the scale `Stage2Config.advantage_scale` (kappa) assumes. A group whose rewards are all equal
 carries no preference; its advantages are exactly 0 and it is counted, not divided by ~0.
 """
 

@@ -20,7 +20,7 @@ from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import TAG_STAGE1
 from padd_ds.launch.roles import students_of_teacher
 from padd_ds.launch.world import World
-from padd_ds.models.loading import moe_shape
+from padd_ds.models.arch import moe_shape
 from padd_ds.teacher.clusters import cluster_map_from_provenance, cluster_teacher, layer_map
 
 

@@ -5,6 +5,7 @@
                  (`models.router.RouterFit`), or keep / randomise it (`stage1.router_init`)
     3. measure   on D_D again (the effect of the init alone)
     4. warmup    on D_B: dispatch frozen at uniform, L_LM + alpha L_KD + beta path KL
+                 (alpha = stage1.kd_weight, beta = stage1.path_kl_weight)
     5. measure   on D_D (the effect of the warmup)
 
 Every measurement uses the learned router (the routes Stage II will start from) and
@@ -68,7 +69,7 @@ class Stage1:
                                                self.cfg.run.seed + 17):
                 logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
                 valid = batch.attention_mask.bool()
-                log_pt = path_log_probs(self._cluster_order(out.cluster_acts), self.cfg.stage1.xi)
+                log_pt = path_log_probs(self._cluster_order(out.cluster_acts), self.cfg.stage1.path_temperature)
                 scores = trace.scores()
                 for key, value in path_agreement(scores, log_pt, valid, self.top_k).items():
                     meter.add(key, value)
@@ -121,7 +122,7 @@ class Stage1:
                                                OUT_CLUSTER_GATE | OUT_CLUSTER_ACTS, self.cfg.run.seed + 11):
                 self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
                 valid = batch.attention_mask.bool().reshape(-1)
-                p_t = path_log_probs(out.cluster_acts, s1.xi).exp()
+                p_t = path_log_probs(out.cluster_acts, s1.path_temperature).exp()
                 for l, (x, p_s) in enumerate(zip(trace.inputs(), trace.scores())):
                     z = out.cluster_gate[..., l, :].reshape(-1, n)
                     fit.add(l, x[valid], z[valid])
@@ -160,9 +161,9 @@ class Stage1:
             denom, tdenom = count / self.num_students, tokens / self.num_students
             lm = lm_loss(logits, batch, denom=denom)
             kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
-            kl = path_kl(trace.scores(), path_log_probs(self._cluster_order(out.cluster_acts), s1.xi),
+            kl = path_kl(trace.scores(), path_log_probs(self._cluster_order(out.cluster_acts), s1.path_temperature),
                          batch.attention_mask.bool(), tdenom)
-            if not guard.backward_step(self.engine, lm + s1.alpha * kd + s1.beta * kl, step):
+            if not guard.backward_step(self.engine, lm + s1.kd_weight * kd + s1.path_kl_weight * kl, step):
                 meter.add("lm", lm.item() * denom)
                 meter.add("kd", kd.item() * denom)
                 meter.add("kl", kl.item() * tdenom)

@@ -9,7 +9,8 @@ layer l. "Frozen at uniform" is read as the *dispatch*: every token goes to all 
 expert is starved or favoured by a half-trained router (the cold-start problem). The
 router's weights receive gradient only from the path KL: the routes it will take once
 Stage II starts are learned from the teacher's clusters, never from its own early choices.
-p_T,l = softmax(mean activation of each teacher cluster / xi) on the mapped teacher layer.
+p_T,l = softmax(mean activation of each teacher cluster / xi) on the mapped teacher layer
+(xi = stage1.path_temperature, alpha = stage1.kd_weight, beta = stage1.path_kl_weight).
 KL(p_S || p_T) is summed over layers and averaged over the non-padding tokens of the global
 batch (prompt and response: the teacher's paths exist on every token).
 """

@@ -20,7 +20,8 @@ from padd_ds.config import PaddConfig
 from padd_ds.eval.heldout import heldout_accuracy
 from padd_ds.launch.bridge import TAG_RESULT, TAG_STAGE1
 from padd_ds.launch.world import World
-from padd_ds.models.loading import load_causal_lm, load_tokenizer, model_paths
+from padd_ds.models.files import model_paths
+from padd_ds.models.loading import load_causal_lm, load_tokenizer
 from padd_ds.teacher.clusters import ClusterMap, cluster_teacher
 from padd_ds.teacher.service import TeacherModel, serve
 from padd_ds.teacher.sharded import ShardedTeacher

@@ -33,6 +33,9 @@ from padd_ds.data.math import PACKAGED_DATA_DIR
 from padd_ds.data.prompt import format_example
 from padd_ds.data.toy import ToyProblem, toy_splits
 from padd_ds.eval.evaluate import Decoding, evaluate_problems
+from padd_ds.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
 
 # Bump whenever the build recipe changes in a way the config does not capture.
 BUILD_VERSION = "1"
@@ -149,7 +152,7 @@ class ToyBuild:
 
 def repo_root() -> Path:
     """The checkout root: the parent of the ``padd_ds`` package directory."""
-    return Path(__file__).resolve().parents[2]
+    return REPO_ROOT
 
 
 # GSM8K's train split, installed with the package (padd_ds/data/files/README.md).
