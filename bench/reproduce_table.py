@@ -14,7 +14,7 @@ once per seed and shared: the arms with Stage I start from its exported student.
   PADD                 Stage I, then the recipe as is
   w/o Stage I          the recipe from toy://student
   w/o Stage II/III/IV  Stage I, then stage2|stage3|stage4.enabled=false
-(the baselines start from toy://student, as in the README's "method | overrides" table)
+(the baselines start from toy://student, as in docs/method.md, "Baselines and ablations")
 Every arm takes `--updates-per-batch` optimiser steps per rollout batch (default 2): with one,
 the ratio is 1 at every update, nothing is clipped, and GRPO, GSPO, RSPO and PR-GRPO coincide.
 

@@ -38,6 +38,8 @@ def received() -> bool:
 
 def agreed() -> bool:
     """True on every student rank once any of them got the signal (collective)."""
+    # Imported here: train.py installs the handlers before torch loads (a signal during the
+    # imports is then remembered, not fatal).
     import deepspeed.comm as dist
     import torch
 

@@ -8,7 +8,7 @@ from padd_ds.models.arch import uses_bf16
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a models.dtype setting on this machine (the rule: arch.uses_bf16)."""
+    """The torch dtype of a models.dtype setting on this process's device (the rule: arch.uses_bf16)."""
     return torch.bfloat16 if uses_bf16(name, torch.cuda.is_available()) else torch.float32
 
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from padd_ds.launch.comm import broadcast_, gather
+from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs
 from padd_ds.teacher.sparse import SparseLogits
 
 _STOP = 0
@@ -70,9 +71,6 @@ class ShardedTeacher:
 
     @torch.no_grad()
     def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int, outputs: int):
-
-        from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs
-
         B, L = ids.shape
         chunk = math.ceil(B / self.size)
         lo, hi = min(self.rank * chunk, B), min((self.rank + 1) * chunk, B)

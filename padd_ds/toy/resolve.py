@@ -17,7 +17,7 @@ def use_toy_build_for(cfg: PaddConfig) -> None:
         return
     if os.environ.get("PADD_TOY_DIR"):
         return
-    from padd_ds.toy.build import PROFILES, ToyBuildConfig, build_root, is_built
+    from padd_ds.toy.build import PROFILES, ToyBuildConfig, build_root, is_built  # torch: only when toy models are used
 
     profile = os.environ.get("PADD_TOY_PROFILE", "demo")
     if profile not in PROFILES:
