@@ -417,8 +417,10 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    # What the run's before/after table evaluates: toy (the toy build's held-out problems),
+    # gsm8k (its test set) or math5 (the paper's five benchmarks, accuracy averaged over them).
     suite: Literal["toy", "gsm8k", "math5"] = "toy"
-    # 200 problems: standard error ~3.5 points at 50% accuracy, minutes on CPU.
+    # Per benchmark. 200 problems: standard error ~3.5 points at 50% accuracy, minutes on CPU.
     num_problems: int = 200
     # Same as data.max_response_tokens so evaluation sees the lengths training saw.
     max_new_tokens: int = 96

@@ -123,3 +123,22 @@ def test_padd_eval_sampled_and_bad_arguments(toy_build, tmp_path, capsys):
     assert padd(["eval", "--model", str(toy_build.student_dir), "--samples", "2", "--temperature", "0"]) == 2
     assert padd(["eval", "--model", str(tmp_path / "missing"), "--suite", "gsm8k"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["gsm8k", "math5"])
+def test_the_run_evaluates_its_configured_suite(student, suite):
+    """The trainer's before/after accuracy is eval.suite's (the paper recipes use math5), not the
+    toy split: the mean over the suite's benchmarks, each graded on its own problems."""
+    from padd_ds.config import PaddConfig
+    from padd_ds.data.math import load_suite
+    from padd_ds.eval.heldout import heldout_accuracy
+
+    cfg = PaddConfig()
+    cfg.eval.suite, cfg.eval.num_problems, cfg.eval.max_new_tokens = suite, 2, 8
+    res = heldout_accuracy(*student, cfg)
+    assert list(res["per_benchmark"]) == list(SUITES[suite]) and res["n"] == 2 * len(SUITES[suite])
+    model, tok = student
+    expect = {name: evaluate_problems(model, tok, problems, Decoding(8, cfg.eval.batch_size))["accuracy"]
+              for name, problems in load_suite(suite, limit=2).items()}
+    assert res["per_benchmark"] == expect
+    assert res["accuracy"] == pytest.approx(sum(expect.values()) / len(expect))

@@ -190,3 +190,12 @@ def test_bad_sources(tmp_path):
     path.write_text('{"question": "q", "solution": "no box here"}\n')
     with pytest.raises(ValueError, match=re.escape(f"{path}:1:") + ".*boxed"):
         load_problems(path)
+
+
+def test_gsm8k_as_training_data_is_its_train_split():
+    """data.source=gsm8k trains on GSM8K's 7,473 training problems, never on its test set."""
+    from padd_ds.data.math import load_train_problems
+
+    train, test = load_train_problems("gsm8k"), load_problems("gsm8k")
+    assert len(train) == 7473 and len(test) == 1319
+    assert not {p["question"] for p in train} & {p["question"] for p in test}

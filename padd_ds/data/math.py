@@ -356,9 +356,14 @@ def toy_build_dir() -> Path:
     return Path(d)
 
 
+# A benchmark name given as training data means its training split, never its test set.
+TRAIN_SPLIT_OF = {"gsm8k": "gsm8k_train"}
+
+
 def load_train_problems(source: str, question_field: str = "question", answer_field: str = "answer") -> list[dict]:
     if source == "toy":
         return load_jsonl(toy_build_dir() / "train.jsonl")
+    source = TRAIN_SPLIT_OF.get(source, source)
     # The config's default names mean "detect": a benchmark or file using `problem` still loads.
     fields = Fields(question=None if question_field == "question" else question_field,
                     answer=None if answer_field == "answer" else answer_field)
