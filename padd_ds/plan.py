@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -351,7 +352,7 @@ def load_arch(ref: str, field_name: str) -> Arch:
 # GPUs a node) and caching-allocator fragmentation. 4 GB of 80 is the margin we keep free.
 GPU_RESERVE_GB = 4.0
 # A CPU rank's Python, torch, DeepSpeed, transformers, gloo and tokenizer before any model
-# (imports alone measured 0.27 GB here; 1 GB leaves room for buffers and the data).
+# (their imports take about 0.3 GB; 1 GB leaves room for buffers and the data).
 CPU_PROCESS_GB = 1.0
 # H100 SXM dense bf16 peak, the usual 80 GB training GPU; A100 is 312.
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -541,227 +542,299 @@ def min_shards(model_gb: float, device_gb: float) -> int:
     return max(1, math.ceil(model_gb / device_gb - 1e-9))
 
 
-def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fixes: bool = True,
-              _inp: _Inputs | None = None) -> Plan:
-    inp = _inp or _inputs(cfg)
-    T, S = inp.teacher, inp.student
-    ds = inp.ds
-    world, gpn = cluster.world, cluster.gpus_per_node
+@dataclass(frozen=True)
+class _Shape:
+    """The launch's numbers every phase of the plan reads, derived once from config and cluster."""
+    world: int
+    gpn: int                 # ranks per node
+    colocated: bool
+    n_teacher: int
+    n_student: int
+    parallel: str            # teacher.parallel as it runs ("replicas" with a single teacher rank)
+    ep: int                  # expert-parallel size
+    local_experts: int
+    elem: int                # bytes per parameter/activation element (bf16 2, fp32 4)
+    seq: int                 # prompt + response tokens
+    mbs: int                 # sequences per student rank per micro-step
+    tokens: int              # mbs * seq, right-padded to the longest sequence
+
+    @property
+    def student_ranks(self) -> int:
+        return max(1, self.n_student)
+
+
+def _shape(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> _Shape:
     colocated = cfg.topology.colocated
     n_teacher = 0 if colocated else cfg.topology.teacher_ranks
-    n_student = world - n_teacher
-    ep = expert_parallel_size(ds, cfg.deepspeed.expert_parallel_size, cfg.deepspeed.config)
-    elem = 2 if uses_bf16(cfg.models.dtype, cluster.device == "gpu") else 4
+    ep = expert_parallel_size(inp.ds, cfg.deepspeed.expert_parallel_size, cfg.deepspeed.config)
+    S = inp.student
+    local = S.experts // ep if S.is_moe and S.experts % ep == 0 else max(1, math.ceil(S.experts / max(1, ep)))
     seq = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     mbs = cfg.train.micro_batch_size
-    tokens = mbs * seq  # per student rank per micro-step, right-padded to the longest sequence
+    return _Shape(world=cluster.world, gpn=cluster.gpus_per_node, colocated=colocated, n_teacher=n_teacher,
+                  n_student=cluster.world - n_teacher,
+                  parallel=cfg.teacher.parallel if n_teacher > 1 else "replicas", ep=ep, local_experts=local,
+                  elem=2 if uses_bf16(cfg.models.dtype, cluster.device == "gpu") else 4,
+                  seq=seq, mbs=mbs, tokens=mbs * seq)
+
+
+def _layout(sh: _Shape, inp: _Inputs) -> list[str]:
+    S, T = inp.student, inp.teacher
+    teacher_at = ("teacher inside each student process (colocated)" if sh.colocated else
+                  f"teacher {_span(range(max(0, sh.n_student), sh.world), sh.gpn)}, teacher.parallel={sh.parallel}")
+    dp = sh.n_student // sh.ep if sh.ep and sh.n_student % sh.ep == 0 else None
+    experts = (f", {S.experts} experts top-{S.top_k}, EP {sh.ep} -> {sh.local_experts} local experts per rank"
+               f"{f', DP {dp}' if dp else ''}" if S.is_moe else "")
+    teacher_split = (f", ZeRO-3 over {sh.n_teacher} ranks" if sh.parallel == "zero3" else
+                     f", {max(1, sh.n_teacher)} full replica{'s' if sh.n_teacher > 1 else ''}"
+                     if not sh.colocated else "")
+    return [f"{sh.world} ranks: students {_span(range(0, max(0, sh.n_student)), sh.gpn)}, {teacher_at}",
+            f"student {S.name}: {_count(S.total_params())} params ({_count(S.active_params())} active){experts}",
+            f"teacher {T.name}: {_count(T.total_params())} params{teacher_split}"]
+
+
+def _check(ok: bool, good: str, bad: str, fatal: bool = True) -> Check:
+    return Check(ok, good if ok else bad, fatal)
+
+
+def _layout_checks(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> list[Check]:
+    """Divisibility and placement: the same rules the trainer enforces (validate.py), as plan lines."""
+    S, T = inp.student, inp.teacher
     checks: list[Check] = []
-    S_ranks = max(1, n_student)
-
-    # ---- layout ---------------------------------------------------------------------
-    parallel = cfg.teacher.parallel if n_teacher > 1 else "replicas"
-    layout = [f"{world} ranks: students {_span(range(0, max(0, n_student)), gpn)}, "
-              + ("teacher inside each student process (colocated)" if colocated
-                 else f"teacher {_span(range(max(0, n_student), world), gpn)}, teacher.parallel={parallel}")]
-    dp = n_student // ep if ep and n_student % ep == 0 else None
-    local_experts = S.experts // ep if S.is_moe and S.experts % ep == 0 else max(1, math.ceil(S.experts / max(1, ep)))
-    layout.append(f"student {S.name}: {_count(S.total_params())} params ({_count(S.active_params())} active)"
-                  + (f", {S.experts} experts top-{S.top_k}, EP {ep} -> {local_experts} local experts per rank"
-                     f"{f', DP {dp}' if dp else ''}" if S.is_moe else ""))
-    layout.append(f"teacher {T.name}: {_count(T.total_params())} params"
-                  + (f", ZeRO-3 over {n_teacher} ranks" if parallel == "zero3"
-                     else f", {max(1, n_teacher)} full replica{'s' if n_teacher > 1 else ''}" if not colocated else ""))
-
-    # ---- divisibility and layout checks --------------------------------------------
-    def check(ok: bool, good: str, bad: str, fatal: bool = True) -> None:
-        checks.append(Check(ok, good if ok else bad, fatal))
-
-    if not colocated:
-        problem = teacher_split_problem(cfg.topology, world)
-        check(problem is None, f"{n_student} student ranks and {n_teacher} teacher rank(s) after "
-              f"topology.teacher_ranks={n_teacher}", str(problem))
+    if not sh.colocated:
+        problem = teacher_split_problem(cfg.topology, sh.world)
+        checks.append(_check(problem is None, f"{sh.n_student} student ranks and {sh.n_teacher} teacher rank(s) "
+                             f"after topology.teacher_ranks={sh.n_teacher}", str(problem)))
     if S.is_moe:
-        problem = experts_problem(S.experts, ep)
-        check(problem is None, f"{S.experts} experts divide over expert-parallel size {ep}", str(problem))
-        if n_student >= 1:
-            problem = expert_groups_problem(n_student, ep)
-            check(problem is None, f"{n_student} student ranks = {n_student // ep} data-parallel x {ep} expert-parallel",
-                  str(problem))
-    if parallel == "replicas" and n_teacher > 1 and n_student >= 1:
-        check(n_student % n_teacher == 0, f"{n_student} students spread evenly over {n_teacher} teacher replicas",
-              f"{n_student} students do not spread evenly over {n_teacher} teacher replicas (some serve one more)",
-              fatal=False)
-    if parallel == "zero3" and n_student >= 1:
-        first_node, last_node = n_student // gpn, (world - 1) // gpn
-        check(first_node == last_node, f"the {n_teacher} ZeRO-3 teacher ranks share node {last_node}",
-              f"the {n_teacher} ZeRO-3 teacher ranks span nodes {first_node}-{last_node}; a sharded teacher's world "
-              f"meets on one node: use at most {gpn} teacher ranks, all on the last node")
+        problem = experts_problem(S.experts, sh.ep)
+        checks.append(_check(problem is None, f"{S.experts} experts divide over expert-parallel size {sh.ep}",
+                             str(problem)))
+        if sh.n_student >= 1:
+            problem = expert_groups_problem(sh.n_student, sh.ep)
+            checks.append(_check(problem is None, f"{sh.n_student} student ranks = {sh.n_student // sh.ep} "
+                                 f"data-parallel x {sh.ep} expert-parallel", str(problem)))
+    if sh.parallel == "replicas" and sh.n_teacher > 1 and sh.n_student >= 1:
+        checks.append(_check(sh.n_student % sh.n_teacher == 0,
+                             f"{sh.n_student} students spread evenly over {sh.n_teacher} teacher replicas",
+                             f"{sh.n_student} students do not spread evenly over {sh.n_teacher} teacher replicas "
+                             "(some serve one more)", fatal=False))
+    if sh.parallel == "zero3" and sh.n_student >= 1:
+        first_node, last_node = sh.n_student // sh.gpn, (sh.world - 1) // sh.gpn
+        checks.append(_check(first_node == last_node, f"the {sh.n_teacher} ZeRO-3 teacher ranks share node {last_node}",
+                             f"the {sh.n_teacher} ZeRO-3 teacher ranks span nodes {first_node}-{last_node}; a sharded "
+                             f"teacher's world meets on one node: use at most {sh.gpn} teacher ranks, all on the last node"))
     for name, arch in (("models.teacher", T), ("models.student", S)):
         if isinstance(arch.max_positions, int):
-            problem = positions_problem(name, arch.max_positions, seq)
-            check(problem is None, f"{name}: {seq}-token sequences within its {arch.max_positions} positions",
-                  str(problem))
-    per_rank = mbs * cfg.train.grad_accum
+            problem = positions_problem(name, arch.max_positions, sh.seq)
+            checks.append(_check(problem is None, f"{name}: {sh.seq}-token sequences within its "
+                                 f"{arch.max_positions} positions", str(problem)))
+    per_rank = sh.mbs * cfg.train.grad_accum
     if cfg.train.mode == "padd" and cfg.stage3.enabled:
-        check(per_rank % cfg.stage3.group_size == 0,
-              f"{per_rank} responses per rank and step = whole groups of G={cfg.stage3.group_size}",
-              f"train.micro_batch_size x train.grad_accum = {per_rank} responses per rank and step is not a "
-              f"multiple of stage3.group_size={cfg.stage3.group_size} (groups split across ranks)", fatal=False)
+        G = cfg.stage3.group_size
+        checks.append(_check(per_rank % G == 0, f"{per_rank} responses per rank and step = whole groups of G={G}",
+                             f"train.micro_batch_size x train.grad_accum = {per_rank} responses per rank and step is "
+                             f"not a multiple of stage3.group_size={G} (groups split across ranks)", fatal=False))
+    return checks
 
-    # ---- student memory ---------------------------------------------------------------
-    zero = ds.get("zero_optimization") or {}
+
+def _offload_device(zero: Mapping, key: str) -> str:
+    section = zero.get(key)
+    return (section or {}).get("device", "none") if isinstance(section, dict) else "none"
+
+
+@dataclass
+class _Memory:
+    """One role's per-device items and peak; `offload` is host RAM per rank for CPU offload."""
+    items: list[Item]
+    peak: float
+    offload: float = 0.0
+
+
+def _student_state(sh: _Shape, S: Arch, zero: Mapping) -> tuple[list[Item], float]:
+    """Parameters, gradients, optimizer state and the buffers ZeRO gathers them in."""
     stage = _ds_int(zero, "stage", 0)
-    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") if isinstance(zero.get("offload_optimizer"), dict) else "none"
-    off_par = (zero.get("offload_param") or {}).get("device", "none") if isinstance(zero.get("offload_param"), dict) else "none"
-    P = S.total_params()
+    off_opt, off_par = _offload_device(zero, "offload_optimizer"), _offload_device(zero, "offload_param")
+    P, elem, ranks = S.total_params(), sh.elem, sh.student_ranks
     P_expert = S.routed_expert_params()
-    P_replica = (P - P_expert) + P_expert / max(1, ep)  # what one rank holds unpartitioned: its local experts
+    P_replica = (P - P_expert) + P_expert / max(1, sh.ep)  # what one rank holds unpartitioned: its local experts
     opt_bytes = 12 if elem == 2 else 8  # bf16: fp32 master + Adam m, v; fp32: Adam m, v
-    student: list[Item] = []
-    cpu_offload_per_rank = 0.0
+    items: list[Item] = []
     if stage >= 3:
-        param_part = P / S_ranks
-        if off_par in ("cpu", "nvme"):
-            student.append(Item(f"params: offloaded to {off_par} (ZeRO-3)", 0.0))
-        else:
-            student.append(Item(f"params {elem} B x {_count(P)} / {S_ranks} ranks (ZeRO-3)", elem * param_part / GB))
-        if off_opt in ("cpu", "nvme"):
-            student.append(Item(f"grads + optimizer: offloaded to {off_opt}", 0.0))
-        else:
-            student.append(Item(f"grads + Adam state {elem + opt_bytes} B x params / {S_ranks} ranks",
-                                (elem + opt_bytes) * param_part / GB))
-        cpu_offload_per_rank = ((4 + opt_bytes) * param_part if off_opt == "cpu" else 0) + \
-                               (elem * param_part if off_par == "cpu" else 0)
-        largest = S.largest_module_params(local_experts)
+        part = P / ranks
+        items.append(Item(f"params: offloaded to {off_par} (ZeRO-3)", 0.0) if off_par in ("cpu", "nvme") else
+                     Item(f"params {elem} B x {_count(P)} / {ranks} ranks (ZeRO-3)", elem * part / GB))
+        items.append(Item(f"grads + optimizer: offloaded to {off_opt}", 0.0) if off_opt in ("cpu", "nvme") else
+                     Item(f"grads + Adam state {elem + opt_bytes} B x params / {ranks} ranks",
+                          (elem + opt_bytes) * part / GB))
+        offload = ((4 + opt_bytes) * part if off_opt == "cpu" else 0) + (elem * part if off_par == "cpu" else 0)
+        largest = S.largest_module_params(sh.local_experts)
         prefetch = _ds_int(zero, "stage3_prefetch_bucket_size", 50_000_000)
-        student.append(Item(f"gathered params + grads (2 x {_count(largest)} module) + prefetch",
-                            (2 * largest + min(prefetch, P_replica)) * elem / GB))
+        items.append(Item(f"gathered params + grads (2 x {_count(largest)} module) + prefetch",
+                          (2 * largest + min(prefetch, P_replica)) * elem / GB))
+        return items, offload
+    items.append(Item(f"params {elem} B x {_count(P_replica)} (local experts only; ZeRO-{stage})", elem * P_replica / GB))
+    grads_part = P / ranks if stage >= 2 else P_replica
+    opt_part = P / ranks if stage >= 1 else P_replica
+    offload = 0.0
+    if off_opt in ("cpu", "nvme"):
+        items.append(Item(f"grads + optimizer: offloaded to {off_opt}", 0.0))
+        offload = (4 + opt_bytes) * P / ranks if off_opt == "cpu" else 0
     else:
-        student.append(Item(f"params {elem} B x {_count(P_replica)} (local experts only; ZeRO-{stage})",
-                            elem * P_replica / GB))
-        grads_part = P / S_ranks if stage >= 2 else P_replica
-        opt_part = P / S_ranks if stage >= 1 else P_replica
-        if off_opt in ("cpu", "nvme"):
-            student.append(Item(f"grads + optimizer: offloaded to {off_opt}", 0.0))
-            cpu_offload_per_rank = (4 + opt_bytes) * P / S_ranks if off_opt == "cpu" else 0
-        else:
-            student.append(Item(f"grads ({'partitioned' if stage >= 2 else 'replicated'}) + Adam state "
-                                f"({'partitioned' if stage >= 1 else 'replicated'})",
-                                (elem * grads_part + opt_bytes * opt_part) / GB))
-        bucket = _ds_int(zero, "reduce_bucket_size", 500_000_000) + _ds_int(zero, "allgather_bucket_size", 500_000_000)
-        student.append(Item("reduce + allgather buckets", bucket * elem / GB))
-    act = tokens * S.train_activation_bytes_per_token(elem)
-    student.append(Item(f"activations ({mbs} x {seq} tokens, no checkpointing)", act / GB))
+        items.append(Item(f"grads ({'partitioned' if stage >= 2 else 'replicated'}) + Adam state "
+                          f"({'partitioned' if stage >= 1 else 'replicated'})",
+                          (elem * grads_part + opt_bytes * opt_part) / GB))
+    bucket = _ds_int(zero, "reduce_bucket_size", 500_000_000) + _ds_int(zero, "allgather_bucket_size", 500_000_000)
+    items.append(Item("reduce + allgather buckets", bucket * elem / GB))
+    return items, offload
+
+
+def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
+    S = inp.student
+    items, offload = _student_state(sh, S, inp.ds.get("zero_optimization") or {})
+    act = sh.tokens * S.train_activation_bytes_per_token(sh.elem) / GB
+    items.append(Item(f"activations ({sh.mbs} x {sh.seq} tokens, no checkpointing)", act))
     # Logits: the model's own (elem bytes), then fp32: the KD loss's log-softmax, the LM
     # loss's masked copy and its log-softmax, and one fp32 gradient in backward.
-    logits = tokens * S.vocab * (elem + 16)
-    student.append(Item(f"logits + loss ({mbs} x {seq} x vocab {S.vocab}, {elem + 16} B each)", logits / GB))
-    train_peak = sum(it.gb for it in student)
-    student_peak = train_peak
+    logits = sh.tokens * S.vocab * (sh.elem + 16) / GB
+    items.append(Item(f"logits + loss ({sh.mbs} x {sh.seq} x vocab {S.vocab}, {sh.elem + 16} B each)", logits))
+    train_peak = sum(it.gb for it in items)
+    peak = train_peak
     if cfg.train.mode == "padd":
         # Rollouts (G responses per prompt, micro-batch at a time) are not live during the
         # update; they replace activations and logits with a KV cache.
-        kv = tokens * S.kv_cache_bytes_per_token(elem) / GB
-        rollout_peak = train_peak - act / GB - logits / GB + kv
-        student.append(Item(f"(rollouts instead of activations: KV cache {mbs} x {seq} tokens)", kv))
-        student_peak = max(train_peak, rollout_peak)
+        kv = sh.tokens * S.kv_cache_bytes_per_token(sh.elem) / GB
+        items.append(Item(f"(rollouts instead of activations: KV cache {sh.mbs} x {sh.seq} tokens)", kv))
+        peak = max(train_peak, train_peak - act - logits + kv)
+    return _Memory(items, peak, offload)
 
-    # ---- teacher memory ---------------------------------------------------------------
-    teacher: list[Item] = []
-    PT = T.total_params()
-    if parallel == "zero3":
-        share = math.ceil(mbs / max(1, n_teacher))  # each rank scores a slice of the request
-        teacher.append(Item(f"weights {elem} B x {_count(PT)} / {n_teacher} ranks (ZeRO-3)", elem * PT / n_teacher / GB))
-        largest_t = T.largest_module_params(T.experts)
+
+def _teacher_memory(sh: _Shape, T: Arch) -> _Memory:
+    PT, elem = T.total_params(), sh.elem
+    items: list[Item] = []
+    if sh.parallel == "zero3":
+        share = math.ceil(sh.mbs / max(1, sh.n_teacher))  # each rank scores a slice of the request
+        items.append(Item(f"weights {elem} B x {_count(PT)} / {sh.n_teacher} ranks (ZeRO-3)",
+                          elem * PT / sh.n_teacher / GB))
+        largest = T.largest_module_params(T.experts)
         # DeepSpeed's default prefetch bucket (teacher/sharded.py sets none).
-        teacher.append(Item(f"gathered weights (2 x {_count(largest_t)} module) + prefetch",
-                            (2 * largest_t + min(50_000_000, PT)) * elem / GB))
+        items.append(Item(f"gathered weights (2 x {_count(largest)} module) + prefetch",
+                          (2 * largest + min(50_000_000, PT)) * elem / GB))
     else:
-        share = mbs
-        teacher.append(Item(f"weights {elem} B x {_count(PT)} (full replica)", elem * PT / GB))
-    t_tokens = share * seq
-    teacher.append(Item(f"KV cache while scoring ({share} x {seq} tokens)", t_tokens * T.kv_cache_bytes_per_token(elem) / GB))
-    teacher.append(Item("layer temporaries (FFN widths, q/k/v)", t_tokens * T.inference_transient_bytes_per_token(elem) / GB))
+        share = sh.mbs
+        items.append(Item(f"weights {elem} B x {_count(PT)} (full replica)", elem * PT / GB))
+    t_tokens = share * sh.seq
+    items.append(Item(f"KV cache while scoring ({share} x {sh.seq} tokens)",
+                      t_tokens * T.kv_cache_bytes_per_token(elem) / GB))
+    items.append(Item("layer temporaries (FFN widths, q/k/v)", t_tokens * T.inference_transient_bytes_per_token(elem) / GB))
     # Full-vocabulary logits, then their fp32 copy before compression (teacher/service.py).
-    teacher.append(Item(f"logits ({share} x {seq} x vocab {T.vocab}, {elem} B + fp32 copy)",
-                        t_tokens * T.vocab * (elem + 4) / GB))
-    teacher_peak = sum(it.gb for it in teacher)
-    if colocated:
-        student.append(Item("colocated teacher (everything above under 'teacher')", teacher_peak))
-        student_peak += teacher_peak
-        teacher, teacher_peak = [], 0.0
-    if n_student < 1:
-        student, student_peak = [], 0.0
-    if n_teacher < 1:
-        teacher, teacher_peak = [], 0.0
+    items.append(Item(f"logits ({share} x {sh.seq} x vocab {T.vocab}, {elem} B + fp32 copy)",
+                      t_tokens * T.vocab * (elem + 4) / GB))
+    return _Memory(items, sum(it.gb for it in items))
 
-    # ---- host RAM at load (every rank loads its full model on the CPU first) -----------
-    load_student = P * elem + (PT * elem if colocated else 0)
-    load_teacher = PT * elem
-    host: list[str] = []
-    per_node_student = min(gpn, max(0, n_student)) * (load_student + cpu_offload_per_rank)
-    per_node_teacher = min(gpn, n_teacher) * load_teacher
-    host_need = max(per_node_student, per_node_teacher) / GB
+
+def _place(sh: _Shape, student: _Memory, teacher: _Memory) -> tuple[_Memory, _Memory]:
+    """What each device really holds: a colocated teacher lives in the student's process; a
+    role with no ranks holds nothing."""
+    if sh.colocated:
+        student = _Memory(student.items + [Item("colocated teacher (everything above under 'teacher')", teacher.peak)],
+                          student.peak + teacher.peak, student.offload)
+        teacher = _Memory([], 0.0)
+    if sh.n_student < 1:
+        student = _Memory([], 0.0, student.offload)
+    if sh.n_teacher < 1:
+        teacher = _Memory([], 0.0)
+    return student, teacher
+
+
+@dataclass
+class _Host:
+    lines: list[str]
+    need_gb: float                # RAM per node while loading (plus CPU offload)
+    checks: list[Check]
+
+
+def _host_memory(sh: _Shape, cluster: Cluster, inp: _Inputs, student: _Memory, teacher: _Memory) -> _Host:
+    """Host RAM at load: every rank reads its full model on the CPU first. On a CPU cluster the
+    host RAM is the device, so the load-time copy raises each role's peak (in place)."""
+    load_student = inp.student.total_params() * sh.elem + (inp.teacher.total_params() * sh.elem if sh.colocated else 0)
+    load_teacher = inp.teacher.total_params() * sh.elem
+    per_node_student = min(sh.gpn, max(0, sh.n_student)) * (load_student + student.offload)
+    per_node_teacher = min(sh.gpn, sh.n_teacher) * load_teacher
+    need = max(per_node_student, per_node_teacher) / GB
     if cluster.device == "cpu":
-        # One pool: a process's share of RAM holds its load-time copy and its training state.
-        student_peak = max(student_peak, load_student / GB) if student else student_peak
-        teacher_peak = max(teacher_peak, load_teacher / GB) if teacher else teacher_peak
-        host.append(f"device = host RAM: each rank's load-time copy counted in its peak "
-                    f"(student {load_student / GB:.2f} GB, teacher {load_teacher / GB:.2f} GB)")
-    else:
-        host.append(f"RAM per node while loading (each rank reads its full model on the CPU): "
-                    f"{host_need:.0f} GB" + (f" incl. {cpu_offload_per_rank * min(gpn, n_student) / GB:.0f} GB offload"
-                                              if cpu_offload_per_rank else ""))
-        if cluster.host_memory_gb is not None:
-            check(host_need <= 0.9 * cluster.host_memory_gb,
-                  f"host RAM {host_need:.0f} GB per node within 90% of {cluster.host_memory_gb:g} GB",
-                  f"loading needs {host_need:.0f} GB of RAM per node, more than 90% of {cluster.host_memory_gb:g} GB")
-        else:
-            host.append("node RAM not given (--host-mem-gb): not checked")
+        if student.items:
+            student.peak = max(student.peak, load_student / GB)
+        if teacher.items:
+            teacher.peak = max(teacher.peak, load_teacher / GB)
+        return _Host([f"device = host RAM: each rank's load-time copy counted in its peak "
+                      f"(student {load_student / GB:.2f} GB, teacher {load_teacher / GB:.2f} GB)"], need, [])
+    offload = (f" incl. {student.offload * min(sh.gpn, sh.n_student) / GB:.0f} GB offload" if student.offload else "")
+    lines = [f"RAM per node while loading (each rank reads its full model on the CPU): {need:.0f} GB{offload}"]
+    if cluster.host_memory_gb is None:
+        return _Host(lines + ["node RAM not given (--host-mem-gb): not checked"], need, [])
+    return _Host(lines, need, [_check(need <= 0.9 * cluster.host_memory_gb,
+                                      f"host RAM {need:.0f} GB per node within 90% of {cluster.host_memory_gb:g} GB",
+                                      f"loading needs {need:.0f} GB of RAM per node, more than 90% of "
+                                      f"{cluster.host_memory_gb:g} GB")])
 
+
+def _fit_checks(sh: _Shape, cluster: Cluster, inp: _Inputs, student: _Memory, teacher: _Memory) -> list[Check]:
     usable = cluster.usable_gb
     where = "GPU" if cluster.device == "gpu" else "process"
-    if student:
-        check(student_peak <= usable, f"student peak {student_peak:.1f} GB within {usable:.1f} GB usable",
-              f"student needs {student_peak:.1f} GB per {where}, {usable:.1f} GB usable")
-    if teacher:
-        weights = elem * PT / GB
-        shard_hint = ("" if parallel == "zero3" or weights <= usable else
-                      f" (its weights alone are {weights:.0f} GB: shard it with teacher.parallel=zero3 over at least "
-                      f"{min_shards(weights, usable)} ranks)")
-        check(teacher_peak <= usable, f"teacher peak {teacher_peak:.1f} GB within {usable:.1f} GB usable",
-              f"teacher needs {teacher_peak:.1f} GB per {where}, {usable:.1f} GB usable{shard_hint}")
+    checks: list[Check] = []
+    if student.items:
+        checks.append(_check(student.peak <= usable, f"student peak {student.peak:.1f} GB within {usable:.1f} GB usable",
+                             f"student needs {student.peak:.1f} GB per {where}, {usable:.1f} GB usable"))
+    if teacher.items:
+        weights = sh.elem * inp.teacher.total_params() / GB
+        hint = ("" if sh.parallel == "zero3" or weights <= usable else
+                f" (its weights alone are {weights:.0f} GB: shard it with teacher.parallel=zero3 over at least "
+                f"{min_shards(weights, usable)} ranks)")
+        checks.append(_check(teacher.peak <= usable, f"teacher peak {teacher.peak:.1f} GB within {usable:.1f} GB usable",
+                             f"teacher needs {teacher.peak:.1f} GB per {where}, {usable:.1f} GB usable{hint}"))
+    return checks
 
-    # ---- speed ------------------------------------------------------------------------
-    speed: list[str] = []
-    if cluster.peak_tflops and n_student >= 1:
-        rate = cluster.peak_tflops * 1e12 * cluster.mfu
-        ctx = seq / 2  # causal attention: a token sees half the sequence on average
-        passes = 3 + (1 if cfg.train.mode == "padd" else 0)  # fwd + bwd (2x) [+ rollout forward]
-        s_flops = passes * S.forward_flops_per_token(ctx)
-        t_flops = T.forward_flops_per_token(ctx)
-        student_tps = n_student * rate / s_flops
-        busy = (mbs / math.ceil(mbs / n_teacher)) if parallel == "zero3" else max(1, n_teacher)
-        teacher_tps = (busy if not colocated else n_student) * rate / t_flops
-        if colocated:  # the same devices do both
-            both = 1 / (1 / student_tps + 1 / teacher_tps)
-            student_tps = teacher_tps = both
-        step_tokens = n_student * tokens * cfg.train.grad_accum
-        tps = min(student_tps, teacher_tps)
-        speed.append(f"at MFU {cluster.mfu:.2f} of {cluster.peak_tflops:g} TFLOPs: student {student_tps:,.0f} tok/s "
-                     f"({s_flops / 1e9:.1f} GFLOP/token over {passes} passes), teacher {teacher_tps:,.0f} tok/s "
-                     f"({t_flops / 1e9:.1f} GFLOP/token" + (f", {busy:g} of {n_teacher} ranks busy per request"
-                                                             if parallel == "zero3" else "") + ")")
-        bound = "teacher" if teacher_tps < student_tps else "student"
-        speed.append(f"{bound}-bound: ~{tps:,.0f} tok/s, {step_tokens:,} tokens per step -> ~{step_tokens / tps:.1f} s/step"
-                     + (f"; the sharded teacher splits each request's {mbs} sequence(s) over {n_teacher} ranks, "
-                        f"so raise train.micro_batch_size or add teacher ranks" if bound == "teacher" and parallel == "zero3"
-                        and busy < n_teacher else ""))
-    elif n_student >= 1:
-        speed.append("not estimated (no peak TFLOPs for this device; pass --gpu-tflops)")
 
-    plan = Plan(recipe or "(defaults)", cluster, layout, student, teacher, checks, speed, host,
-                student_peak, teacher_peak, host_need)
+def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> list[str]:
+    """Tokens per second from FLOPs at the given MFU, and which role bounds the step."""
+    if sh.n_student < 1:
+        return []
+    if not cluster.peak_tflops:
+        return ["not estimated (no peak TFLOPs for this device; pass --gpu-tflops)"]
+    rate = cluster.peak_tflops * 1e12 * cluster.mfu
+    ctx = sh.seq / 2  # causal attention: a token sees half the sequence on average
+    passes = 3 + (1 if cfg.train.mode == "padd" else 0)  # fwd + bwd (2x) [+ rollout forward]
+    s_flops = passes * inp.student.forward_flops_per_token(ctx)
+    t_flops = inp.teacher.forward_flops_per_token(ctx)
+    student_tps = sh.n_student * rate / s_flops
+    zero3 = sh.parallel == "zero3"
+    busy = (sh.mbs / math.ceil(sh.mbs / sh.n_teacher)) if zero3 else max(1, sh.n_teacher)
+    teacher_tps = (busy if not sh.colocated else sh.n_student) * rate / t_flops
+    if sh.colocated:  # the same devices do both
+        student_tps = teacher_tps = 1 / (1 / student_tps + 1 / teacher_tps)
+    step_tokens = sh.n_student * sh.tokens * cfg.train.grad_accum
+    tps = min(student_tps, teacher_tps)
+    bound = "teacher" if teacher_tps < student_tps else "student"
+    busy_note = f", {busy:g} of {sh.n_teacher} ranks busy per request" if zero3 else ""
+    advice = (f"; the sharded teacher splits each request's {sh.mbs} sequence(s) over {sh.n_teacher} ranks, "
+              f"so raise train.micro_batch_size or add teacher ranks"
+              if bound == "teacher" and zero3 and busy < sh.n_teacher else "")
+    return [f"at MFU {cluster.mfu:.2f} of {cluster.peak_tflops:g} TFLOPs: student {student_tps:,.0f} tok/s "
+            f"({s_flops / 1e9:.1f} GFLOP/token over {passes} passes), teacher {teacher_tps:,.0f} tok/s "
+            f"({t_flops / 1e9:.1f} GFLOP/token{busy_note})",
+            f"{bound}-bound: ~{tps:,.0f} tok/s, {step_tokens:,} tokens per step -> ~{step_tokens / tps:.1f} s/step"
+            + advice]
+
+
+def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fixes: bool = True,
+              _inp: _Inputs | None = None) -> Plan:
+    inp = _inp or _inputs(cfg)
+    sh = _shape(cfg, cluster, inp)
+    student, teacher = _place(sh, _student_memory(cfg, sh, inp), _teacher_memory(sh, inp.teacher))
+    host = _host_memory(sh, cluster, inp, student, teacher)
+    checks = _layout_checks(cfg, sh, inp) + host.checks + _fit_checks(sh, cluster, inp, student, teacher)
+    plan = Plan(recipe or "(defaults)", cluster, _layout(sh, inp), student.items, teacher.items, checks,
+                _speed(cfg, cluster, sh, inp), host.lines, student.peak, teacher.peak, host.need_gb)
     if search_fixes and not plan.fits:
         plan.fixes = find_fixes(cfg, cluster, inp)
     return plan
@@ -780,12 +853,22 @@ def _with(cfg: PaddConfig, changes: Mapping[str, Any]) -> PaddConfig:
     return new
 
 
+def _config_error(cfg: PaddConfig) -> str | None:
+    try:
+        cfg.check()
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
     """Single changes that make a failing plan fit, each checked by planning it again."""
     fixes: list[Fix] = []
 
     def attempt(fix: Fix, inputs: _Inputs = inp) -> bool:
         c, cl = fix.apply(cfg, cluster)
+        if _config_error(c) not in (None, _config_error(cfg)):
+            return False  # a fix the trainer would refuse is no fix
         p = make_plan(c, cl, search_fixes=False, _inp=inputs)
         if p.fits:
             fix.why = f"peak {p.peak_gb:.1f} GB" + (f"; {fix.why}".format(host=p.host_gb) if fix.why else "")
@@ -819,8 +902,6 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
     # ZeRO-3 with CPU offload (host RAM permitting).
     offload = REPO_ROOT / "ds_configs" / "zero3_offload.json"
     if offload.is_file() and not (inp.ds.get("zero_optimization") or {}).get("offload_optimizer"):
-        import json
-
         attempt(Fix("needs {host:.0f} GB RAM per node", deepspeed="ds_configs/zero3_offload.json"),
                 dataclasses.replace(inp, ds=json.loads(offload.read_text())))
     # Shorter responses (multiples of 256 tokens).

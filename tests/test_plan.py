@@ -187,7 +187,9 @@ def test_a_sharded_teacher_must_stay_on_one_node():
 
 
 def test_every_suggested_fix_really_fits():
-    cfg = load_config(str(REPO / "recipes" / "qwen25math7b_to_qwen3_30b_a3b.yaml"), ["train.micro_batch_size=2"])
+    cfg = load_config(str(REPO / "recipes" / "qwen25math7b_to_qwen3_30b_a3b.yaml"),
+                      ["train.micro_batch_size=2", "train.mode=distill"])
+    cfg.check()
     cluster = Cluster(nodes=4, **H100)
     plan = make_plan(cfg, cluster)
     assert not plan.fits and len(plan.fixes) >= 2, plan.report()
@@ -195,6 +197,21 @@ def test_every_suggested_fix_really_fits():
         c, cl = fix.apply(cfg, cluster)
         assert make_plan(c, cl).fits, fix.what
 
+
+
+def test_fixes_are_configs_the_trainer_accepts():
+    """Four sequences per rank would fit in memory, but split a GRPO group of 3: the trainer
+    refuses that, so the planner must suggest the largest micro-batch it accepts (3) instead."""
+    cfg = load_config(str(REPO / "recipes" / "deepseekmath7b_to_v2lite.yaml"),
+                      ["train.micro_batch_size=9", "stage3.group_size=3"])
+    cfg.check()
+    cluster = Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=141.0)
+    plan = make_plan(cfg, cluster)
+    sizes = [f.overrides["train.micro_batch_size"] for f in plan.fixes if "train.micro_batch_size" in f.overrides]
+    assert sizes == [3], plan.report()
+    for fix in plan.fixes:
+        fixed, _ = fix.apply(cfg, cluster)
+        fixed.check()
 
 def test_speed_estimate_from_flops():
     """Teacher-bound 70B layout: the sharded teacher splits each 1-sequence request over 8
