@@ -272,7 +272,8 @@ class Stage3Config:
     # halves a token's ratio (RSPO publishes the floor, not a value we could check).
     rspo_min_weight: float = 0.5
     # token_mean: over all response tokens (DAPO, Dr. GRPO: no length bias); seq_mean: mean
-    # over each response, then over responses (GRPO, GSPO papers).
+    # over each response, then over responses (GRPO paper). For grpo, pr_grpo and rspo only:
+    # gspo always uses seq_mean, the aggregation GSPO is defined with.
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     # Verifiable reward = reward_correct * [grader accepts the answer] + reward_format *
     # [an explicit final-answer marker: ####, \boxed{}, "the answer is"]. The format term is
