@@ -16,7 +16,8 @@ once per seed and shared: the arms with Stage I start from its exported student.
   w/o Stage II/III/IV  Stage I, then stage2|stage3|stage4.enabled=false
 (the baselines start from toy://student, as in docs/method.md, "Baselines and ablations")
 Every arm takes `--updates-per-batch` optimiser steps per rollout batch (default 2): with one,
-the ratio is 1 at every update, nothing is clipped, and GRPO, GSPO, RSPO and PR-GRPO coincide.
+the ratio is 1 at every update, nothing is clipped, GRPO, RSPO and PR-GRPO coincide, and GSPO
+differs only in averaging per response.
 
 The teacher and the base student are evaluated once (greedy decoding on fixed problems does
 not depend on the seed), by the first seed's Stage I run; the arms set eval.references=false.

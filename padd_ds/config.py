@@ -272,7 +272,8 @@ class Stage3Config:
     # halves a token's ratio (RSPO publishes the floor, not a value we could check).
     rspo_min_weight: float = 0.5
     # token_mean: over all response tokens (DAPO, Dr. GRPO: no length bias); seq_mean: mean
-    # over each response, then over responses (GRPO, GSPO papers).
+    # over each response, then over responses (GRPO paper). For grpo, pr_grpo and rspo only:
+    # gspo always uses seq_mean, the aggregation GSPO is defined with.
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     # Verifiable reward = reward_correct * [grader accepts the answer] + reward_format *
     # [an explicit final-answer marker: ####, \boxed{}, "the answer is"]. The format term is
@@ -280,8 +281,9 @@ class Stage3Config:
     # separates responses in groups where all answers are wrong (those would have no signal).
     reward_correct: float = 1.0
     reward_format: float = 0.1
-    # KL to a reference policy. 0 like DAPO/Dr.GRPO for verifiable rewards: the teacher KD
-    # term already anchors the policy, and it saves a reference forward.
+    # KL to a reference policy: must stay 0 (DAPO, Dr. GRPO for verifiable rewards). No frozen
+    # reference copy is built: under ZeRO-3 it would cost a second sharded model and a forward
+    # per update, and the teacher's KD term already anchors the policy.
     ref_kl: float = 0.0
     # Temperature 1 and no nucleus cut sample the policy itself, as the policy gradient
     # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
@@ -299,7 +301,9 @@ class Stage3Config:
         require(not self.enabled or self.group_size >= 2,
                 f"stage3.group_size must be >= 2 when stage3 is enabled (a group-relative advantage needs "
                 f"two responses), got {self.group_size}")
-        non_negative("stage3.ref_kl", self.ref_kl)
+        require(self.ref_kl == 0, f"stage3.ref_kl={self.ref_kl}: no frozen reference model is built (under ZeRO-3 "
+                "it would cost another full sharded model and a forward per update; the teacher's KD term anchors "
+                "the policy); keep stage3.ref_kl=0")
         require(0 < self.seq_clip_eps < 1, f"stage3.seq_clip_eps must be in (0, 1), got {self.seq_clip_eps}")
         require(0 <= self.rspo_min_weight <= 1, f"stage3.rspo_min_weight must be in [0, 1], got {self.rspo_min_weight}")
         non_negative("stage3.reward_correct", self.reward_correct)
@@ -469,6 +473,10 @@ class PaddConfig:
                 f"train.micro_batch_size={tr.micro_batch_size} must be a multiple of "
                 f"stage3.group_size={self.stage3.group_size} in train.mode=padd (it counts rollouts "
                 "per rank: prompts x group size)")
+        require(tr.mode != "padd" or tr.grad_accum == 1 or self.stage3.updates_per_batch == 1,
+                f"stage3.updates_per_batch={self.stage3.updates_per_batch} with train.grad_accum={tr.grad_accum} in "
+                "train.mode=padd: DeepSpeed steps only every grad_accum backward passes, so a micro-batch's updates "
+                "would not be applied one after another; set stage3.updates_per_batch=1 or train.grad_accum=1")
         s1, student = self.stage1, self.models.student
         require(student is not None or s1.router_init != "keep",
                 "stage1.router_init=keep needs a pre-trained student; a decompressed one "

@@ -245,6 +245,13 @@ TRAINER_CANNOT_RUN = [
     (["stage1.projection=none"],
      "stage1.projection=none cannot place teacher centroids in a pre-trained student's hidden space; use "
      "stage1.projection=lstsq (or router_init=keep/random)"),
+    (["stage3.ref_kl=0.05"],
+     "stage3.ref_kl=0.05: no frozen reference model is built (under ZeRO-3 it would cost another full sharded "
+     "model and a forward per update; the teacher's KD term anchors the policy); keep stage3.ref_kl=0"),
+    (["train.mode=padd", "train.grad_accum=2", "stage3.updates_per_batch=2"],
+     "stage3.updates_per_batch=2 with train.grad_accum=2 in train.mode=padd: DeepSpeed steps only every "
+     "grad_accum backward passes, so a micro-batch's updates would not be applied one after another; set "
+     "stage3.updates_per_batch=1 or train.grad_accum=1"),
 ]
 
 
@@ -271,6 +278,19 @@ def test_padd_config_validate_refuses_what_the_trainer_cannot_run(setup, capsys,
     args = [a for o in overrides for a in ("--set", o)]
     assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3", *args]) == 2
     assert capsys.readouterr().err == f"padd-ds: config error: {expected}\n"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.mode=padd", "train.grad_accum=2", "stage3.updates_per_batch=1"],
+    ["train.mode=padd", "train.grad_accum=1", "stage3.updates_per_batch=2"],
+    ["train.mode=distill", "train.grad_accum=2", "stage3.updates_per_batch=2"],  # distill runs no RL update
+    ["stage3.ref_kl=0"],
+])
+def test_what_the_rl_rules_still_allow(setup, overrides):
+    cfg, root = setup
+    ok = load_config(None, overrides)
+    ok.models, ok.deepspeed = cfg.models, cfg.deepspeed
+    validate(ok, world_size=3, repo_root=root)
 
 
 def test_group_size_one_is_fine_without_stage3(setup):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from padd_ds.config import ConfigError, Stage2Config, Stage3Config
 from padd_ds.recipe import load_config
-from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, effective_temperature, policy_loss, router_drift,
-                               tempered_kd_loss)
+from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, aggregation_units, effective_temperature,
+                               policy_aggregation, policy_loss, reference_kl, router_drift, tempered_kd_loss)
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk, full_kd_loss, sparse_kd_loss
 from padd_ds.validate import validate
 
@@ -287,30 +287,86 @@ def test_gspo_uses_one_clipped_length_normalised_ratio_per_response():
     cfg = Stage3Config(policy="gspo", seq_clip_eps=0.05)
     loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
     s0, s1 = math.exp(0.1), math.exp(0.02)       # geometric means; s0 > 1.05 is clipped (A > 0)
-    assert loss == pytest.approx((3 * -1.05 + 2 * s1) / 5)
-    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, 0.0], [s1, s1, 0.0]], dtype=torch.float64) / 5)
+    assert loss == pytest.approx((-1.05 + s1) / 2)                         # mean over the 2 responses
+    # d s1 / d new[1, t] = s1 / 2 (its 2 tokens), then / 2 responses
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, 0.0], [s1, s1, 0.0]], dtype=torch.float64) / 4)
     assert stats["clip_frac"].item() == pytest.approx(3 / 5)
-    # ratio_level=sequence turns GRPO into the same loss
+    # ratio_level=sequence turns GRPO into the same loss when it also averages per response
     loss2, grad2, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(
-        policy="grpo", ratio_level="sequence", seq_clip_eps=0.05)), new)
+        policy="grpo", ratio_level="sequence", seq_clip_eps=0.05, loss_agg="seq_mean")), new)
     assert loss2 == pytest.approx(loss)
     torch.testing.assert_close(grad2, grad)
+
+
+def _gspo_reference(new: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, lengths: list[int],
+                    eps: float) -> torch.Tensor:
+    """GSPO written from its definition, one response at a time: J = 1/G sum_i min(s_i A_i,
+    clip(s_i, 1 - eps, 1 + eps) A_i), s_i = exp(mean of the response's token log-ratios)."""
+    terms = []
+    for i, n in enumerate(lengths):
+        s = torch.exp((new[i, :n] - old[i, :n]).mean())
+        terms.append(torch.minimum(s * adv[i], s.clamp(1 - eps, 1 + eps) * adv[i]))
+    return -torch.stack(terms).mean()
+
+
+def test_gspo_equals_a_reference_implementation_and_not_token_mean():
+    g = torch.Generator().manual_seed(3)
+    lengths, T, eps = [7, 1, 4, 2, 5], 7, 0.03
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    old = -torch.rand(len(lengths), T, generator=g, dtype=torch.float64) * 3
+    new = old + 0.05 * torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3], dtype=torch.float64)
+    ref_loss, ref_grad, _ = _grad(lambda x: (_gspo_reference(x, old, adv, lengths, eps), None), new)
+    ratios = [math.exp(float((new[i, :n] - old[i, :n]).mean())) for i, n in enumerate(lengths)]
+    assert any(abs(r - 1) > eps for r in ratios) and any(abs(r - 1) < eps for r in ratios)  # both branches
+    for agg in ("token_mean", "seq_mean"):  # stage3.loss_agg does not change GSPO
+        cfg = Stage3Config(policy="gspo", seq_clip_eps=eps, loss_agg=agg)
+        assert policy_aggregation(cfg) == "seq_mean"
+        loss, grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
+        assert loss == pytest.approx(ref_loss, rel=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    # The same sequence ratio aggregated per token (what gspo ran before) weighs long responses more.
+    tok_loss, tok_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(
+        policy="grpo", ratio_level="sequence", seq_clip_eps=eps, loss_agg="token_mean")), new)
+    assert tok_loss != pytest.approx(ref_loss, rel=1e-3)
+    assert F.cosine_similarity(tok_grad.flatten(), ref_grad.flatten(), dim=0) < 0.99
+
+
+@pytest.mark.parametrize("policy, agg", [("gspo", "token_mean"), ("grpo", "token_mean"), ("grpo", "seq_mean")])
+def test_ranks_with_a_global_denom_reproduce_the_whole_batch(policy, agg):
+    """rl/step.py: each rank divides by (global units / ranks) and DeepSpeed averages the ranks'
+    gradients; the result must be the single-process loss over all responses, however the
+    responses are split."""
+    g = torch.Generator().manual_seed(5)
+    lengths, T = [6, 2, 3, 6, 1], 6
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    old = -torch.rand(5, T, generator=g, dtype=torch.float64)
+    new = old + 0.2 * torch.randn(5, T, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3], dtype=torch.float64)
+    cfg = Stage3Config(policy=policy, loss_agg=agg, seq_clip_eps=0.1)
+    how = policy_aggregation(cfg)
+    whole, whole_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
+    ranks = [slice(0, 1), slice(1, 5)]                             # 1 and 4 responses
+    denom = sum(aggregation_units(mask[r], how) for r in ranks) / len(ranks)
+
+    def averaged(x):
+        parts = [policy_loss(PolicyInputs(x[r], old[r], adv[r], mask[r]), cfg, denom=denom)[0] for r in ranks]
+        return sum(parts) / len(ranks), None
+    split, split_grad, _ = _grad(averaged, new)
+    assert split == pytest.approx(whole, rel=1e-12)
+    torch.testing.assert_close(split_grad, whole_grad)
 
 
 def test_reference_kl_k3_by_hand():
     new = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
     ref = torch.tensor([[-0.5, -2.2]], dtype=torch.float64)
-    adv, mask = torch.zeros(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool)
-    cfg = Stage3Config(policy="grpo", ref_kl=0.1)
-    loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, new.detach(), adv, mask, ref_logp=ref), cfg), new)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    kl, grad, _ = _grad(lambda x: (reference_kl(x, ref, mask), None), new)
     k3 = [math.exp(0.5) - 0.5 - 1, math.exp(-0.2) + 0.2 - 1]
-    assert loss == pytest.approx(0.1 * sum(k3) / 2)                        # A = 0: only the KL term
-    assert stats["ref_kl"].item() == pytest.approx(sum(k3) / 2)
+    assert kl == pytest.approx(sum(k3) / 2)
     # d k3 / d new = 1 - exp(ref - new)
-    torch.testing.assert_close(grad, 0.1 * torch.tensor([[1 - math.exp(0.5), 1 - math.exp(-0.2)]],
-                                                        dtype=torch.float64) / 2)
-    with pytest.raises(ValueError, match="ref_logp"):
-        policy_loss(PolicyInputs(new, new, adv, mask), cfg)
+    torch.testing.assert_close(grad, torch.tensor([[1 - math.exp(0.5), 1 - math.exp(-0.2)]], dtype=torch.float64) / 2)
+    assert torch.autograd.gradcheck(lambda x: reference_kl(x, ref, mask, "seq_mean"), (new.clone().requires_grad_(),))
 
 
 @pytest.mark.parametrize("policy, level", [("grpo", "token"), ("pr_grpo", "token"), ("rspo", "token"),
@@ -321,11 +377,10 @@ def test_policy_loss_float64_gradcheck(policy, level):
     new = (old + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
     adv = torch.tensor([1.2, -0.7, -1.5], dtype=torch.float64)
     drift = torch.rand(3, 5, generator=g, dtype=torch.float64) * 0.5
-    ref = old + 0.1 * torch.randn(3, 5, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    cfg = Stage3Config(policy=policy, ratio_level=level, ref_kl=0.05, seq_clip_eps=0.05)
+    cfg = Stage3Config(policy=policy, ratio_level=level, seq_clip_eps=0.05)
     assert torch.autograd.gradcheck(
-        lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift, ref_logp=ref), cfg)[0], (new,))
+        lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift), cfg)[0], (new,))
 
 
 def test_masked_positions_never_reach_the_loss_or_gradient():

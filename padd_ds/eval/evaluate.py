@@ -24,6 +24,7 @@ import torch
 from padd_ds.data.math import load_suite
 from padd_ds.data.prompt import format_prompt
 from padd_ds.eval.grading import extract_answer, grade
+from padd_ds.models.generation import decoding_kwargs, eos_ids
 from padd_ds.report.metrics import progress_bar
 
 PromptStyle = Literal["auto", "chat", "plain"]
@@ -66,18 +67,6 @@ def build_prompts(tokenizer, questions: list[str], style: PromptStyle = "auto") 
     return prompts, False
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a generation: the tokenizer's EOS and the model's (chat models add
-    an end-of-turn token there)."""
-    ids = []
-    for v in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        ids += v if isinstance(v, (list, tuple)) else [v]
-    ids = list(dict.fromkeys(i for i in ids if i is not None))
-    if not ids:
-        raise ValueError("tokenizer has no eos_token_id; generation could not stop")
-    return ids
-
-
 def _check_decoding(d: Decoding) -> None:
     if d.max_new_tokens is None:
         raise ValueError("max_new_tokens must be set (evaluate_suite alone picks one per suite)")
@@ -101,10 +90,10 @@ def generate(model, tokenizer, prompts: list[str], decoding: Decoding, *, add_sp
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of str")
     max_new, n = decoding.max_new_tokens, max(decoding.samples, 1)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} \
-        if decoding.samples else {"do_sample": False}
+    # Decoding as `decoding` says, whatever the model's generation_config.json would add.
+    sampling = decoding_kwargs(decoding.temperature if decoding.samples else None, decoding.top_p)
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"

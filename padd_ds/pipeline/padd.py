@@ -191,11 +191,10 @@ class PaddLoop:
         self.progress.update(step + 1, row)
 
     def metrics_row(self, tot: Totals, load: torch.Tensor) -> dict:
-        s3, n = self.cfg.stage3, self.ctx.num_students
+        n = self.ctx.num_students
         nl = self.N * load                                                        # 1 = perfectly even
         row = {"train/reward": tot["reward"] / tot["responses"], "train/accuracy": tot["correct"] / tot["responses"],
-               "train/policy_loss": tot["policy_loss"] / max(
-                   tot["resp_tokens"] if s3.loss_agg == "token_mean" else tot["responses"], 1),
+               "train/policy_loss": tot["policy_loss"] / max(tot["policy_units"], 1),  # the loss's own units
                "train/clip_frac": tot["clip_frac"] / max(tot["resp_tokens"], 1),
                "train/zero_variance_groups": tot["zero_var_groups"] / tot["groups"],
                "train/response_tokens": tot["resp_tokens"] / tot["responses"],

@@ -1,5 +1,6 @@
 """Stage II and III losses: advantage-tempered KD on sparse teacher targets, PR-GRPO and the
-policy baselines (GRPO, RSPO, GSPO), router drift, and a k3 KL to a reference policy.
+policy baselines (GRPO, RSPO, GSPO), router drift, and a k3 KL to a reference policy (unused
+by the trainer: config.py refuses stage3.ref_kl > 0).
 
 Everything here is a pure function of tensors: no process groups, no models. Each loss sums
 over the positions `mask` selects and divides by `denom` (default: the local count), so a
@@ -40,8 +41,10 @@ rho, built from the log-ratio  log pi_new - log pi_old + log w_t:
            |delta log-score| of the old top-K experts; we use the same Gamma as PR-GRPO so the
            comparison isolates where the damping applies;
   gspo     the ratio is per response: exp(masked mean of the token log-ratios), clipped with
-           `seq_clip_eps`. `ratio_level: sequence` does the same for grpo/pr_grpo/rspo (the
-           geometric mean of their damped token ratios).
+           `seq_clip_eps`, and the loss is the mean over responses of each response's token
+           mean (seq-mean-token-mean, GSPO's definition) whatever `stage3.loss_agg` says.
+           `ratio_level: sequence` uses the same ratio for grpo/pr_grpo/rspo (the geometric
+           mean of their damped token ratios), aggregated by `loss_agg`.
 Gamma and w carry no gradient. Note that Gamma is zero when the policy being trained is the
 one that sampled (one update per rollout batch): the damping acts from the second update
 on a batch, or when "old" is an earlier step's router.
@@ -205,18 +208,48 @@ def router_drift(p_new: torch.Tensor, p_old: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(a - b, dim=-1).mean(dim=0)
 
 
-def _aggregate(per_token: torch.Tensor, m: torch.Tensor, how: str,
-               denom: float | torch.Tensor | None) -> torch.Tensor:
-    """token_mean: sum over masked tokens / denom (tokens); seq_mean: each response's masked
-    mean, summed / denom (responses with at least one token)."""
-    masked = torch.where(m, per_token, torch.zeros_like(per_token))
-    if how == "token_mean":
-        return masked.sum() / (m.sum().clamp(min=1).to(masked.dtype) if denom is None else denom)
-    if how == "seq_mean":
-        n = m.sum(dim=1)
-        per_seq = masked.sum(dim=1) / n.clamp(min=1).to(masked.dtype)
-        return per_seq.sum() / ((n > 0).sum().clamp(min=1).to(masked.dtype) if denom is None else denom)
-    raise ValueError(f"stage3.loss_agg={how!r}; choose token_mean or seq_mean")
+def _token_mean(masked: torch.Tensor, m: torch.Tensor, denom: float | torch.Tensor | None) -> torch.Tensor:
+    """Sum over masked tokens / denom (default: the local token count)."""
+    return masked.sum() / (m.sum().clamp(min=1).to(masked.dtype) if denom is None else denom)
+
+
+def _seq_mean(masked: torch.Tensor, m: torch.Tensor, denom: float | torch.Tensor | None) -> torch.Tensor:
+    """Each response's masked token mean, summed / denom (default: responses with >= 1 token);
+    veRL's seq-mean-token-mean."""
+    n = m.sum(dim=1)
+    per_seq = masked.sum(dim=1) / n.clamp(min=1).to(masked.dtype)
+    return per_seq.sum() / ((n > 0).sum().clamp(min=1).to(masked.dtype) if denom is None else denom)
+
+
+AGGREGATIONS = {"token_mean": _token_mean, "seq_mean": _seq_mean}
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str,
+              denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """per_token [B, T] reduced over `mask` by AGGREGATIONS[how]; `denom` counts tokens
+    (token_mean) or responses (seq_mean), see `aggregation_units`."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"stage3.loss_agg={how!r}; choose token_mean or seq_mean")
+    m = mask.bool()
+    return AGGREGATIONS[how](torch.where(m, per_token, torch.zeros_like(per_token)), m, denom)
+
+
+def aggregation_units(mask: torch.Tensor, how: str) -> int:
+    """What `aggregate(.., how)` divides by without a denom: response tokens or responses with
+    at least one token. A data-parallel caller sums it over ranks for the global denom."""
+    m = mask.bool()
+    return int(m.sum()) if how == "token_mean" else int((m.sum(dim=1) > 0).sum())
+
+
+# The aggregation each policy's objective is defined with; None: stage3.loss_agg. GSPO's
+# objective is a mean over responses of per-response means, so gspo ignores loss_agg (as
+# veRL's core_algos does) rather than refusing the default token_mean.
+_POLICY_AGGREGATION = {"grpo": None, "pr_grpo": None, "rspo": None, "gspo": "seq_mean"}
+
+
+def policy_aggregation(cfg: Stage3Config) -> str:
+    """The aggregation `policy_loss` applies under `cfg`: token_mean or seq_mean."""
+    return _POLICY_AGGREGATION.get(cfg.policy) or cfg.loss_agg
 
 
 @dataclass
@@ -228,7 +261,6 @@ class PolicyInputs:
     advantages: torch.Tensor  # [B], one per response
     mask: torch.Tensor  # the response tokens
     drift: torch.Tensor | None = None  # router drift Gamma (`router_drift`); pr_grpo and rspo need it
-    ref_logp: torch.Tensor | None = None  # the reference policy; needed when stage3.ref_kl > 0
 
 
 # log w_t of each policy (see the module doc) from Gamma [B, T] and the advantages [B, 1];
@@ -268,32 +300,24 @@ def _damping_log_weights(x: PolicyInputs, adv: torch.Tensor, cfg: Stage3Config) 
     return weight(x.drift.detach().to(x.new_logp.dtype), adv, cfg)
 
 
-def _ref_kl(x: PolicyInputs, m: torch.Tensor, cfg: Stage3Config,
-            denom: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(aggregated k3 estimate of KL(pi_theta || pi_ref), its detached mean over masked tokens)."""
-    B, T = x.new_logp.shape
-    if x.ref_logp is None or x.ref_logp.shape != (B, T):
-        got = "nothing" if x.ref_logp is None else f"shape {tuple(x.ref_logp.shape)}"
-        raise ValueError(f"stage3.ref_kl={cfg.ref_kl} needs ref_logp [{B}, {T}] from the reference policy, got "
-                         f"{got}; or set stage3.ref_kl=0")
-    new_logp = x.new_logp
-    r = torch.where(m, x.ref_logp.detach().to(new_logp.dtype) - new_logp, torch.zeros_like(new_logp))
-    k3 = torch.exp(r) - r - 1.0
-    n_tok = m.sum().clamp(min=1).to(new_logp.dtype)
-    return _aggregate(k3, m, cfg.loss_agg, denom), (torch.where(m, k3, torch.zeros_like(k3)).sum() / n_tok).detach()
+def reference_kl(new_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, how: str = "token_mean",
+                 denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """k3 = exp(r) - r - 1, r = ref - new: an unbiased non-negative estimate of
+    KL(pi_theta || pi_ref) per token [B, T], aggregated by `how` over `mask`. Not part of
+    `policy_loss`: the trainer builds no reference model (config.py refuses stage3.ref_kl > 0)."""
+    m = mask.bool()
+    r = torch.where(m, ref_logp.detach().to(new_logp.dtype) - new_logp, torch.zeros_like(new_logp))
+    return aggregate(torch.exp(r) - r - 1.0, m, how, denom)
 
 
 def policy_loss(x: PolicyInputs, cfg: Stage3Config,
                 denom: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stage III clipped-surrogate loss of `cfg.policy` (grpo | pr_grpo | rspo | gspo) on `x`.
-
-    With cfg.ref_kl > 0 it adds ref_kl * k3, k3 = exp(r) - r - 1 with r = ref - new, an
-    unbiased non-negative estimate of KL(pi_theta || pi_ref). Aggregated by cfg.loss_agg over
-    `denom`.
+    """Stage III clipped-surrogate loss of `cfg.policy` (grpo | pr_grpo | rspo | gspo) on `x`,
+    aggregated by `policy_aggregation(cfg)` over `denom` (its units: `aggregation_units`).
 
     Returns (loss, stats) with detached scalars: pg_loss, clip_frac (masked tokens whose
     clipped branch is active, i.e. with zero gradient), ratio_mean (of the rho used),
-    damp_mean (mean w_t), ref_kl (mean k3, when computed).
+    damp_mean (mean w_t).
     """
     _check_policy_inputs(x, cfg)
     new_logp, m = x.new_logp, x.mask.bool()
@@ -311,20 +335,15 @@ def policy_loss(x: PolicyInputs, cfg: Stage3Config,
         eps = cfg.clip_eps
     ratio = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps) * adv)
-    pg_loss = _aggregate(-surrogate, m, cfg.loss_agg, denom)
-    loss = pg_loss
+    loss = aggregate(-surrogate, m, policy_aggregation(cfg), denom)
 
     with torch.no_grad():
         n_tok = m.sum().clamp(min=1).to(dtype)
         clipped = ((adv > 0) & (ratio > 1.0 + eps)) | ((adv < 0) & (ratio < 1.0 - eps))
         stats = {
-            "pg_loss": pg_loss.detach(),
+            "pg_loss": loss.detach(),
             "clip_frac": (clipped & m).sum().to(dtype) / n_tok,
             "ratio_mean": torch.where(m, ratio, torch.zeros_like(ratio)).sum() / n_tok,
             "damp_mean": torch.where(m, log_w.exp(), torch.zeros_like(log_w)).sum() / n_tok,
         }
-
-    if cfg.ref_kl > 0:
-        kl, stats["ref_kl"] = _ref_kl(x, m, cfg, denom)
-        loss = loss + cfg.ref_kl * kl
     return loss, stats

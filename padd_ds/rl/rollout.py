@@ -22,6 +22,7 @@ import torch
 from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch
 from padd_ds.data.prompt import format_prompt
+from padd_ds.models.generation import decoding_kwargs, eos_ids
 
 
 @dataclass
@@ -31,13 +32,6 @@ class Rollouts:
     prompt_index: torch.Tensor   # [P*G] int64
     response_lengths: torch.Tensor  # [P*G] tokens sampled (EOS included when it was reached)
     finished: torch.Tensor       # [P*G] bool: the response ended with EOS within the budget
-
-
-def _eos_ids(model, tok) -> list[int]:
-    ids = []
-    for v in (tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        ids += v if isinstance(v, (list, tuple)) else [v]
-    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ class RolloutSampling:
 def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling, synced: bool) -> Rollouts:
     if sampling.temperature <= 0:
         raise ValueError("rollouts need sampling: stage3.rollout_temperature must be > 0")
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     prompts = _prompt_ids(tok, problems, sampling.max_prompt_tokens)
     sampled = _sample(model, prompts, sampling, eos, pad, synced)
@@ -92,8 +86,9 @@ def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: lis
     was_training = model.training
     model.eval()
     try:
-        gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=sampling.temperature,
-                             top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+        # The policy itself: temperature and top_p are the only transforms (top_k=0, no model defaults).
+        decoding = decoding_kwargs(sampling.temperature, sampling.top_p)
+        gen = model.generate(input_ids=left, attention_mask=attn, **decoding, max_new_tokens=sampling.max_new_tokens,
                              num_return_sequences=sampling.group_size, eos_token_id=eos, pad_token_id=pad,
                              synced_gpus=synced)
     finally:

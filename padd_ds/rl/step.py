@@ -25,7 +25,8 @@ from padd_ds.data.batch import TokenBatch
 from padd_ds.launch.comm import all_sum
 from padd_ds.models.router import routers, routing_trace
 from padd_ds.rl.balance import switch_aux_loss
-from padd_ds.rl.losses import PolicyInputs, adaptive_kd_loss, policy_loss, router_drift
+from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, aggregation_units, policy_aggregation, policy_loss,
+                               router_drift)
 from padd_ds.rl.rollout import RolloutBatch, token_logprobs
 
 
@@ -47,10 +48,12 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
                        teacher_logits: Callable[[], object] | None = None, guard=None, step: int = 0) -> StepResult:
     batch, adv, pcfg = rb.rollouts.batch, rb.advantages, policy_config(cfg.stage3)
     num_students = dist.get_world_size()
-    # Global normalisers: every rank's tokens (or responses) weigh the same.
-    n_resp_tokens, = all_sum([float(batch.loss_mask.sum())])
-    denom = (n_resp_tokens if pcfg.loss_agg == "token_mean" else batch.ids.shape[0] * num_students) / num_students
-    kd_denom = n_resp_tokens / num_students
+    # Global normalisers: every rank's tokens (or, for a per-response mean, responses) weigh
+    # the same; DeepSpeed averages the ranks' gradients, hence the division by num_students.
+    agg = policy_aggregation(pcfg)
+    units = aggregation_units(batch.loss_mask, agg)
+    n_resp_tokens, n_units = all_sum([float(batch.loss_mask.sum()), float(units)])
+    denom, kd_denom = n_units / num_students, n_resp_tokens / num_students
     n_updates = pcfg.updates_per_batch
     old_logp = None
     if n_updates > 1:  # the sampling policy's log-probs: every update's ratio is against them
@@ -65,7 +68,7 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
             # With one update the sampling policy is the current one (ratio 1 at the update).
             loss, pstats = policy_loss(PolicyInputs(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
                                                     batch.loss_mask, drift=drift), pcfg, denom=denom)
-            part = {"policy_loss": float(pstats["pg_loss"]) * denom,
+            part = {"policy_loss": float(pstats["pg_loss"]) * denom, "policy_units": units,
                     "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
             if teacher_logits is not None:
                 target = teacher_logits() if target is None else target  # fetched once, after the first forward
