@@ -11,10 +11,10 @@ marker, or whose files no longer match it, is skipped on resume with a warning n
 and the checkpoint used instead. Only the newest `keep_last` complete checkpoints are kept.
 
 `state` holds what DeepSpeed does not: the step (= the data position, see BatchPlan), every
-rank's RNG states (python, numpy, torch: rollouts are sampled), and the trainer's own
-objects (Stage IV bias and advantage EMAs, the router snapshot for drift). It is gathered
-from all ranks into the main rank's DeepSpeed client state, so each rank gets its own RNG
-back.
+rank's RNG states (python, numpy, torch and, on a GPU, CUDA's: rollouts are sampled), and the
+trainer's own objects (Stage IV bias and advantage EMAs, the router snapshot for drift). It is
+gathered from all ranks into the main rank's DeepSpeed client state, so each rank gets its own
+RNG back.
 """
 
 from __future__ import annotations
@@ -29,17 +29,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from padd_ds.launch.device import on_gpu
+
 MARKER = "padd_complete.json"
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if on_gpu():  # rollouts sample on the rank's GPU, from its own generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
+    if "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"])
 
 
 def _files(d: Path) -> dict[str, int]:

@@ -23,6 +23,7 @@ import torch
 from padd_ds.config import PaddConfig, Stage3Config
 from padd_ds.data.batch import TokenBatch
 from padd_ds.launch.comm import all_sum
+from padd_ds.launch.device import rank_device
 from padd_ds.models.router import routers, routing_trace
 from padd_ds.rl.balance import switch_aux_loss
 from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, aggregation_units, policy_aggregation, policy_loss,
@@ -46,13 +47,14 @@ def policy_config(s3: Stage3Config) -> Stage3Config:
 
 def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor], cfg: PaddConfig,
                        teacher_logits: Callable[[], object] | None = None, guard=None, step: int = 0) -> StepResult:
-    batch, adv, pcfg = rb.rollouts.batch, rb.advantages, policy_config(cfg.stage3)
+    host, pcfg = rb.rollouts.batch, policy_config(cfg.stage3)
+    batch, adv = host.to(rank_device()), rb.advantages.to(rank_device())  # what the engine and the losses see
     num_students = dist.get_world_size()
     # Global normalisers: every rank's tokens (or, for a per-response mean, responses) weigh
     # the same; DeepSpeed averages the ranks' gradients, hence the division by num_students.
     agg = policy_aggregation(pcfg)
-    units = aggregation_units(batch.loss_mask, agg)
-    n_resp_tokens, n_units = all_sum([float(batch.loss_mask.sum()), float(units)])
+    units = aggregation_units(host.loss_mask, agg)
+    n_resp_tokens, n_units = all_sum([float(host.loss_mask.sum()), float(units)])
     denom, kd_denom = n_units / num_students, n_resp_tokens / num_students
     n_updates = pcfg.updates_per_batch
     old_logp = None
@@ -69,9 +71,10 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
             loss, pstats = policy_loss(PolicyInputs(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
                                                     batch.loss_mask, drift=drift), pcfg, denom=denom)
             part = {"policy_loss": float(pstats["pg_loss"]) * denom, "policy_units": units,
-                    "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
+                    "clip_frac": float(pstats["clip_frac"]) * float(host.loss_mask.sum())}
             if teacher_logits is not None:
-                target = teacher_logits() if target is None else target  # fetched once, after the first forward
+                # Fetched once, after the first forward; it arrives on the host.
+                target = teacher_logits().to(batch.ids.device) if target is None else target
                 kd, kstats = adaptive_kd_loss(logits, target, batch.loss_mask, adv, cfg.stage2, denom=kd_denom)
                 loss = loss + cfg.stage2.kd_weight * kd
                 part["kd_loss"] = kd.item() * kd_denom
@@ -88,14 +91,18 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
             stats[key] = stats.get(key, 0.0) + value / n_updates
         if update == 0:  # Stage IV counts and the drift log: the routes of the sampling policy
             sel, gamma = cur, drift
-    return _expert_stats(batch, adv, sel, gamma, routers(engine.module)[0].num_experts, stats)
+    # Stage IV statistics on the host, where the caller all-reduces and logs them.
+    n_experts = routers(engine.module)[0].num_experts
+    return _expert_stats(host, rb.advantages, [s.cpu() for s in sel], gamma.cpu(), n_experts, stats)
 
 
 @torch.no_grad()
 def _drift(trace, prev_routers: list[torch.Tensor]) -> torch.Tensor:
     """Gamma per token: how far the current routers moved from the previous step's on the same inputs."""
     p_new = torch.stack([p.detach().float() for p in trace.scores()])                         # [L, T, N]
-    p_old = torch.stack([torch.softmax(x.float() @ w.T, dim=-1) for x, w in zip(trace.inputs(), prev_routers)])
+    # A resumed run's previous routers come from the checkpoint, maybe on the host.
+    p_old = torch.stack([torch.softmax(x.float() @ w.to(x.device).T, dim=-1)
+                         for x, w in zip(trace.inputs(), prev_routers)])
     return router_drift(p_new, p_old)
 
 
