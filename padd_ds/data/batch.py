@@ -22,6 +22,17 @@ class TokenBatch:
         return (torch.arange(L).unsqueeze(0) < self.lengths.unsqueeze(1)).long()
 
 
+def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:
+    """Consecutive rows of `batch` in micro-batches of `size`, each cut to its own longest
+    sequence (columns past it are padding in every row of that micro-batch)."""
+    parts = []
+    for start in range(0, batch.ids.shape[0], size):
+        lengths = batch.lengths[start:start + size]
+        L = int(lengths.max())
+        parts.append(TokenBatch(batch.ids[start:start + size, :L], lengths, batch.loss_mask[start:start + size, :L]))
+    return parts
+
+
 def lm_loss(logits: torch.Tensor, batch: TokenBatch, denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the response tokens (position t predicts token t+1), summed / `denom`
     (default: this batch's response tokens)."""
