@@ -10,7 +10,8 @@ reduction, so the decision is collective: each rank contributes its own flag to 
 all-reduce and all of them skip, or none (ZeRO-3 also needs every rank to run the same
 backward and step, or the collectives inside them hang).
 
-The unit is the optimiser step. With `train.grad_accum > 1` a non-finite micro-batch makes
+The unit is the optimiser step. With gradient accumulation (`train.grad_accum > 1`, or a PADD
+rollout batch of several micro-batches) a non-finite micro-batch makes
 the whole step a skip: its own backward and those of the step's remaining micro-batches are
 left out, the gradient already accumulated from the earlier ones is discarded at the step's
 last micro-batch, and the optimiser does not step (no update, no lr-scheduler tick).

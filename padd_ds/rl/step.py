@@ -56,9 +56,7 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     pcfg = policy_config(cfg.stage3)
     mbs = cfg.train.micro_batch_size
     parts, advs = micro_batches(rb.rollouts.batch, mbs), rb.advantages.split(mbs)
-    if len(parts) != engine.gradient_accumulation_steps():
-        raise ValueError(f"a rollout batch of {rb.rollouts.batch.ids.shape[0]} sequences is {len(parts)} micro-batches "
-                         f"of {mbs}, but the engine accumulates {engine.gradient_accumulation_steps()} per step")
+    _check_accumulation(engine, len(parts), rb.rollouts.batch.ids.shape[0], mbs)
     denom, kd_denom = _normalisers(rb.rollouts.batch, pcfg)
     n_updates = pcfg.updates_per_batch
     # The sampling policy's log-probs: every update's ratio is against them (one update: the current policy).
@@ -82,6 +80,18 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
                 sampled.append(_expert_stats(mb, adv, sel, drift, routers(engine.module)[0].num_experts))
     return StepResult(sum(r.counts for r in sampled), sum(r.adv_sum for r in sampled),
                       sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats)
+
+
+def _check_accumulation(engine, n_parts: int, rows: int, mbs: int) -> None:
+    """Each update must be exactly one optimiser step of the engine: as many micro-batches as
+    it accumulates, starting on an accumulation boundary."""
+    gas = engine.gradient_accumulation_steps()
+    if n_parts != gas:
+        raise ValueError(f"a rollout batch of {rows} sequences is {n_parts} micro-batches of {mbs}, but the engine "
+                         f"accumulates {gas} per optimiser step")
+    if engine.micro_steps % gas:
+        raise RuntimeError(f"the engine is {engine.micro_steps % gas} micro-batches into an optimiser step of {gas}; "
+                           "whatever ran before left it off an accumulation boundary")
 
 
 @dataclass
