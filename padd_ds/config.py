@@ -443,6 +443,12 @@ class EvalConfig:
     # share those two across many runs (bench/reproduce_table.py) set false and evaluate them
     # once; results.json then holds null for them.
     references: bool = True
+    # The teacher's row of those references (null: as `references`). The teacher ranks
+    # evaluate while the students build their engine, and the students' Stage I waits for
+    # them (topology.timeout_s): a ZeRO-3 teacher splits the problems over its ranks, yet a
+    # 70B one decoding math5 still takes hours. Set false there; the table then holds null
+    # for the teacher (evaluate it once apart, e.g. `padd eval`).
+    teacher_reference: Optional[bool] = None
     # When the export folds a Stage IV bias (routers without a bias slot), also evaluate the
     # export with its exact routing restored (`load_exact_routing`): the fold's accuracy
     # cost. Doubles the trained student's evaluation, so off by default.
@@ -452,6 +458,14 @@ class EvalConfig:
         positive("eval.num_problems", self.num_problems)
         positive("eval.max_new_tokens", self.max_new_tokens)
         positive("eval.batch_size", self.batch_size)
+        require(self.references or not self.teacher_reference,
+                "eval.teacher_reference=true needs eval.references=true (the teacher's row is one of the "
+                "references); leave it null or set eval.references=true")
+
+    @property
+    def teacher_evaluated(self) -> bool:
+        """Whether the run evaluates the teacher (the reference row of the table)."""
+        return self.references and self.teacher_reference is not False
 
 
 @dataclass

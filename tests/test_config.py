@@ -553,3 +553,14 @@ def test_imports_without_torch_or_deepspeed():
             "bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=60)
+
+
+def test_teacher_reference_follows_references_unless_switched_off():
+    """eval.teacher_reference: null follows eval.references; false drops only the teacher's row
+    (a sharded 70B teacher would hold the students past topology.timeout_s); true without
+    eval.references is refused."""
+    assert load_config(None, []).eval.teacher_evaluated
+    assert not load_config(None, ["eval.teacher_reference=false"]).eval.teacher_evaluated
+    assert not load_config(None, ["eval.references=false"]).eval.teacher_evaluated
+    with pytest.raises(ConfigError, match="eval.teacher_reference=true needs eval.references=true"):
+        load_config(None, ["eval.references=false", "eval.teacher_reference=true"]).check()

@@ -92,21 +92,25 @@ COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.st
 
 
 @pytest.fixture(scope="module")
-def one_process_kd(toy_build, tmp_path_factory):
+def one_process(toy_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("colocated")
     run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", f"run.output_dir={out}",
              "--set", "topology.colocated=true", "--set", "deepspeed.expert_parallel_size=1",
              "--set", "train.micro_batch_size=16"], timeout=300)
-    return [h["train/kd_loss"] for h in read_results(out)["history"]]
+    return read_results(out)
 
 
 @pytest.mark.parametrize("parallel", ["replicas", "zero3"])
-def test_two_teacher_ranks_train_like_one(one_process_kd, tmp_path, parallel):
+def test_two_teacher_ranks_train_like_one(one_process, tmp_path, parallel):
     p = run_cmd(deepspeed_cmd(4, *COMMON, "--set", f"run.output_dir={tmp_path}", "--set", "train.micro_batch_size=8",
                               "--set", "topology.teacher_ranks=2", "--set", f"teacher.parallel={parallel}"),
                 timeout=420)
-    kd = [h["train/kd_loss"] for h in read_results(tmp_path)["history"]]
-    assert kd == pytest.approx(one_process_kd, rel=2e-3), (kd, one_process_kd)
+    res = read_results(tmp_path)
+    kd, want = ([h["train/kd_loss"] for h in r["history"]] for r in (res, one_process))
+    assert kd == pytest.approx(want, rel=2e-3), (kd, want)
+    # The teacher's reference row: the first replica alone, or the sharded teacher's ranks
+    # each on half of the problems.
+    assert res["teacher"]["n"] == 8 and res["teacher"]["accuracy"] == one_process["teacher"]["accuracy"]
     log = p.stdout + p.stderr
     if parallel == "replicas":     # each student has its own teacher: 8 requests each
         assert log.count("served 8 requests") == 2, log[-3000:]

@@ -19,7 +19,11 @@ class TokenBatch:
     @property
     def attention_mask(self) -> torch.Tensor:
         L = self.ids.shape[1]
-        return (torch.arange(L).unsqueeze(0) < self.lengths.unsqueeze(1)).long()
+        return (torch.arange(L, device=self.lengths.device).unsqueeze(0) < self.lengths.unsqueeze(1)).long()
+
+    def to(self, device: str | torch.device) -> TokenBatch:
+        """The batch on `device` (the tensors themselves when they are already there)."""
+        return TokenBatch(self.ids.to(device), self.lengths.to(device), self.loss_mask.to(device))
 
 
 def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:

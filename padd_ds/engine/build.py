@@ -7,6 +7,7 @@ import torch
 
 from padd_ds.config import PaddConfig
 from padd_ds.engine.ds_config import build_ds_config
+from padd_ds.launch.device import on_gpu
 from padd_ds.models.router import padd_router_installed
 
 
@@ -15,7 +16,7 @@ def initialize_engine(cfg: PaddConfig, model: torch.nn.Module, num_students: int
     which routes exactly like DeepSpeed's until a PADD stage switches its mode or bias."""
     import deepspeed
 
-    ds = build_ds_config(cfg, getattr(model.config, "model_type", None), num_students, torch.cuda.is_available())
+    ds = build_ds_config(cfg, getattr(model.config, "model_type", None), num_students, on_gpu())
     with padd_router_installed():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                               if p.requires_grad], config=ds)

@@ -111,7 +111,7 @@ def generate(model, tokenizer, prompts: list[str], decoding: Decoding, *, add_sp
             batch = {k: v.to(device) for k, v in batch.items()}
             gen = model.generate(**batch, max_new_tokens=max_new, num_return_sequences=n,
                                  eos_token_id=eos, pad_token_id=pad_id, synced_gpus=synced_gpus, **sampling)
-            for row_no, row in enumerate(gen[:, batch["input_ids"].shape[1] :].tolist()):
+            for row_no, row in enumerate(gen[:, batch["input_ids"].shape[1] :].cpu().tolist()):
                 cut = next((j for j, t in enumerate(row) if t in eos), len(row))
                 outputs[idx[row_no // n]].append(tokenizer.decode(row[:cut], skip_special_tokens=True))
             if on_batch is not None:
@@ -146,6 +146,13 @@ def _breakdown(problems: list[dict], correct: list[bool], key: str) -> dict[str,
     return {str(k): sum(v) / len(v) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
 
 
+def accuracy_of(problems: list[dict], correct: list[bool]) -> dict[str, Any]:
+    """accuracy, n and the per-level and per-subject accuracy of graded answers to `problems`."""
+    n = len(correct)
+    return {"accuracy": sum(correct) / n if n else 0.0, "n": n, "per_level": _breakdown(problems, correct, "level"),
+            "per_subject": _breakdown(problems, correct, "subject")}
+
+
 def evaluate_problems(model, tokenizer, problems: list[dict[str, Any]], decoding: Decoding, *,
                       synced_gpus: bool = False, on_batch: Callable[[int], None] | None = None,
                       keep_records: int | None = 5) -> dict[str, Any]:
@@ -165,12 +172,7 @@ def evaluate_problems(model, tokenizer, problems: list[dict[str, Any]], decoding
                                      add_special_tokens=special, synced_gpus=synced_gpus, on_batch=on_batch)]
     correct = [grade(r, str(p["answer"])) for r, p in zip(greedy, problems)]
     n = len(correct)
-    res: dict[str, Any] = {
-        "accuracy": sum(correct) / n if n else 0.0,
-        "n": n,
-        "per_level": _breakdown(problems, correct, "level"),
-        "per_subject": _breakdown(problems, correct, "subject"),
-    }
+    res: dict[str, Any] = accuracy_of(problems, correct)
     sampled_ok: list[list[bool]] = [[] for _ in problems]
     if k:
         sampled = generate(model, tokenizer, prompts, decoding, add_special_tokens=special,

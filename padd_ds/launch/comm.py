@@ -1,21 +1,25 @@
 """Collectives on host (CPU) tensors under any backend.
 
 Counters, flags, token ids and Stage I statistics live on the CPU. gloo reduces them where
-they are; NCCL only takes GPU tensors. These helpers stage a host tensor through the
-accelerator's current device when it is not the CPU and copy the result back in place, so
-the same call is right under gloo on a laptop and NCCL on a cluster.
+they are; NCCL only takes GPU tensors. These helpers stage a tensor through the backend's
+device when it lives elsewhere (the rank's device under NCCL, the host under gloo) and copy
+the result back in place, so the same call is right under gloo on a laptop and NCCL on a
+cluster, for host and device tensors alike.
 """
 
 from __future__ import annotations
 
 import torch
 
+from padd_ds.launch.device import rank_device
+
 
 def comm_device() -> torch.device:
-    """Where collectives run: the accelerator's current device (the CPU under DS_ACCELERATOR=cpu)."""
-    from deepspeed.accelerator import get_accelerator
+    """Where collectives run: the rank's device under NCCL, the host under gloo (which
+    reduces host tensors)."""
+    import torch.distributed as tdist
 
-    return torch.device(get_accelerator().current_device_name())
+    return rank_device() if tdist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _staged(t: torch.Tensor, op) -> None:

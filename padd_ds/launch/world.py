@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import Bridge
+from padd_ds.launch.device import on_gpu, use_local_device
 from padd_ds.launch.liveness import HeartbeatTiming, Liveness, looks_like_peer_failure
 from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
                                   student_to_teacher, students_of_teacher, sub_world_env)
@@ -67,6 +68,7 @@ class World:
 def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
     """Detect the launcher, assign roles, connect the bridge, init the student DS world."""
     env = env or detect_launch()
+    use_local_device(env.local_rank)  # before anything loads: each rank its own GPU
     roles = assign_roles(env, cfg.topology.teacher_ranks, cfg.topology.colocated)
     bridge = liveness = None
     if roles.role != "colocated":
@@ -99,9 +101,8 @@ def release_shm_names() -> None:
     barrier all peers have opened it, so removing the name is safe; the memory goes away
     when the last process that maps it exits, however it exits (even SIGKILL)."""
     import deepspeed.comm as dist
-    import torch
 
-    if torch.cuda.is_available():
+    if on_gpu():
         return
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
@@ -113,9 +114,7 @@ def release_shm_names() -> None:
 
 
 def _backend() -> str:
-    import torch
-
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if on_gpu() else "gloo"  # what the rank's device is, not what the node has
 
 
 def finish(world: World | None, code: int = 0) -> None:

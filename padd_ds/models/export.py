@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from padd_ds.launch.comm import all_reduce_
+from padd_ds.launch.device import rank_device
 from padd_ds.models.router import routers, routing_trace
 from padd_ds.models.router import router_weights as current_router_weights  # export_engine's argument has the name
 
@@ -157,7 +158,7 @@ class _ShardWriter:
         self.weight_map: dict[str, str] = {}  # tensor name -> shard file
 
     def add(self, name: str, t: torch.Tensor, flush_when_full: bool = True) -> None:
-        self.shard[name] = t
+        self.shard[name] = t.cpu()  # gathered on the rank's device; the shard waits on the host
         self.shard_bytes += t.numel() * t.element_size()
         if flush_when_full and self.shard_bytes >= SHARD_BYTES:
             self.flush()
@@ -200,7 +201,7 @@ def _write_parameters(engine, shards: _ShardWriter, expected: dict[str, tuple[in
             continue
         if name in replace:
             prefix = _ROUTER.match(name).group(1)
-            routing[f"{prefix}.gate.weight"] = t.to(dtype).contiguous()
+            routing[f"{prefix}.gate.weight"] = t.to(dtype).cpu().contiguous()
             bias = module.get_submodule(f"{prefix}.router").padd_bias
             routing[f"{prefix}.gate.padd_bias"] = bias.detach().float().cpu()
             t = replace[name].to(t)
@@ -281,10 +282,11 @@ def _biased_targets(engine, batches: list, biases: torch.Tensor) -> tuple[list, 
     engine.eval()
     with routing_trace(engine.module, inputs=True) as trace:
         for b in batches:
+            b = b.to(rank_device())
             engine(input_ids=b.ids, attention_mask=b.attention_mask)
             valid = b.attention_mask.bool().reshape(-1)
             for l, (x, p) in enumerate(zip(trace.inputs(), trace.scores())):
-                q = (p.float() + biases[l]).clamp(min=1e-6)
+                q = (p.float() + biases[l].to(p.device)).clamp(min=1e-6)
                 xs[l].append(x[valid].float())
                 qs[l].append((q / q.sum(-1, keepdim=True))[valid])
             chosen.append([s.clone() for s in trace.selected()])
@@ -323,6 +325,7 @@ def engine_routes(engine, batches: list) -> list[list[torch.Tensor]]:
     out = []
     with routing_trace(engine.module) as trace:
         for b in batches:
+            b = b.to(rank_device())
             engine(input_ids=b.ids, attention_mask=b.attention_mask)
             out.append([s.clone() for s in trace.selected()])
     engine.train(was_training)
@@ -348,6 +351,7 @@ def routing_fidelity(hf_model, batches: list, engine_choices: list) -> float:
     try:
         for b, eng in zip(batches, engine_choices):
             chosen.clear()
+            b = b.to(rank_device())
             hf_model(input_ids=b.ids, attention_mask=b.attention_mask)
             if len(chosen) != len(eng):
                 raise RuntimeError(f"routing fidelity: the exported model ran {len(chosen)} routers, the engine "

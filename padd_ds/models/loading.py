@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from padd_ds.launch.device import rank_device
 from padd_ds.models.arch import uses_bf16
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a models.dtype setting on this process's device (the rule: arch.uses_bf16)."""
-    return torch.bfloat16 if uses_bf16(name, torch.cuda.is_available()) else torch.float32
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The torch dtype of a models.dtype setting for a model that computes on `device` (the
+    rule: arch.uses_bf16); the device, not whether the node has a GPU (DS_ACCELERATOR=cpu)."""
+    return torch.bfloat16 if uses_bf16(name, torch.device(device).type == "cuda") else torch.float32
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -22,13 +24,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False,
-                   device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load an HF causal LM from a local directory or hub id, refusing pickle checkpoints."""
+                   device: str | torch.device | None = None) -> torch.nn.Module:
+    """Load an HF causal LM from a local directory or hub id, refusing pickle checkpoints, on
+    `device` (default: the rank's). `dtype` resolves for the rank's device even when `device`
+    is the host: a model staged there for DeepSpeed to partition computes on the rank's device."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, rank_device()), use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
-    return model.to(device)
+    return model.to(rank_device() if device is None else device)
 
 
 def decoder_layers(model: torch.nn.Module):

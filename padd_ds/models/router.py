@@ -62,8 +62,8 @@ class RouterFit:
         if x.shape[0] != z.shape[0]:
             raise ValueError(f"router fit: {x.shape[0]} student tokens vs {z.shape[0]} teacher tokens")
         x, z = x.detach().double(), z.detach().double()
-        self.xtx[layer] += x.T @ x
-        self.xtz[layer] += x.T @ z
+        self.xtx[layer] += (x.T @ x).to(self.xtx.device)  # products where the tokens are, sums on the host
+        self.xtz[layer] += (x.T @ z).to(self.xtz.device)
         self.tokens[layer] += x.shape[0]
 
     def solve(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from padd_ds.data.batch import TokenBatch, lm_loss
 from padd_ds.engine.guard import NonFiniteGuard
 from padd_ds.engine.meter import Meter
 from padd_ds.launch.comm import all_sum
+from padd_ds.launch.device import rank_device
 from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
 from padd_ds.pipeline.summary import progress_bar
 from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
@@ -41,9 +42,10 @@ def train_distill(ctx: RunContext, state: ResumeState | None) -> LoopResult:
     stopped = None
     for step, micro, batch, out in feed:
         denom = global_token_count(batch) / ctx.num_students
-        logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-        kd = sparse_kd_loss(logits, out.logits, batch.loss_mask, cfg.train.kd_temperature, denom=denom)
-        lm = lm_loss(logits, batch, denom=denom)
+        dev = batch.to(rank_device())  # the feed's batches and teacher targets are on the host
+        logits = engine(input_ids=dev.ids, attention_mask=dev.attention_mask).logits
+        kd = sparse_kd_loss(logits, out.logits.to(dev.ids.device), dev.loss_mask, cfg.train.kd_temperature, denom=denom)
+        lm = lm_loss(logits, dev, denom=denom)
         guard.backward_step(engine, cfg.stage2.kd_weight * kd + cfg.train.lm_weight * lm, step)
         meter.add("kd", kd.item() * denom)        # back to sums, for exact global means
         meter.add("lm", lm.item() * denom)

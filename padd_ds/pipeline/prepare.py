@@ -45,6 +45,7 @@ def prepare(cfg: PaddConfig, world: World) -> Prepared:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
     student_path, provenance = student_checkpoint(cfg, world, teacher_path, tok, run_dir)
+    # On the rank's device: deepspeed.initialize would move it there whole before partitioning.
     student = load_causal_lm(student_path, cfg.models.dtype, cfg.models.trust_remote_code)
     teacher = connect_teacher(cfg, world, teacher_path, student.config.get_text_config().vocab_size)
     collect = (send_stage1_setup(cfg, world, student.config, teacher_path, teacher, provenance)
@@ -74,7 +75,8 @@ def student_checkpoint(cfg: PaddConfig, world: World, teacher_path: str, tok, ru
     out = run_dir / "stage1" / "student"
     if world.is_main and not (out / PROVENANCE_FILE).exists():  # a resumed run reuses its student
         s1 = cfg.stage1
-        dense = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
+        # On the host: decompression reads weights there and runs no forward.
+        dense = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code, device="cpu")
         t0 = time.perf_counter()
         # Experts scaled by N: the warmup's uniform router (1/N each) is then exactly the teacher.
         moe, prov = decompress(dense, s1.decompress_experts, s1.decompress_top_k, s1.cluster_input, cfg.run.seed,

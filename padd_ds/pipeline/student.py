@@ -65,7 +65,7 @@ def stage_one(ctx: RunContext, state: ResumeState | None, prep: Prepared) -> dic
 
 def preempted(ctx: RunContext, step: int) -> dict:
     if ctx.world.is_main:
-        if ctx.world.roles.role != "colocated" and ctx.cfg.eval.references:  # take the teacher's posted evaluation so it can exit
+        if ctx.world.roles.role != "colocated" and ctx.cfg.eval.teacher_evaluated:  # take the teacher's posted evaluation so it can exit
             ctx.world.bridge.recv_json(src=ctx.world.roles.num_student, tag=TAG_RESULT,
                                        timeout_s=ctx.cfg.topology.timeout_s)
         print(f"[preempted] signal received; checkpoint at step {step} written to {ctx.ckpt_dir}; "
@@ -90,7 +90,7 @@ def evaluate(ctx: RunContext, prep: Prepared, trained: LoopResult, verified: Ver
 
 def teacher_reference(ctx: RunContext) -> dict | None:
     """The teacher's held-out accuracy: evaluated here when colocated, else what the teacher posted."""
-    if not ctx.cfg.eval.references:
+    if not ctx.cfg.eval.teacher_evaluated:
         return None
     if ctx.world.roles.role == "colocated":
         return heldout_accuracy(ctx.teacher.teacher.model, ctx.tok, ctx.cfg)

@@ -15,6 +15,7 @@ import torch
 from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch, encode_examples
 from padd_ds.engine import checkpoint as ckpt
+from padd_ds.launch.device import rank_device
 from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_engine, fold_router_bias, has_bias_slot,
                                    load_exact_routing, routing_fidelity)
 from padd_ds.models.loading import load_causal_lm
@@ -46,10 +47,11 @@ def export_and_verify(ctx: RunContext) -> VerifiedExport | None:
     checkpoint = ckpt.latest_valid(ctx.ckpt_dir) or ctx.ckpt_dir
     if not ctx.world.is_main:
         return None
-    model = load_causal_lm(str(export_dir), "float32")
+    # On the rank's device in the run's dtype (bf16 on a GPU: a 30B student in fp32 fits no GPU).
+    model = load_causal_lm(str(export_dir), cfg.models.dtype)
     exact_model, exact = None, None
     if folded is not None:
-        exact_model = load_exact_routing(load_causal_lm(str(export_dir), "float32"), export_dir)
+        exact_model = load_exact_routing(load_causal_lm(str(export_dir), cfg.models.dtype), export_dir)
         exact = {"max_abs_logit_diff": max_logit_diff(exact_model, probe, engine_logits),
                  "routing_fidelity": routing_fidelity(exact_model, fidelity_batches, engine_choices),
                  "student_after": None}
@@ -82,8 +84,9 @@ def export_metadata(cfg: PaddConfig, exact_bias: bool, folded: bool) -> dict:
 def probe_logits(engine, tok, cfg: PaddConfig, problems: list[dict]) -> tuple[TokenBatch, torch.Tensor]:
     """Engine logits on a fixed batch (every student rank runs it; AutoEP needs them all)."""
     batch = encode_examples(tok, problems[:4], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    dev = batch.to(rank_device())
     engine.eval()
-    logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits.float()
+    logits = engine(input_ids=dev.ids, attention_mask=dev.attention_mask).logits.float()
     engine.train()
     return batch, logits
 
@@ -91,6 +94,7 @@ def probe_logits(engine, tok, cfg: PaddConfig, problems: list[dict]) -> tuple[To
 @torch.no_grad()
 def max_logit_diff(model, batch: TokenBatch, reference: torch.Tensor) -> float:
     """Largest |logit| difference over the non-padded positions of `batch`."""
+    batch = batch.to(rank_device())
     logits = model(input_ids=batch.ids, attention_mask=batch.attention_mask).logits.float()
     valid = batch.attention_mask.bool()
     return (logits[valid] - reference[valid]).abs().max().item()

@@ -139,7 +139,7 @@ def fold_bias_into_routers(engine, batches: list, controller: BiasController) ->
     for b, was, now in zip(batches, before, after):
         valid = b.attention_mask.bool().reshape(-1)
         for x, y in zip(was, now):
-            kept[0] += float(same_experts(x, y)[valid].sum())
+            kept[0] += float(same_experts(x, y).cpu()[valid].sum())  # routes on the device, the mask on the host
             kept[1] += float(valid.sum())
     all_reduce_(kept)
     return float(kept[0] / kept[1].clamp(min=1))

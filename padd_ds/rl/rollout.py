@@ -22,6 +22,7 @@ import torch
 from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch
 from padd_ds.data.prompt import format_prompt
+from padd_ds.launch.device import rank_device
 from padd_ds.models.generation import decoding_kwargs, eos_ids
 
 
@@ -83,6 +84,7 @@ def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: lis
     for i, x in enumerate(prompts):  # left-padded: every continuation starts at column `width`
         left[i, width - len(x):] = torch.tensor(x)
         attn[i, width - len(x):] = 1
+    left, attn = left.to(rank_device()), attn.to(rank_device())
     was_training = model.training
     model.eval()
     try:
@@ -93,7 +95,7 @@ def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: lis
                              synced_gpus=synced)
     finally:
         model.train(was_training)
-    return gen[:, width:].tolist()
+    return gen[:, width:].cpu().tolist()
 
 
 def _rollout_batch(tok, prompts: list[list[int]], sampled: list[list[int]], G: int, eos: list[int],
@@ -124,7 +126,7 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """log pi(token t+1 | <= t) at every position [B, L] (0 where the loss mask is off)."""
     z = logits[:, :-1].float()  # gather - logsumexp: never materialises a second [B, L, V] tensor
     logp = z.gather(-1, batch.ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
-    out = torch.zeros(batch.ids.shape, dtype=logp.dtype)
+    out = torch.zeros(batch.ids.shape, dtype=logp.dtype, device=logp.device)
     out[:, :-1] = logp
     return out * batch.loss_mask
 

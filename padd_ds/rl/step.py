@@ -27,6 +27,7 @@ import torch
 from padd_ds.config import PaddConfig, Stage3Config
 from padd_ds.data.batch import TokenBatch, micro_batches
 from padd_ds.launch.comm import all_sum
+from padd_ds.launch.device import rank_device
 from padd_ds.models.router import routers, routing_trace
 from padd_ds.rl.balance import switch_aux_loss
 from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, aggregation_units, policy_aggregation, policy_loss,
@@ -117,26 +118,33 @@ def _normalisers(batch: TokenBatch, pcfg: Stage3Config) -> tuple[float, float]:
 
 @torch.no_grad()
 def _sampling_logprobs(engine, parts: list[TokenBatch]) -> list[torch.Tensor]:
-    return [token_logprobs(engine(input_ids=mb.ids, attention_mask=mb.attention_mask).logits, mb) for mb in parts]
+    out = []
+    for host in parts:
+        mb = host.to(rank_device())
+        out.append(token_logprobs(engine(input_ids=mb.ids, attention_mask=mb.attention_mask).logits, mb))
+    return out
 
 
 def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg: PaddConfig,
                   target: Callable[[], object] | None, guard, step: int) -> tuple[dict, list[torch.Tensor], torch.Tensor]:
     """Forward, losses and backward of one micro-batch (the engine steps at the last one).
     Returns its statistics (sums), the selected experts per layer and the drift [b, S]."""
-    batch, pcfg = m.batch, policy_config(cfg.stage3)
+    pcfg = policy_config(cfg.stage3)
+    batch, adv = m.batch.to(rank_device()), m.adv.to(rank_device())  # what the engine and the losses see
     with routing_trace(engine.module, inputs=True) as trace:
         logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
         new_logp = token_logprobs(logits, batch)
         drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [b, S]
         old_logp = new_logp.detach() if m.old_logp is None else m.old_logp
-        loss, pstats = policy_loss(PolicyInputs(new_logp, old_logp, m.adv, batch.loss_mask, drift=drift), pcfg,
+        loss, pstats = policy_loss(PolicyInputs(new_logp, old_logp, adv, batch.loss_mask, drift=drift), pcfg,
                                    denom=m.denom)
         part = {"policy_loss": float(pstats["pg_loss"]) * m.denom,
-                "policy_units": aggregation_units(batch.loss_mask, policy_aggregation(pcfg)),
-                "clip_frac": float(pstats["clip_frac"]) * float(batch.loss_mask.sum())}
+                "policy_units": aggregation_units(m.batch.loss_mask, policy_aggregation(pcfg)),
+                "clip_frac": float(pstats["clip_frac"]) * float(m.batch.loss_mask.sum())}
         if target is not None:
-            kd, kstats = adaptive_kd_loss(logits, target(), batch.loss_mask, m.adv, cfg.stage2, denom=m.kd_denom)
+            # Fetched once per micro-batch, after its first forward; it arrives on the host.
+            kd, kstats = adaptive_kd_loss(logits, target().to(batch.ids.device), batch.loss_mask, adv, cfg.stage2,
+                                          denom=m.kd_denom)
             loss = loss + cfg.stage2.kd_weight * kd
             part["kd_loss"] = kd.item() * m.kd_denom
             part["kd_temperature"] = float(kstats["kd_temperature_mean"]) * batch.ids.shape[0]
@@ -150,14 +158,17 @@ def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg:
             engine.step()
         else:  # engine/guard.py: a non-finite loss on any rank skips this step on all of them
             guard.backward_step(engine, loss, step, scale_wrt_gas=False)
-    return part, cur, drift
+    # Stage IV statistics on the host, where the caller all-reduces and logs them.
+    return part, [s.cpu() for s in cur], drift.cpu()
 
 
 @torch.no_grad()
 def _drift(trace, prev_routers: list[torch.Tensor]) -> torch.Tensor:
     """Gamma per token: how far the current routers moved from the previous step's on the same inputs."""
     p_new = torch.stack([p.detach().float() for p in trace.scores()])                         # [L, T, N]
-    p_old = torch.stack([torch.softmax(x.float() @ w.T, dim=-1) for x, w in zip(trace.inputs(), prev_routers)])
+    # A resumed run's previous routers come from the checkpoint, maybe on the host.
+    p_old = torch.stack([torch.softmax(x.float() @ w.to(x.device).T, dim=-1)
+                         for x, w in zip(trace.inputs(), prev_routers)])
     return router_drift(p_new, p_old)
 
 

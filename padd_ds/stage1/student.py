@@ -28,6 +28,7 @@ from padd_ds.engine.guard import NonFiniteGuard
 from padd_ds.engine.meter import Meter
 from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE
 from padd_ds.launch.comm import all_reduce_, all_sum
+from padd_ds.launch.device import rank_device
 from padd_ds.models.router import RouterFit, random_router_weights, routers, routing_trace, write_router_weights
 from padd_ds.stage1.warmup import path_agreement, path_kl, path_log_probs
 from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
@@ -47,13 +48,19 @@ class Stage1:
 
     def _cluster_order(self, t: torch.Tensor) -> torch.Tensor:
         """Teacher per-cluster values [B, S, L, N] reordered to the student's expert order."""
-        idx = self.perm.reshape(1, 1, *self.perm.shape).expand(*t.shape[:2], *self.perm.shape)
+        perm = self.perm.to(t.device)
+        idx = perm.reshape(1, 1, *perm.shape).expand(*t.shape[:2], *perm.shape)
         return t.gather(-1, idx)
 
     def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int, grad_accum: int = 1) -> TeacherFeed:
         plan = BatchPlan(len(problems), self.per_rank, self.num_students, grad_accum, seed)
         return TeacherFeed(self.teacher, RankBatches(problems, plan, self.rank, self.encode), range(steps),
                            self.cfg.teacher.prefetch, outputs=outputs)
+
+    @staticmethod
+    def _on_device(batch, out):
+        """A feed's batch and teacher outputs (host tensors) on the rank's device, for the forward."""
+        return batch.to(rank_device()), out.to(rank_device())
 
     def _batches_for(self, n_problems: int) -> int:
         return max(1, n_problems // (self.per_rank * self.num_students))
@@ -65,8 +72,9 @@ class Stage1:
         meter = Meter()
         self.engine.eval()
         with routing_trace(self.engine.module) as trace:
-            for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)), OUT_CLUSTER_ACTS,
-                                               self.cfg.run.seed + 17):
+            for _, _, host, out in self._feed(problems, self._batches_for(len(problems)), OUT_CLUSTER_ACTS,
+                                              self.cfg.run.seed + 17):
+                batch, out = self._on_device(host, out)
                 logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
                 valid = batch.attention_mask.bool()
                 log_pt = path_log_probs(self._cluster_order(out.cluster_acts), self.cfg.stage1.path_temperature)
@@ -75,7 +83,7 @@ class Stage1:
                     meter.add(key, value)
                 meter.add("kl", path_kl(scores, log_pt, valid, 1.0))
                 meter.add("kd", sparse_kd_loss(logits, out.logits, batch.loss_mask, 1.0, denom=1.0))
-                meter.add("kd_count", batch.loss_mask.sum())
+                meter.add("kd_count", host.loss_mask.sum())
         self.engine.train()
         tot = meter.totals()
         return {"agreement_top1": tot["top1"] / tot["tokens"], "agreement_topk": tot["topk"] / tot["tokens"],
@@ -118,15 +126,16 @@ class Stage1:
         co = torch.zeros(n_layers, n, n, dtype=torch.float64)
         self.engine.eval()
         with routing_trace(mod, inputs=True) as trace:
-            for _, _, batch, out in self._feed(problems, self._batches_for(len(problems)),
-                                               OUT_CLUSTER_GATE | OUT_CLUSTER_ACTS, self.cfg.run.seed + 11):
+            for _, _, host, out in self._feed(problems, self._batches_for(len(problems)),
+                                              OUT_CLUSTER_GATE | OUT_CLUSTER_ACTS, self.cfg.run.seed + 11):
+                batch, out = self._on_device(host, out)
                 self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask)
                 valid = batch.attention_mask.bool().reshape(-1)
                 p_t = path_log_probs(out.cluster_acts, s1.path_temperature).exp()
                 for l, (x, p_s) in enumerate(zip(trace.inputs(), trace.scores())):
                     z = out.cluster_gate[..., l, :].reshape(-1, n)
                     fit.add(l, x[valid], z[valid])
-                    co[l] += p_s[valid].double().T @ p_t[..., l, :].reshape(-1, n)[valid].double()
+                    co[l] += (p_s[valid].double().T @ p_t[..., l, :].reshape(-1, n)[valid].double()).cpu()
         self.engine.train()
         all_reduce_(co)
         return fit, co
@@ -157,8 +166,9 @@ class Stage1:
         # A NaN/inf loss on any rank skips the step on all of them (engine/guard.py), as in the main phase.
         guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         meter, history = Meter(), []
-        for step, micro, batch, out in feed:
-            count, tokens = all_sum([float(batch.loss_mask.sum()), float(batch.lengths.sum())])
+        for step, micro, host, out in feed:
+            count, tokens = all_sum([float(host.loss_mask.sum()), float(host.lengths.sum())])
+            batch, out = self._on_device(host, out)
             logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
             # Per-rank sums over the global counts: the update equals one process on the global batch.
             denom, tdenom = count / self.num_students, tokens / self.num_students
@@ -170,8 +180,8 @@ class Stage1:
                 meter.add("lm", lm.item() * denom)
                 meter.add("kd", kd.item() * denom)
                 meter.add("kl", kl.item() * tdenom)
-                meter.add("count", batch.loss_mask.sum())
-                meter.add("tokens", batch.lengths.sum())
+                meter.add("count", host.loss_mask.sum())
+                meter.add("tokens", host.lengths.sum())
             if micro == gas - 1 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == s1.warmup_steps):
                 tot = meter.totals()
                 c, t = tot.get("count", 0.0), tot.get("tokens", 0.0)

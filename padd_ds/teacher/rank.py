@@ -30,8 +30,10 @@ from padd_ds.teacher.sharded import ShardedTeacher
 def run_teacher(cfg: PaddConfig, world: World) -> None:
     teacher_path, student_path, tok_path = model_paths(cfg)
     tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
-    model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
     sharded = world.teacher_parallel == "zero3"
+    # A sharded teacher is read on the host: ZeRO-3 moves each partition to the rank's device.
+    model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code,
+                           device="cpu" if sharded else None)
     teacher = load_teacher(model, sharded, student_vocab_size(cfg, student_path))
     model = teacher.model
     posted = evaluate_reference(cfg, world, model, tok, sharded)
@@ -67,13 +69,15 @@ def student_vocab_size(cfg: PaddConfig, student_path: str | None) -> int | None:
 
 
 def evaluate_reference(cfg: PaddConfig, world: World, model, tok, sharded: bool):
-    """The teacher's held-out accuracy, computed while the students build their engine (a
-    sharded teacher generates on all its ranks in step). It travels on its own bridge tag;
-    the main student collects it at the end. Returns the posted send to wait on, or None."""
-    if not cfg.eval.references or not (world.roles.teacher_rank == 0 or sharded):
+    """The teacher's held-out accuracy (eval.teacher_reference), computed while the students
+    build their engine: by the first replica, or by every rank of a sharded teacher, each on
+    its share of the problems, in step. It travels on its own bridge tag; the main student
+    collects it at the end. Returns the posted send to wait on, or None."""
+    if not cfg.eval.teacher_evaluated or not (world.roles.teacher_rank == 0 or sharded):
         return None
     t0 = time.perf_counter()
-    ev = heldout_accuracy(model, tok, cfg, synced=sharded)
+    share = (world.roles.teacher_rank, world.roles.num_teacher) if sharded else (0, 1)
+    ev = heldout_accuracy(model, tok, cfg, synced=sharded, share=share)
     ev["seconds"] = time.perf_counter() - t0
     if world.roles.teacher_rank != 0:
         return None

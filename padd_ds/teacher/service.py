@@ -26,10 +26,13 @@ KINDS = {v: k for k, v in MODES.items()}
 
 
 def compress(logits: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits:
-    """Full logits -> the wire form. Sampling is seeded by the request, so it is reproducible."""
+    """Full logits -> the wire form, on the host. Sampling is seeded by the request, so it is
+    reproducible (per device type). Compressed where the logits are: copying [B, L, V] to the
+    host would cost more than the forward."""
     if mode == "topk":
-        return encode_topk(logits, k)
-    return encode_sampled(logits, k, torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF))
+        return encode_topk(logits, k).to("cpu")
+    gen = torch.Generator(device=logits.device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    return encode_sampled(logits, k, gen).to("cpu")
 
 
 @dataclass
@@ -43,11 +46,18 @@ class TeacherOutput:
         return self.logits.tensors() + [t for t in (self.cluster_acts, self.hidden, self.cluster_gate)
                                         if t is not None]
 
+    def to(self, device: str | torch.device) -> TeacherOutput:
+        """On `device` (outputs arrive on the host, as the bridge carries them)."""
+        move = (lambda t: None if t is None else t.to(device))
+        return TeacherOutput(self.logits.to(device), move(self.cluster_acts), move(self.hidden),
+                             move(self.cluster_gate))
+
 
 def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, outputs: int,
                     cluster_map: ClusterMap | None, vocab_limit: int | None = None):
     """One teacher forward -> (logits, cluster activations, final hidden, cluster gate); the
-    last three are None unless requested.
+    last three are None unless requested, and on the host; the logits stay on the model's
+    device for `compress`.
 
     `vocab_limit` (the student's vocab_size) drops the teacher's logit columns past it: when
     the tables differ only by padding (Qwen2.5 152064 rows vs Qwen3 151936, checked by
@@ -92,7 +102,7 @@ def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     logits = out.logits
     if vocab_limit is not None and logits.shape[-1] > vocab_limit:
         logits = logits[..., :vocab_limit]
-    return logits.float().cpu(), cluster, hidden, gate
+    return logits.float(), cluster, hidden, gate
 
 
 class TeacherModel:

@@ -14,6 +14,7 @@ import math
 import torch
 
 from padd_ds.launch.comm import broadcast_, gather
+from padd_ds.launch.device import rank_device
 from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs
 from padd_ds.teacher.sparse import SparseLogits
 
@@ -29,6 +30,7 @@ class ShardedTeacher:
         ds = {"train_micro_batch_size_per_gpu": 1,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "bf16": {"enabled": bf16}}
+        partition_on_device(model, ds)
         self.engine = deepspeed.initialize(model=model, config=ds)[0]
         self.engine.eval()
         self.model = self.engine.module
@@ -78,8 +80,9 @@ class ShardedTeacher:
         # rows scores row 0 and throws the result away.
         rows = slice(lo, hi) if hi > lo else slice(0, 1)
         mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
-        logits, cluster, hidden, gate = forward_outputs(self.engine, ids[rows], mask, outputs, self.cluster_map,
-                                                        self.vocab_limit)
+        dev = rank_device()
+        logits, cluster, hidden, gate = forward_outputs(self.engine, ids[rows].to(dev), mask.to(dev), outputs,
+                                                        self.cluster_map, self.vocab_limit)
         sl = compress(logits, k, mode, seed * 1009 + self.rank)  # each slice its own draws
         mine = sl.tensors() + [t for t in (cluster, hidden, gate) if t is not None]
         n_mine = hi - lo
@@ -97,3 +100,14 @@ class ShardedTeacher:
                              next(extra) if cluster is not None else None,
                              next(extra) if hidden is not None else None,
                              next(extra) if gate is not None else None)
+
+
+def partition_on_device(model: torch.nn.Module, ds: dict) -> None:
+    """Partition a teacher read on the host over the teacher ranks, one parameter at a time
+    onto the rank's device (`deepspeed.initialize` would first move the whole model to one
+    device: 145 GB for a 72B teacher); buffers, which ZeRO-3 does not partition, follow."""
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds)
+    for b in model.buffers():
+        b.data = b.data.to(rank_device())

@@ -53,6 +53,10 @@ class SparseLogits:
     def from_tensors(cls, tensors: list[torch.Tensor]) -> "SparseLogits":
         return cls(*tensors)
 
+    def to(self, device: str | torch.device) -> "SparseLogits":
+        """On `device`: the wire form is on the host, the KD loss runs where the student's logits are."""
+        return SparseLogits.from_tensors([t.to(device) for t in self.tensors()])
+
     def bytes_per_token(self) -> int:
         return self.k * (4 + 4 + (4 if self.weights is not None else 0)) + 4
 
