@@ -96,7 +96,9 @@ def free_port() -> int:
 
 def train_command(out: Path, seed: int, sets: list[str]) -> list[str]:
     """One colocated train.py run of the recipe with `sets` on top."""
+    # 8 prompts x G=4 = one micro-batch of 32 rollouts per step (the table's layout).
     base = ["topology.colocated=true", "deepspeed.expert_parallel_size=1", "train.micro_batch_size=32",
+            "stage3.prompts_per_step=8",
             "logging.wandb_mode=disabled", "logging.progress=false", "train.resume=never",
             f"run.output_dir={out}", f"run.seed={seed}"]
     cmd = [sys.executable, str(REPO / "train.py"), "--recipe", str(RECIPE)]

@@ -81,6 +81,7 @@ def prepare(args: argparse.Namespace) -> Inputs:
     cfg = load_config(str(REPO / "recipes" / "toy_cpu.yaml"),
                       ["train.mode=padd", f"train.micro_batch_size={args.micro_batch}", "train.lr=1e-5",
                        "deepspeed.expert_parallel_size=1", "topology.colocated=true"])
+    cfg.stage3.prompts_per_step = args.micro_batch // cfg.stage3.group_size  # the rollout batch = one micro-batch
     use_toy_build_for(cfg)
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -120,7 +121,7 @@ def step_functions(x: Inputs) -> dict[str, Callable[[], None]]:
 
     def padd_step() -> None:
         cur = router_weights(mod)
-        res = update_on_rollouts(engine, rb, prev[0], cfg, lambda: targets)
+        res = update_on_rollouts(engine, rb, prev[0], cfg, lambda i: targets)
         controller.update(res.counts, res.adv_sum, res.adv_count)
         set_bias(mod, controller.bias)
         prev[0] = cur

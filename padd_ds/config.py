@@ -289,9 +289,16 @@ class Stage3Config:
     # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
-    # Optimiser steps per batch of rollouts. 1: strictly on-policy, the ratio is 1, the clip
-    # never acts and the policy variants give (nearly) the same gradient. > 1: PPO-style reuse
-    # against the sampling policy's log-probs, where clipping and the variants differ.
+    # Prompts per RL step over all student ranks (veRL's data.train_batch_size). Each rank samples
+    # its prompts_per_step / (student ranks) prompts x group_size responses in one rollout phase
+    # (its rollout batch) and trains on it in micro-batches of train.micro_batch_size sequences,
+    # accumulated into each optimiser step. 8: the toy's 2 student ranks x 4 prompts x G=4 = one
+    # micro-batch of 16 sequences per rank.
+    prompts_per_step: int = 8
+    # PPO epochs: optimiser steps per rollout batch, each over the whole batch (all its
+    # micro-batches accumulated; there is no mini-batch option). 1: strictly on-policy, the ratio
+    # is 1, the clip never acts and the policy variants give (nearly) the same gradient. > 1:
+    # PPO-style reuse against the sampling policy's log-probs, where clipping and the variants differ.
     updates_per_batch: int = 1
 
     def check(self) -> None:
@@ -307,6 +314,7 @@ class Stage3Config:
         require(0 < self.seq_clip_eps < 1, f"stage3.seq_clip_eps must be in (0, 1), got {self.seq_clip_eps}")
         require(0 <= self.rspo_min_weight <= 1, f"stage3.rspo_min_weight must be in [0, 1], got {self.rspo_min_weight}")
         non_negative("stage3.reward_correct", self.reward_correct)
+        positive("stage3.prompts_per_step", self.prompts_per_step)
         positive("stage3.updates_per_batch", self.updates_per_batch)
         non_negative("stage3.reward_format", self.reward_format)
 
@@ -359,8 +367,10 @@ class TrainConfig:
     # 0: short fine-tuning from pre-trained/teacher-derived weights; decay would only pull
     # them towards zero.
     weight_decay: float = 0.0
-    # Sequences per student rank per micro-step; fits the toy model on CPU.
+    # Sequences per student rank per micro-step (forward + backward); fits the toy model on CPU.
     micro_batch_size: int = 16
+    # Micro-steps per optimiser step in train.mode=distill. In padd mode it follows from the
+    # rollout batch (config.accumulation_steps) and must stay 1.
     grad_accum: int = 1
     # Small LM term on reference answers next to KD: KD carries the teacher signal, the LM
     # term anchors the output format.
@@ -483,14 +493,10 @@ class PaddConfig:
                 f"stage4.settle_steps must be an integer in [0, train.steps={tr.steps}) (0: off), "
                 f"got {s4.settle_steps!r}")
         # What the trainer cannot run.
-        require(tr.mode != "padd" or tr.micro_batch_size % self.stage3.group_size == 0,
-                f"train.micro_batch_size={tr.micro_batch_size} must be a multiple of "
-                f"stage3.group_size={self.stage3.group_size} in train.mode=padd (it counts rollouts "
-                "per rank: prompts x group size)")
-        require(tr.mode != "padd" or tr.grad_accum == 1 or self.stage3.updates_per_batch == 1,
-                f"stage3.updates_per_batch={self.stage3.updates_per_batch} with train.grad_accum={tr.grad_accum} in "
-                "train.mode=padd: DeepSpeed steps only every grad_accum backward passes, so a micro-batch's updates "
-                "would not be applied one after another; set stage3.updates_per_batch=1 or train.grad_accum=1")
+        require(tr.mode != "padd" or tr.grad_accum == 1,
+                f"train.grad_accum={tr.grad_accum} in train.mode=padd: accumulation follows from "
+                "stage3.prompts_per_step x stage3.group_size / (student ranks x train.micro_batch_size); "
+                "remove train.grad_accum")
         s1, student = self.stage1, self.models.student
         require(student is not None or s1.router_init != "keep",
                 "stage1.router_init=keep needs a pre-trained student; a decompressed one "
@@ -498,3 +504,40 @@ class PaddConfig:
         require(student is None or not s1.enabled or s1.router_init != "centroids" or s1.projection != "none",
                 "stage1.projection=none cannot place teacher centroids in a pre-trained student's "
                 "hidden space; use stage1.projection=lstsq (or router_init=keep/random)")
+
+
+# --------------------------------------------------------------------------------------
+# The RL step's batch layout (train.mode=padd), given the number of student ranks
+# --------------------------------------------------------------------------------------
+
+
+def rollout_layout_problem(cfg: PaddConfig, students: int) -> str | None:
+    """The rollout batch splits evenly over the student ranks and into whole micro-batches
+    (the one place of this rule: validate.py and the planner call it)."""
+    if cfg.train.mode != "padd":
+        return None
+    s3, mbs = cfg.stage3, cfg.train.micro_batch_size
+    if s3.prompts_per_step % students:
+        return (f"stage3.prompts_per_step={s3.prompts_per_step} does not split over {students} student ranks; "
+                "make it a multiple of the student ranks")
+    per_rank = s3.prompts_per_step // students * s3.group_size
+    if per_rank % mbs:
+        return (f"the rollout batch of {per_rank} sequences per student rank (stage3.prompts_per_step="
+                f"{s3.prompts_per_step} / {students} ranks x stage3.group_size={s3.group_size}) does not split into "
+                f"micro-batches of train.micro_batch_size={mbs}; make the micro-batch a divisor of {per_rank}")
+    return None
+
+
+def rollout_batch_size(cfg: PaddConfig, students: int) -> int:
+    """Sequences each student rank samples and trains on per RL step: its prompts x G."""
+    return cfg.stage3.prompts_per_step // students * cfg.stage3.group_size
+
+
+def accumulation_steps(cfg: PaddConfig, students: int) -> int:
+    """Micro-batches per optimiser step: train.grad_accum (distill), or the rollout batch over
+    the micro-batch (padd). Raises ConfigError when the layout does not split."""
+    if cfg.train.mode != "padd":
+        return cfg.train.grad_accum
+    problem = rollout_layout_problem(cfg, students)
+    require(problem is None, str(problem))
+    return rollout_batch_size(cfg, students) // cfg.train.micro_batch_size

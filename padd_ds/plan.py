@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.config import ConfigError, PaddConfig, accumulation_steps, rollout_batch_size, rollout_layout_problem
 from padd_ds.engine.ds_config import read_deepspeed_config
 from padd_ds.launch.roles import expand_tasks_per_node
 from padd_ds.models.arch import expert_count, expert_parallel_size, model_field, uses_bf16
@@ -557,6 +557,8 @@ class _Shape:
     seq: int                 # prompt + response tokens
     mbs: int                 # sequences per student rank per micro-step
     tokens: int              # mbs * seq, right-padded to the longest sequence
+    gas: int                 # micro-steps per optimiser step (padd: the rollout batch's micro-batches)
+    rollout: int             # padd: sequences each student rank samples per step (its rollout batch), else 0
 
     @property
     def student_ranks(self) -> int:
@@ -570,12 +572,17 @@ def _shape(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> _Shape:
     S = inp.student
     local = S.experts // ep if S.is_moe and S.experts % ep == 0 else max(1, math.ceil(S.experts / max(1, ep)))
     seq = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
-    mbs = cfg.train.micro_batch_size
+    mbs, n_student = cfg.train.micro_batch_size, cluster.world - n_teacher
+    # A layout the trainer refuses is a failed check (_layout_checks); its sizes here are the nearest.
+    splits = n_student >= 1 and rollout_layout_problem(cfg, n_student) is None
+    padd = cfg.train.mode == "padd" and n_student >= 1
     return _Shape(world=cluster.world, gpn=cluster.gpus_per_node, colocated=colocated, n_teacher=n_teacher,
-                  n_student=cluster.world - n_teacher,
+                  n_student=n_student,
                   parallel=cfg.teacher.parallel if n_teacher > 1 else "replicas", ep=ep, local_experts=local,
                   elem=2 if uses_bf16(cfg.models.dtype, cluster.device == "gpu") else 4,
-                  seq=seq, mbs=mbs, tokens=mbs * seq)
+                  seq=seq, mbs=mbs, tokens=mbs * seq,
+                  gas=accumulation_steps(cfg, n_student) if splits else cfg.train.grad_accum,
+                  rollout=max(1, rollout_batch_size(cfg, n_student)) if padd else 0)
 
 
 def _layout(sh: _Shape, inp: _Inputs) -> list[str]:
@@ -628,12 +635,12 @@ def _layout_checks(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> list[Check]:
             problem = positions_problem(name, arch.max_positions, sh.seq)
             checks.append(_check(problem is None, f"{name}: {sh.seq}-token sequences within its "
                                  f"{arch.max_positions} positions", str(problem)))
-    per_rank = sh.mbs * cfg.train.grad_accum
-    if cfg.train.mode == "padd" and cfg.stage3.enabled:
-        G = cfg.stage3.group_size
-        checks.append(_check(per_rank % G == 0, f"{per_rank} responses per rank and step = whole groups of G={G}",
-                             f"train.micro_batch_size x train.grad_accum = {per_rank} responses per rank and step is "
-                             f"not a multiple of stage3.group_size={G} (groups split across ranks)", fatal=False))
+    if cfg.train.mode == "padd" and sh.n_student >= 1:
+        s3, problem = cfg.stage3, rollout_layout_problem(cfg, sh.n_student)
+        prompts = s3.prompts_per_step // sh.n_student
+        checks.append(_check(problem is None, f"stage3.prompts_per_step={s3.prompts_per_step}: {prompts} "
+                             f"prompt{'s' * (prompts != 1)} x G={s3.group_size} = {sh.rollout} rollouts per student "
+                             f"rank and step, {sh.gas} micro-batches of {sh.mbs}", str(problem)))
     return checks
 
 
@@ -700,10 +707,10 @@ def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     train_peak = sum(it.gb for it in items)
     peak = train_peak
     if cfg.train.mode == "padd":
-        # Rollouts (G responses per prompt, micro-batch at a time) are not live during the
-        # update; they replace activations and logits with a KV cache.
-        kv = sh.tokens * S.kv_cache_bytes_per_token(sh.elem) / GB
-        items.append(Item(f"(rollouts instead of activations: KV cache {sh.mbs} x {sh.seq} tokens)", kv))
+        # The rollout phase samples the whole rollout batch at once; its KV cache is not live
+        # during the update and replaces the training activations and logits.
+        kv = sh.rollout * sh.seq * S.kv_cache_bytes_per_token(sh.elem) / GB
+        items.append(Item(f"(rollouts instead of activations: KV cache {sh.rollout} x {sh.seq} tokens)", kv))
         peak = max(train_peak, train_peak - act - logits + kv)
     return _Memory(items, peak, offload)
 
@@ -812,7 +819,7 @@ def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> list[
     teacher_tps = (busy if not sh.colocated else sh.n_student) * rate / t_flops
     if sh.colocated:  # the same devices do both
         student_tps = teacher_tps = 1 / (1 / student_tps + 1 / teacher_tps)
-    step_tokens = sh.n_student * sh.tokens * cfg.train.grad_accum
+    step_tokens = sh.n_student * sh.tokens * sh.gas
     tps = min(student_tps, teacher_tps)
     bound = "teacher" if teacher_tps < student_tps else "student"
     busy_note = f", {busy:g} of {sh.n_teacher} ranks busy per request" if zero3 else ""
@@ -889,9 +896,11 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
                 change["teacher.parallel"] = par
             if attempt(Fix("", change)):
                 break
-    # A smaller micro-batch; more accumulation keeps the global batch.
+    # A smaller micro-batch; more accumulation keeps the global batch (padd: the rollout batch
+    # sets the accumulation, and only its divisors pass the layout check).
     mbs, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
-    any(attempt(Fix("", {"train.micro_batch_size": m, "train.grad_accum": math.ceil(mbs * ga / m)}))
+    any(attempt(Fix("", {"train.micro_batch_size": m} if cfg.train.mode == "padd" else
+                    {"train.micro_batch_size": m, "train.grad_accum": math.ceil(mbs * ga / m)}))
         for m in range(mbs - 1, 0, -1))
     # Another expert-parallel size, nearest first.
     if inp.student.is_moe:

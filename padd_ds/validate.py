@@ -6,15 +6,16 @@ It runs the config's own checks (ranges, cross-section rules, what the trainer c
 `PaddConfig.check`), then what needs the file system: the DeepSpeed JSON, the data source,
 the model directories (config.json, weights, tokenizer, one tokenizer family), the MoE shape
 against the expert-parallel size and, given a world size, that it holds the teacher and
-student ranks. train.py, `padd config validate`, `padd train` and `padd plan` all call it;
-the planner states the layout rules through the same functions (`*_problem`).
+student ranks and that the RL step's rollout batch splits over them (config.rollout_layout_problem).
+train.py, `padd config validate`, `padd train` and `padd plan` all call it; the planner states
+the layout rules through the same functions (`*_problem`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from padd_ds.config import ConfigError, PaddConfig, TopologyConfig, require
+from padd_ds.config import ConfigError, PaddConfig, TopologyConfig, require, rollout_layout_problem
 from padd_ds.engine.ds_config import read_deepspeed_config
 from padd_ds.models.arch import expert_parallel_size, model_field
 from padd_ds.models.files import (TOKENIZER_FILES, check_shared_tokenizer, check_weights, has_tokenizer,
@@ -143,6 +144,8 @@ def _check_world(cfg: PaddConfig, world_size: int, ep: int) -> None:
     problem = expert_groups_problem(student_ranks(cfg.topology, world_size), ep)
     require(problem is None, f"{problem} (world size {world_size}); change topology.teacher_ranks, the process "
                              "count or deepspeed.expert_parallel_size")
+    problem = rollout_layout_problem(cfg, student_ranks(cfg.topology, world_size))
+    require(problem is None, str(problem))
 
 
 def validate(cfg: PaddConfig, world_size: int | None = None, repo_root: str | Path | None = None) -> None:

@@ -100,6 +100,7 @@ def main() -> None:
 
     cfg = load_config(str(os.path.join(os.path.dirname(__file__), "..", "recipes", "toy_cpu.yaml")), [
         "deepspeed.expert_parallel_size=1", "train.mode=padd", "train.micro_batch_size=2", "stage3.group_size=2",
+        "stage3.prompts_per_step=1",
         "data.max_response_tokens=6", "eval.num_problems=2", "eval.max_new_tokens=4", "eval.batch_size=2",
         "stage1.eval_problems=2"])
     use_toy_build_for(cfg)

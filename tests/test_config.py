@@ -236,9 +236,9 @@ def test_range_errors(setup, override, expected):
 
 
 TRAINER_CANNOT_RUN = [
-    (["train.mode=padd", "train.micro_batch_size=6"],
-     "train.micro_batch_size=6 must be a multiple of stage3.group_size=4 in train.mode=padd (it counts rollouts "
-     "per rank: prompts x group size)"),
+    (["train.mode=padd", "train.grad_accum=2"],
+     "train.grad_accum=2 in train.mode=padd: accumulation follows from stage3.prompts_per_step x "
+     "stage3.group_size / (student ranks x train.micro_batch_size); remove train.grad_accum"),
     (["models.student=null", "stage1.router_init=keep"],
      "stage1.router_init=keep needs a pre-trained student; a decompressed one (models.student=null) starts from "
      "the centroids or a random router"),
@@ -248,10 +248,7 @@ TRAINER_CANNOT_RUN = [
     (["stage3.ref_kl=0.05"],
      "stage3.ref_kl=0.05: no frozen reference model is built (under ZeRO-3 it would cost another full sharded "
      "model and a forward per update; the teacher's KD term anchors the policy); keep stage3.ref_kl=0"),
-    (["train.mode=padd", "train.grad_accum=2", "stage3.updates_per_batch=2"],
-     "stage3.updates_per_batch=2 with train.grad_accum=2 in train.mode=padd: DeepSpeed steps only every "
-     "grad_accum backward passes, so a micro-batch's updates would not be applied one after another; set "
-     "stage3.updates_per_batch=1 or train.grad_accum=1"),
+    (["stage3.prompts_per_step=0"], "stage3.prompts_per_step must be > 0, got 0"),
 ]
 
 
@@ -281,9 +278,11 @@ def test_padd_config_validate_refuses_what_the_trainer_cannot_run(setup, capsys,
 
 
 @pytest.mark.parametrize("overrides", [
-    ["train.mode=padd", "train.grad_accum=2", "stage3.updates_per_batch=1"],
-    ["train.mode=padd", "train.grad_accum=1", "stage3.updates_per_batch=2"],
+    # A group split over micro-batches, and several PPO epochs over an accumulated rollout batch.
+    ["train.mode=padd", "train.micro_batch_size=2", "stage3.updates_per_batch=2"],
+    ["train.mode=padd", "train.micro_batch_size=16", "stage3.group_size=8", "stage3.updates_per_batch=2"],
     ["train.mode=distill", "train.grad_accum=2", "stage3.updates_per_batch=2"],  # distill runs no RL update
+    ["train.mode=distill", "stage3.prompts_per_step=3"],                          # ... and samples no prompts
     ["stage3.ref_kl=0"],
 ])
 def test_what_the_rl_rules_still_allow(setup, overrides):
@@ -291,6 +290,46 @@ def test_what_the_rl_rules_still_allow(setup, overrides):
     ok = load_config(None, overrides)
     ok.models, ok.deepspeed = cfg.models, cfg.deepspeed
     validate(ok, world_size=3, repo_root=root)
+
+
+# The RL step's layout needs the number of student ranks: validate(world_size=...) and
+# `padd config validate --world-size` refuse it with the same words (world size 3: 2 students).
+ROLLOUT_LAYOUT = [
+    (["train.mode=padd", "stage3.prompts_per_step=3"],
+     "stage3.prompts_per_step=3 does not split over 2 student ranks; make it a multiple of the student ranks"),
+    (["train.mode=padd", "train.micro_batch_size=6"],
+     "the rollout batch of 16 sequences per student rank (stage3.prompts_per_step=8 / 2 ranks x "
+     "stage3.group_size=4) does not split into micro-batches of train.micro_batch_size=6; make the micro-batch a "
+     "divisor of 16"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", ROLLOUT_LAYOUT)
+def test_rollout_layout_is_refused_given_the_world_size(setup, capsys, overrides, expected):
+    from padd_ds.cli import main
+
+    cfg, root = setup
+    bad = load_config(None, overrides)
+    bad.models, bad.deepspeed = cfg.models, cfg.deepspeed
+    validate(bad, repo_root=root)  # without a world size the ranks are unknown
+    assert error_of(validate, bad, world_size=3, repo_root=root) == expected
+    bad.data.source = "gsm8k"
+    recipe = root / "recipe.yaml"
+    recipe.write_text(dump_yaml(bad))
+    assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3"]) == 2
+    assert capsys.readouterr().err == f"padd-ds: config error: {expected}\n"
+
+
+def test_accumulation_follows_from_the_rollout_batch():
+    from padd_ds.config import accumulation_steps, rollout_batch_size
+
+    cfg = load_config(None, ["train.mode=padd", "stage3.prompts_per_step=24", "stage3.group_size=8",
+                             "train.micro_batch_size=2"])
+    assert rollout_batch_size(cfg, 24) == 8 and accumulation_steps(cfg, 24) == 4
+    assert rollout_batch_size(cfg, 12) == 16 and accumulation_steps(cfg, 12) == 8
+    assert "does not split over 5 student ranks" in error_of(accumulation_steps, cfg, 5)
+    cfg.train.mode, cfg.train.grad_accum = "distill", 3
+    assert accumulation_steps(cfg, 5) == 3
 
 
 def test_group_size_one_is_fine_without_stage3(setup):

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from conftest import REPO
+from padd_ds.config import ConfigError
 from padd_ds.recipe import load_config
 from padd_ds.plan import (GPU_RESERVE_GB, KNOWN_CONFIGS, Cluster, arch_from_config, make_plan, min_shards,
                           slurm_shape)
+from padd_ds.validate import validate
 
 RECIPE_70B = str(REPO / "recipes" / "qwen25_72b_to_qwen3_30b_a3b.yaml")
 H100 = dict(gpus_per_node=8, gpu_memory_gb=80.0)
@@ -200,18 +202,38 @@ def test_every_suggested_fix_really_fits():
 
 
 def test_fixes_are_configs_the_trainer_accepts():
-    """Four sequences per rank would fit in memory, but split a GRPO group of 3: the trainer
-    refuses that, so the planner must suggest the largest micro-batch it accepts (3) instead."""
-    cfg = load_config(str(REPO / "recipes" / "deepseekmath7b_to_v2lite.yaml"),
-                      ["train.micro_batch_size=9", "stage3.group_size=3"])
-    cfg.check()
-    cluster = Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=141.0)
+    """The whole rollout batch of 8 sequences as one micro-batch does not fit 80 GB. 3 x 4k
+    sequences might, but 3 does not divide the rollout batch and 4 does not fit: the planner
+    suggests the largest micro-batch the trainer accepts (2), without train.grad_accum (the
+    rollout batch sets the accumulation in train.mode=padd)."""
+    cfg = load_config(str(REPO / "recipes" / "deepseekmath7b_to_v2lite.yaml"), ["train.micro_batch_size=8"])
+    cluster = Cluster(nodes=4, **H100)
+    validate(cfg, world_size=cluster.world)
     plan = make_plan(cfg, cluster)
-    sizes = [f.overrides["train.micro_batch_size"] for f in plan.fixes if "train.micro_batch_size" in f.overrides]
-    assert sizes == [3], plan.report()
+    sizes = [f.overrides for f in plan.fixes if "train.micro_batch_size" in f.overrides]
+    assert sizes == [{"train.micro_batch_size": 2}], plan.report()
     for fix in plan.fixes:
         fixed, _ = fix.apply(cfg, cluster)
-        fixed.check()
+        validate(fixed, world_size=cluster.world)
+
+
+def test_the_rollout_layout_check_uses_the_trainers_words():
+    """56 prompts per step do not split over the 48 student ranks of 7 nodes: the plan fails
+    with the sentence validation (and so train.py) refuses the launch with, and suggests 8 nodes."""
+    cfg = load_config(RECIPE_70B)
+    plan = make_plan(cfg, Cluster(nodes=7, **H100))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=56)
+    assert plan.problems == [str(e.value)] == ["stage3.prompts_per_step=56 does not split over 48 student ranks; "
+                                               "make it a multiple of the student ranks"]
+    assert [f.what for f in plan.fixes] == ["8 nodes (sbatch --nodes=8)"]
+    ok = make_plan(cfg, Cluster(nodes=8, **H100))
+    assert ("stage3.prompts_per_step=56: 1 prompt x G=8 = 8 rollouts per student rank and step, 8 micro-batches of 1"
+            in [c.message for c in ok.checks if c.ok])
+    # The rollout phase holds a KV cache for the whole rollout batch; training, one micro-batch.
+    kv = next(it for it in ok.student if it.label.startswith("(rollouts"))
+    assert "KV cache 8 x 4096 tokens" in kv.label
+    assert any(it.label.startswith("activations (1 x 4096 tokens") for it in ok.student)
 
 def test_speed_estimate_from_flops():
     """Teacher-bound 70B layout: the sharded teacher splits each 1-sequence request over 8
@@ -237,17 +259,16 @@ def test_slurm_shape():
 
 
 def padd_plan(*args: str) -> subprocess.CompletedProcess:
-    # train.mode=distill: the padd mode of the recipe is refused by validation (next test)
-    return subprocess.run([sys.executable, "-m", "padd_ds.cli", "plan", "--recipe", RECIPE_70B,
-                           "--set", "train.mode=distill", *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "padd_ds.cli", "plan", "--recipe", RECIPE_70B, *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 def test_padd_plan_validates_first_with_the_trainers_words():
-    p = subprocess.run([sys.executable, "-m", "padd_ds.cli", "plan", "--recipe", RECIPE_70B, "--nodes", "8"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    p = padd_plan("--nodes", "8", "--set", "train.grad_accum=8")
     assert p.returncode == 2, p.stdout + p.stderr
-    assert p.stderr == ("padd-ds: config error: train.micro_batch_size=1 must be a multiple of stage3.group_size=8 "
-                        "in train.mode=padd (it counts rollouts per rank: prompts x group size)\n")
+    assert p.stderr == ("padd-ds: config error: train.grad_accum=8 in train.mode=padd: accumulation follows from "
+                        "stage3.prompts_per_step x stage3.group_size / (student ranks x train.micro_batch_size); "
+                        "remove train.grad_accum\n")
 
 
 def test_padd_plan_70b_on_8_nodes_fits():
@@ -275,7 +296,7 @@ def test_train_py_refuses_a_plan_that_cannot_fit_before_any_process_group():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="64", SLURM_NTASKS_PER_NODE="8",
                SLURM_JOB_NODELIST="localhost", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--recipe", RECIPE_70B, "--set", "train.mode=distill"],
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--recipe", RECIPE_70B],
                        env=env, capture_output=True, text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
     assert p.returncode == 2, p.stdout + p.stderr
     err = p.stderr.strip().splitlines()[-1]

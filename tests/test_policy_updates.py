@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, free_port, read_results, run_cmd
 
 COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mode=padd", "--set", "train.steps=3",
-          "--set", "train.log_every=1", "--set", "train.micro_batch_size=16", "--set", "stage2.enabled=false",
+          "--set", "train.log_every=1", "--set", "train.micro_batch_size=16", "--set", "stage3.prompts_per_step=4",
+          "--set", "stage2.enabled=false",
           "--set", "stage4.enabled=false", "--set", "data.max_response_tokens=32", "--set", "eval.num_problems=4",
           "--set", "eval.max_new_tokens=16", "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",
           "--set", "topology.colocated=true", "--set", "deepspeed.expert_parallel_size=1"]

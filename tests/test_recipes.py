@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, read_results, run_cmd
 from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.engine.ds_config import build_ds_config
 from padd_ds.plan import Cluster, load_arch, make_plan
 from padd_ds.recipe import load_config
 from padd_ds.validate import validate
@@ -22,21 +23,19 @@ RECIPES = {  # recipe -> the sbatch script that runs it
     "qwen25_72b_to_qwen3_30b_a3b.yaml": "padd_70b.sbatch",
 }
 HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-# What the trainer says of these recipes at launch, and now `padd config validate` too: they
-# spread one group of G=8 responses over 8 micro-steps of 1 sequence (the memory plan's
-# choice), while the trainer samples and updates whole groups inside one micro-batch.
-ONE_GROUP_PER_MICRO_BATCH = ("train.micro_batch_size=1 must be a multiple of stage3.group_size=8 in train.mode=padd "
-                             "(it counts rollouts per rank: prompts x group size)")
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_is_complete_and_valid(recipe):
     cfg = load_config(str(REPO / "recipes" / recipe))
-    with pytest.raises(ConfigError) as e:
-        validate(cfg)
-    assert str(e.value) == ONE_GROUP_PER_MICRO_BATCH
-    # Everything else holds: ranges, DeepSpeed JSON, model references (hub ids: no download).
-    validate(load_config(str(REPO / "recipes" / recipe), ["train.micro_batch_size=8", "train.grad_accum=1"]))
+    # What train.py checks before any process group, for the launch of its sbatch script:
+    # ranges, DeepSpeed JSON, model references (hub ids: no download), the ranks' layout.
+    nodes, per_node = _sbatch_shape(RECIPES[recipe])
+    validate(cfg, world_size=nodes * per_node)
+    # One prompt x G=8 per student rank and step, trained one sequence at a time: the engine
+    # accumulates the rollout batch's 8 micro-batches into each optimiser step.
+    students = nodes * per_node - cfg.topology.teacher_ranks
+    assert cfg.stage3.prompts_per_step == students and cfg.train.micro_batch_size == 1
+    ds = build_ds_config(cfg, "qwen3_moe", students, on_gpu=True)
+    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 8 * students)
     for ref in (cfg.models.teacher, cfg.models.student):
         assert HUB_ID.match(ref), ref  # replaceable by a local path
     assert cfg.data.source == "agentica-org/DeepScaleR-Preview-Dataset"

@@ -16,7 +16,9 @@ from conftest import REPO, deepspeed_cmd, read_results, run_cmd
 
 N = 4
 COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mode=padd",
-          "--set", "train.micro_batch_size=8", "--set", "train.lr=1e-4", "--set", "train.log_every=1",
+          # 2 prompts x G=4 per student rank in 2 micro-batches: accumulation and 2 teacher requests per step.
+          "--set", "stage3.prompts_per_step=4", "--set", "train.micro_batch_size=4",
+          "--set", "train.lr=1e-4", "--set", "train.log_every=1",
           "--set", "data.max_response_tokens=24", "--set", "eval.num_problems=4", "--set", "eval.max_new_tokens=8",
           "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",
           "--set", "topology.timeout_s=120", "--set", "teacher.request_timeout_s=60",

@@ -9,7 +9,7 @@ import sys
 from conftest import REPO, free_port, read_results, run_cmd
 
 ARGS = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mode=padd", "--set", "train.steps=4",
-        "--set", "train.log_every=1", "--set", "train.micro_batch_size=16", "--set", "train.lr=1e-4",
+        "--set", "train.log_every=1", "--set", "train.micro_batch_size=16", "--set", "stage3.prompts_per_step=4", "--set", "train.lr=1e-4",
         "--set", "stage4.balance_rate=0.05", "--set", "stage4.settle_steps=2", "--set", "data.max_response_tokens=32",
         "--set", "eval.num_problems=4", "--set", "eval.max_new_tokens=16", "--set", "eval.references=false",
         "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",

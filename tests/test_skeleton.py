@@ -70,11 +70,12 @@ def test_single_process_run_matches_three_process_run(three_process_run, tmp_pat
 
 
 def test_impossible_combination_is_refused_before_any_process_group(toy_build):
-    """PADD rollouts per rank must split into whole groups: refused in a second, not after loading."""
+    """A PADD rollout batch must split into whole micro-batches: refused in a second, not after loading."""
     p = run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", "topology.colocated=true",
                  "--set", "deepspeed.expert_parallel_size=1", "--set", "train.mode=padd",
                  "--set", "train.micro_batch_size=6"], timeout=120, check=False)
     assert p.returncode == 2
-    assert "config error: train.micro_batch_size=6 must be a multiple of stage3.group_size=4" in p.stderr, \
+    assert ("config error: the rollout batch of 32 sequences per student rank (stage3.prompts_per_step=8 / 1 ranks "
+            "x stage3.group_size=4) does not split into micro-batches of train.micro_batch_size=6") in p.stderr, \
         p.stderr[-2000:]
     assert "init_distributed" not in p.stdout + p.stderr

@@ -26,6 +26,17 @@ class TokenBatch:
         return TokenBatch(self.ids.to(device), self.lengths.to(device), self.loss_mask.to(device))
 
 
+def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:
+    """Consecutive rows of `batch` in micro-batches of `size`, each cut to its own longest
+    sequence (columns past it are padding in every row of that micro-batch)."""
+    parts = []
+    for start in range(0, batch.ids.shape[0], size):
+        lengths = batch.lengths[start:start + size]
+        L = int(lengths.max())
+        parts.append(TokenBatch(batch.ids[start:start + size, :L], lengths, batch.loss_mask[start:start + size, :L]))
+    return parts
+
+
 def lm_loss(logits: torch.Tensor, batch: TokenBatch, denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the response tokens (position t predicts token t+1), summed / `denom`
     (default: this batch's response tokens)."""

@@ -2,7 +2,8 @@
 
 The DeepSpeed JSON stays the user's file (ZeRO stage, offload, comm knobs). Values that
 must agree with the recipe may be written as "auto" (the Hugging Face convention) and are
-filled from it: batch sizes, optimizer lr/weight decay, precision (models/arch.uses_bf16),
+filled from it: batch sizes (in train.mode=padd the accumulation steps follow from the
+rollout batch: config.accumulation_steps), optimizer lr/weight decay, precision (models/arch.uses_bf16),
 and the AutoEP preset (from the student's model_type). A value the JSON sets explicitly that
 contradicts the recipe is an error, not a silent override.
 """
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.config import ConfigError, PaddConfig, accumulation_steps
 from padd_ds.models.arch import autoep_preset, uses_bf16
 from padd_ds.paths import REPO_ROOT, local_path
 
@@ -56,9 +57,10 @@ def build_ds_config(cfg: PaddConfig, model_type: str | None, num_students: int, 
     trained by `num_students` ranks on CUDA (`on_gpu`) or the CPU."""
     ds = copy.deepcopy(read_deepspeed_config(cfg))
     t = cfg.train
+    gas = accumulation_steps(cfg, num_students)  # padd: the rollout batch in micro-batches
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "")
-    _fill(ds, "gradient_accumulation_steps", t.grad_accum, "")
-    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * num_students, "")
+    _fill(ds, "gradient_accumulation_steps", gas, "")
+    _fill(ds, "train_batch_size", t.micro_batch_size * gas * num_students, "")
     ds.setdefault("gradient_clipping", 1.0)
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})

@@ -10,7 +10,8 @@ reduction, so the decision is collective: each rank contributes its own flag to 
 all-reduce and all of them skip, or none (ZeRO-3 also needs every rank to run the same
 backward and step, or the collectives inside them hang).
 
-The unit is the optimiser step. With `train.grad_accum > 1` a non-finite micro-batch makes
+The unit is the optimiser step. With gradient accumulation (`train.grad_accum > 1`, or a PADD
+rollout batch of several micro-batches) a non-finite micro-batch makes
 the whole step a skip: its own backward and those of the step's remaining micro-batches are
 left out, the gradient already accumulated from the earlier ones is discarded at the step's
 last micro-batch, and the optimiser does not step (no update, no lr-scheduler tick).
@@ -63,11 +64,13 @@ class NonFiniteGuard:
         dist.all_reduce(flags)
         return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
-    def backward_step(self, engine, loss: torch.Tensor, step: int) -> bool:
+    def backward_step(self, engine, loss: torch.Tensor, step: int, scale_wrt_gas: bool = True) -> bool:
         """engine.backward(loss) and engine.step(), unless the loss is non-finite on any rank
         (or was earlier in this optimiser step): then skip both on every rank. Returns True
         when this micro-batch was skipped. Raises NonFiniteLossError at the
-        `max_in_a_row`-th skipped step in a row. `step` (0-based) is only for messages."""
+        `max_in_a_row`-th skipped step in a row. `step` (0-based) is only for messages.
+        `scale_wrt_gas=False`: the loss is already normalised over the whole optimiser step, so
+        DeepSpeed must not divide it again by the accumulation steps."""
         bad = self.nonfinite_ranks(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         if bad and not self._step_bad and step != self._counted:
@@ -75,7 +78,7 @@ class NonFiniteGuard:
                                f"{', '.join(map(str, bad))}")
         skip = self._step_bad or bool(bad)
         if not skip:
-            engine.backward(loss)
+            engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
             engine.step()
         elif not boundary:
             self._step_bad = True

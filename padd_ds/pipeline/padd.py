@@ -1,10 +1,13 @@
 """Stages II-IV on D_C (`train.mode=padd`), one training step at a time:
 
-    rollouts (G per prompt, all ranks in step) -> rewards -> group advantages
-    -> the teacher scores the rollouts (in flight while the student runs its forward)
-    -> Stage III policy loss with router drift against the previous step's routers
-       + Stage II advantage-tempered KD on the response tokens (+ optional aux balance loss)
-    -> backward, step -> Stage IV: all-reduced expert loads and advantages -> router bias
+    rollout batch: this rank's stage3.prompts_per_step / (student ranks) prompts x G responses,
+      sampled in one phase (all ranks in step) -> rewards -> group advantages
+    -> the teacher scores each micro-batch of train.micro_batch_size rollouts (all requests
+       in flight at once, while the student trains on the micro-batches before)
+    -> per micro-batch: Stage III policy loss with router drift against the previous step's
+       routers + Stage II advantage-tempered KD on the response tokens (+ optional aux balance
+       loss) -> backward; one optimiser step over the whole rollout batch (per update)
+    -> Stage IV: all-reduced expert loads and advantages -> router bias
 
 Ablations and baselines are config switches of this one loop: stage2.enabled=false (no
 teacher: MoE-GRPO), stage2.temperature_coupling=fixed (online KD + GRPO), stage3.enabled=false
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from padd_ds.data.batch import micro_batches
 from padd_ds.engine.guard import NonFiniteGuard
 from padd_ds.engine.meter import Meter, Totals
 from padd_ds.eval.routing import RoutingLog
@@ -40,7 +44,7 @@ from padd_ds.teacher.feed import BatchPlan
 
 @dataclass
 class ExpertStats:
-    """One step's Stage IV statistics, [L, N] each, summed over micro-steps (then over ranks)."""
+    """One step's Stage IV statistics, [L, N] each, summed over micro-batches (then over ranks)."""
 
     counts: torch.Tensor
     adv_sum: torch.Tensor
@@ -70,8 +74,9 @@ class PaddLoop:
         s2, s3, s4 = cfg.stage2, cfg.stage3, cfg.stage4
         self.ctx, self.cfg, self.engine, self.mod = ctx, cfg, ctx.engine, ctx.engine.module
         self.problems = ctx.parts["C"]
-        self.plan = BatchPlan(len(self.problems), cfg.train.micro_batch_size // s3.group_size, ctx.num_students,
-                              cfg.train.grad_accum, cfg.run.seed)
+        # Each rank's prompts of a step: its share of stage3.prompts_per_step (validated to split evenly).
+        self.plan = BatchPlan(len(self.problems), s3.prompts_per_step // ctx.num_students, ctx.num_students, 1,
+                              cfg.run.seed)
         self.L, self.N = len(routers(self.mod)), routers(self.mod)[0].num_experts
         self.controller = BiasController(self.L, self.N, s4)
         self.slotless = s4.enabled and not has_bias_slot(self.mod)  # a slot exports the bias exactly: never fold
@@ -95,11 +100,10 @@ class PaddLoop:
             snap_cur = router_weights(self.mod)   # the routers of this step: the next one's drift reference
             prev = self.snap_prev if self.snap_prev is not None else snap_cur
             stats = ExpertStats.zeros(self.L, self.N)
-            for micro in range(self.cfg.train.grad_accum):
-                rb = self.rollout(step, micro)
-                res = update_on_rollouts(self.engine, rb, prev, self.cfg, self.teacher_logits(rb), self.guard, step)
-                stats.add(res)
-                self.measure(rb, res)
+            rb = self.rollout(step)
+            res = update_on_rollouts(self.engine, rb, prev, self.cfg, self.teacher_logits(rb), self.guard, step)
+            stats.add(res)
+            self.measure(rb, res)
             stats.all_reduce()
             self.balance(step, stats)
             self.snap_prev = snap_cur
@@ -114,30 +118,32 @@ class PaddLoop:
         return LoopResult(self.history, None)
 
     # -- the phases of a step ------------------------------------------------------------------
-    def rollout(self, step: int, micro: int) -> RolloutBatch:
-        """G sampled responses per prompt, sent to the teacher for scoring, then rewarded."""
+    def rollout(self, step: int) -> RolloutBatch:
+        """The rollout batch: G sampled responses per prompt, rewarded, each micro-batch of it
+        sent to the teacher for scoring (all before the first update, so scoring overlaps it)."""
         s3 = self.cfg.stage3
-        probs = [self.problems[i] for i in self.plan.indices(step, micro, self.ctx.rank)]
+        probs = [self.problems[i] for i in self.plan.indices(step, 0, self.ctx.rank)]
         t0 = time.perf_counter()
         ro = sample_rollouts(self.mod, self.ctx.tok, probs, RolloutSampling.from_config(self.cfg),
                              synced=self.ctx.num_students > 1)
         seconds = time.perf_counter() - t0
-        rid = self.ctx.teacher.submit(step, ro.batch.ids, ro.batch.lengths) if self.use_teacher else None
+        rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths)
+                 for mb in micro_batches(ro.batch, self.cfg.train.micro_batch_size)] if self.use_teacher else [])
         scored = [reward(r, probs[i // s3.group_size]["answer"], self.policy_cfg) for i, r in enumerate(ro.responses)]
         rewards = torch.tensor([x for x, _ in scored]).view(-1, s3.group_size)
         adv, group_stats = group_advantages(rewards)
-        return RolloutBatch(ro, rewards, adv.reshape(-1), sum(d["correct"] for _, d in scored), group_stats, rid,
+        return RolloutBatch(ro, rewards, adv.reshape(-1), sum(d["correct"] for _, d in scored), group_stats, rids,
                             seconds)
 
     def teacher_logits(self, rb: RolloutBatch):
-        """A callable that waits for the teacher's answer (Stage II), fetched after the forward."""
+        """A callable i -> the teacher's answer for micro-batch i (Stage II), fetched after its forward."""
         if not self.use_teacher:
             return None
         teacher = self.ctx.teacher
 
-        def fetch():
+        def fetch(i: int):
             w0 = teacher.stats.wait_s
-            out = teacher.result(rb.request)
+            out = teacher.result(rb.requests[i])
             self.meter.add("wait_s", teacher.stats.wait_s - w0)
             return out.logits
         return fetch
@@ -157,7 +163,7 @@ class PaddLoop:
         m.add("groups", rb.group_stats["groups"])
         m.add("resp_tokens", ro.response_lengths.sum())
         m.add("tokens", ro.batch.lengths.sum())
-        m.add("micro", 1)
+        m.add("batches", 1)
 
     def balance(self, step: int, stats: ExpertStats) -> None:
         """Stage IV: the bias follows the step's all-reduced loads and advantages (it stays 0
@@ -174,7 +180,8 @@ class PaddLoop:
         due = (s4.fold_every and (step + 1) % s4.fold_every == 0) or (self.settle and step + 1 == T - self.settle)
         if not (self.slotless and step + 1 < T and due):
             return
-        kept = fold_bias_into_routers(self.engine, [batch], self.controller)
+        kept = fold_bias_into_routers(self.engine, micro_batches(batch, self.cfg.train.micro_batch_size),
+                                      self.controller)
         if kept is not None:
             self.meter.add("folds", 1)
             self.meter.add("fold_kept", kept)
@@ -200,7 +207,7 @@ class PaddLoop:
                "train/response_tokens": tot["resp_tokens"] / tot["responses"],
                "train/tokens_per_s": tot["tokens"] / tot.seconds, "train/generate_fraction": tot["gen_s"] / n / tot.seconds,
                "routing/drift_mean": tot["drift_sum"] / max(tot["drift_n"], 1),
-               "routing/drift_p95": tot["drift_p95"] / tot["micro"],
+               "routing/drift_p95": tot["drift_p95"] / tot["batches"],
                "routing/load_cv": float((load.std(1, unbiased=False) / load.mean(1)).mean()),
                "routing/load_max": float(nl.max()), "routing/load_min": float(nl.min()),
                "routing/load_entropy": float(-(load * load.clamp(min=1e-12).log()).sum(1).mean() / math.log(self.N)),

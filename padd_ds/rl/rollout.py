@@ -133,12 +133,12 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 
 @dataclass
 class RolloutBatch:
-    """One micro-step's rollouts, scored: what the update and the step's metrics consume."""
+    """One step's rollout batch on this rank, scored: what the update and the step's metrics consume."""
 
     rollouts: Rollouts           # prompt + response token ids, loss mask, decoded responses
     rewards: torch.Tensor        # [P, G] verifiable rewards
     advantages: torch.Tensor     # [P*G] group-relative, prompt-major like the rows
     correct: float = 0.0         # responses the grader accepted
     group_stats: dict = field(default_factory=dict)  # groups, zero-variance groups (rl/rewards.group_advantages)
-    request: int | None = None   # the teacher's request id for these rollouts (Stage II)
+    requests: list[int] = field(default_factory=list)  # the teacher's request id per micro-batch (Stage II)
     seconds: float = 0.0         # time spent generating

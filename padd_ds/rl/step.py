@@ -1,14 +1,18 @@
-"""The optimiser step(s) of Stages II-IV on a batch of scored rollouts
+"""The optimiser step(s) of Stages II-IV on a rollout batch of scored rollouts
 (`stage3.updates_per_batch`, 1 by default: strictly on-policy).
 
     res = update_on_rollouts(engine, rollout_batch, prev_routers, cfg, teacher_logits=fetch)
 
-Forward (routes and router inputs recorded) -> router drift against the previous step's
-routers -> Stage III policy loss -> Stage II advantage-tempered KD (the teacher's answer is
-only fetched here, after the forward, so its scoring overlaps with it) -> optional auxiliary
-balance loss -> backward and step -> this rank's Stage IV statistics (expert loads and
-per-expert advantage sums, to be all-reduced by the caller). The trainer and
-bench/step_overhead.py run exactly this function.
+Each update is one optimiser step over the whole rollout batch, accumulated over its
+micro-batches of `train.micro_batch_size` sequences. Per micro-batch: forward (routes and
+router inputs recorded) -> router drift against the previous step's routers -> Stage III
+policy loss -> Stage II advantage-tempered KD (the teacher's answer for that micro-batch is
+only fetched here, after its first forward, so its scoring overlaps with the work before) ->
+optional auxiliary balance loss -> backward (the engine steps after the last micro-batch).
+The losses are divided by denominators of the whole rollout batch over all ranks, so the
+accumulated gradient equals one pass over the whole batch. Then this rank's Stage IV
+statistics of the first update (expert loads and per-expert advantage sums, to be
+all-reduced by the caller). The trainer and bench/step_overhead.py run exactly this function.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import deepspeed.comm as dist
 import torch
 
 from padd_ds.config import PaddConfig, Stage3Config
-from padd_ds.data.batch import TokenBatch
+from padd_ds.data.batch import TokenBatch, micro_batches
 from padd_ds.launch.comm import all_sum
 from padd_ds.launch.device import rank_device
 from padd_ds.models.router import routers, routing_trace
@@ -46,54 +50,116 @@ def policy_config(s3: Stage3Config) -> Stage3Config:
 
 
 def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor], cfg: PaddConfig,
-                       teacher_logits: Callable[[], object] | None = None, guard=None, step: int = 0) -> StepResult:
-    host, pcfg = rb.rollouts.batch, policy_config(cfg.stage3)
-    batch, adv = host.to(rank_device()), rb.advantages.to(rank_device())  # what the engine and the losses see
-    num_students = dist.get_world_size()
-    # Global normalisers: every rank's tokens (or, for a per-response mean, responses) weigh
-    # the same; DeepSpeed averages the ranks' gradients, hence the division by num_students.
-    agg = policy_aggregation(pcfg)
-    units = aggregation_units(host.loss_mask, agg)
-    n_resp_tokens, n_units = all_sum([float(host.loss_mask.sum()), float(units)])
-    denom, kd_denom = n_units / num_students, n_resp_tokens / num_students
+                       teacher_logits: Callable[[int], object] | None = None, guard=None, step: int = 0) -> StepResult:
+    """`stage3.updates_per_batch` optimiser steps on the rollout batch `rb`, each accumulated over
+    its micro-batches of `train.micro_batch_size` sequences (the engine's accumulation steps).
+    `teacher_logits(i)`: the teacher's targets for micro-batch i, asked for once, after its first forward."""
+    pcfg = policy_config(cfg.stage3)
+    mbs = cfg.train.micro_batch_size
+    parts, advs = micro_batches(rb.rollouts.batch, mbs), rb.advantages.split(mbs)
+    _check_accumulation(engine, len(parts), rb.rollouts.batch.ids.shape[0], mbs)
+    denom, kd_denom = _normalisers(rb.rollouts.batch, pcfg)
     n_updates = pcfg.updates_per_batch
-    old_logp = None
-    if n_updates > 1:  # the sampling policy's log-probs: every update's ratio is against them
-        with torch.no_grad():
-            old_logp = token_logprobs(engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits, batch)
-    target, stats = None, {}
+    # The sampling policy's log-probs: every update's ratio is against them (one update: the current policy).
+    old = _sampling_logprobs(engine, parts) if n_updates > 1 else [None] * len(parts)
+    targets: list = [None] * len(parts)
+
+    def target(i: int):
+        if targets[i] is None:  # fetched once, after the micro-batch's first forward
+            targets[i] = teacher_logits(i)
+        return targets[i]
+
+    stats, sampled = {}, []
     for update in range(n_updates):
-        with routing_trace(engine.module, inputs=True) as trace:
-            logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-            new_logp = token_logprobs(logits, batch)
-            drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [B, S]
-            # With one update the sampling policy is the current one (ratio 1 at the update).
-            loss, pstats = policy_loss(PolicyInputs(new_logp, new_logp.detach() if old_logp is None else old_logp, adv,
-                                                    batch.loss_mask, drift=drift), pcfg, denom=denom)
-            part = {"policy_loss": float(pstats["pg_loss"]) * denom, "policy_units": units,
-                    "clip_frac": float(pstats["clip_frac"]) * float(host.loss_mask.sum())}
-            if teacher_logits is not None:
-                # Fetched once, after the first forward; it arrives on the host.
-                target = teacher_logits().to(batch.ids.device) if target is None else target
-                kd, kstats = adaptive_kd_loss(logits, target, batch.loss_mask, adv, cfg.stage2, denom=kd_denom)
-                loss = loss + cfg.stage2.kd_weight * kd
-                part["kd_loss"] = kd.item() * kd_denom
-                part["kd_temperature"] = float(kstats["kd_temperature_mean"]) * batch.ids.shape[0]
-            cur = trace.selected()
-            if cfg.stage4.aux_loss_coeff > 0:
-                loss = loss + cfg.stage4.aux_loss_coeff * _aux_loss(trace, cur, batch)
-            if guard is None:
-                engine.backward(loss)
-                engine.step()
-            else:  # engine/guard.py: a non-finite loss on any rank skips this step on all of them
-                guard.backward_step(engine, loss, step)
-        for key, value in part.items():  # the batch's statistics: the mean over its updates
-            stats[key] = stats.get(key, 0.0) + value / n_updates
-        if update == 0:  # Stage IV counts and the drift log: the routes of the sampling policy
-            sel, gamma = cur, drift
+        for i, (mb, adv) in enumerate(zip(parts, advs)):
+            part, sel, drift = _micro_update(engine, _MicroBatch(mb, adv, old[i], denom, kd_denom, len(parts)),
+                                             prev_routers, cfg, None if teacher_logits is None else lambda: target(i),
+                                             guard, step)
+            for key, value in part.items():  # the batch's statistics: the mean over its updates
+                stats[key] = stats.get(key, 0.0) + value / n_updates
+            if update == 0:  # Stage IV counts and the drift log: the routes of the sampling policy
+                sampled.append(_expert_stats(mb, adv, sel, drift, routers(engine.module)[0].num_experts))
+    return StepResult(sum(r.counts for r in sampled), sum(r.adv_sum for r in sampled),
+                      sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats)
+
+
+def _check_accumulation(engine, n_parts: int, rows: int, mbs: int) -> None:
+    """Each update must be exactly one optimiser step of the engine: as many micro-batches as
+    it accumulates, starting on an accumulation boundary."""
+    gas = engine.gradient_accumulation_steps()
+    if n_parts != gas:
+        raise ValueError(f"a rollout batch of {rows} sequences is {n_parts} micro-batches of {mbs}, but the engine "
+                         f"accumulates {gas} per optimiser step")
+    if engine.micro_steps % gas:
+        raise RuntimeError(f"the engine is {engine.micro_steps % gas} micro-batches into an optimiser step of {gas}; "
+                           "whatever ran before left it off an accumulation boundary")
+
+
+@dataclass
+class _MicroBatch:
+    batch: TokenBatch
+    adv: torch.Tensor                # [b] advantages of its rows
+    old_logp: torch.Tensor | None    # the sampling policy's log-probs (None: the current policy's)
+    denom: float                     # policy-loss units of the whole step over all ranks, per rank
+    kd_denom: float                  # response tokens of the whole step over all ranks, per rank
+    n_micro: int                     # micro-batches in the step
+
+
+def _normalisers(batch: TokenBatch, pcfg: Stage3Config) -> tuple[float, float]:
+    """Global denominators over the whole rollout batch of every rank: every token (or, for a
+    per-response mean, response) weighs the same whichever micro-batch and rank holds it. Each
+    micro-batch's loss is its sum over them, so the accumulated gradient is the step's mean;
+    DeepSpeed averages the ranks' gradients, hence the division by the number of ranks."""
+    num_students = dist.get_world_size()
+    units = aggregation_units(batch.loss_mask, policy_aggregation(pcfg))
+    n_resp_tokens, n_units = all_sum([float(batch.loss_mask.sum()), float(units)])
+    return n_units / num_students, n_resp_tokens / num_students
+
+
+@torch.no_grad()
+def _sampling_logprobs(engine, parts: list[TokenBatch]) -> list[torch.Tensor]:
+    out = []
+    for host in parts:
+        mb = host.to(rank_device())
+        out.append(token_logprobs(engine(input_ids=mb.ids, attention_mask=mb.attention_mask).logits, mb))
+    return out
+
+
+def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg: PaddConfig,
+                  target: Callable[[], object] | None, guard, step: int) -> tuple[dict, list[torch.Tensor], torch.Tensor]:
+    """Forward, losses and backward of one micro-batch (the engine steps at the last one).
+    Returns its statistics (sums), the selected experts per layer and the drift [b, S]."""
+    pcfg = policy_config(cfg.stage3)
+    batch, adv = m.batch.to(rank_device()), m.adv.to(rank_device())  # what the engine and the losses see
+    with routing_trace(engine.module, inputs=True) as trace:
+        logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+        new_logp = token_logprobs(logits, batch)
+        drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [b, S]
+        old_logp = new_logp.detach() if m.old_logp is None else m.old_logp
+        loss, pstats = policy_loss(PolicyInputs(new_logp, old_logp, adv, batch.loss_mask, drift=drift), pcfg,
+                                   denom=m.denom)
+        part = {"policy_loss": float(pstats["pg_loss"]) * m.denom,
+                "policy_units": aggregation_units(m.batch.loss_mask, policy_aggregation(pcfg)),
+                "clip_frac": float(pstats["clip_frac"]) * float(m.batch.loss_mask.sum())}
+        if target is not None:
+            # Fetched once per micro-batch, after its first forward; it arrives on the host.
+            kd, kstats = adaptive_kd_loss(logits, target().to(batch.ids.device), batch.loss_mask, adv, cfg.stage2,
+                                          denom=m.kd_denom)
+            loss = loss + cfg.stage2.kd_weight * kd
+            part["kd_loss"] = kd.item() * m.kd_denom
+            part["kd_temperature"] = float(kstats["kd_temperature_mean"]) * batch.ids.shape[0]
+        cur = trace.selected()
+        if cfg.stage4.aux_loss_coeff > 0:  # a balance loss is no sum over sequences: the mean over micro-batches
+            loss = loss + cfg.stage4.aux_loss_coeff * _aux_loss(trace, cur, batch) / m.n_micro
+        # The loss is already over the whole step's denominators: DeepSpeed must not divide by
+        # the accumulation steps again (scale_wrt_gas=False).
+        if guard is None:
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+        else:  # engine/guard.py: a non-finite loss on any rank skips this step on all of them
+            guard.backward_step(engine, loss, step, scale_wrt_gas=False)
     # Stage IV statistics on the host, where the caller all-reduces and logs them.
-    n_experts = routers(engine.module)[0].num_experts
-    return _expert_stats(host, rb.advantages, [s.cpu() for s in sel], gamma.cpu(), n_experts, stats)
+    return part, [s.cpu() for s in cur], drift.cpu()
 
 
 @torch.no_grad()
@@ -115,7 +181,7 @@ def _aux_loss(trace, cur: list[torch.Tensor], batch: TokenBatch) -> torch.Tensor
 
 
 def _expert_stats(batch: TokenBatch, adv: torch.Tensor, sel: list[torch.Tensor], gamma: torch.Tensor,
-                  n_experts: int, stats: dict) -> StepResult:
+                  n_experts: int) -> StepResult:
     """Stage IV statistics: every top-k assignment of a real token; advantages of response tokens."""
     valid = batch.attention_mask.bool().reshape(-1)
     resp_tok = torch.zeros_like(batch.loss_mask)
@@ -130,4 +196,4 @@ def _expert_stats(batch: TokenBatch, adv: torch.Tensor, sel: list[torch.Tensor],
         adv_sum[l] = torch.bincount(x[resp].flatten(), weights=tok_adv[resp].repeat_interleave(k).double(),
                                     minlength=n_experts)
         adv_cnt[l] = torch.bincount(x[resp].flatten(), minlength=n_experts).double()
-    return StepResult(counts, adv_sum, adv_cnt, gamma.reshape(-1)[resp], stats)
+    return StepResult(counts, adv_sum, adv_cnt, gamma.reshape(-1)[resp])

@@ -52,8 +52,8 @@ class Stage1:
         idx = perm.reshape(1, 1, *perm.shape).expand(*t.shape[:2], *perm.shape)
         return t.gather(-1, idx)
 
-    def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int) -> TeacherFeed:
-        plan = BatchPlan(len(problems), self.per_rank, self.num_students, 1, seed)
+    def _feed(self, problems: list[dict], steps: int, outputs: int, seed: int, grad_accum: int = 1) -> TeacherFeed:
+        plan = BatchPlan(len(problems), self.per_rank, self.num_students, grad_accum, seed)
         return TeacherFeed(self.teacher, RankBatches(problems, plan, self.rank, self.encode), range(steps),
                            self.cfg.teacher.prefetch, outputs=outputs)
 
@@ -159,11 +159,14 @@ class Stage1:
     def _warmup_steps(self, trace) -> list[dict]:
         """L_LM + alpha L_KD + beta path KL on D_B, with the dispatch frozen by the trace's mode."""
         s1, cfg = self.cfg.stage1, self.cfg
-        feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13)
+        # A warmup step is one optimiser step of the engine: as many micro-batches as it accumulates
+        # (train.mode=padd: the rollout batch's), so the RL steps after it start on a boundary.
+        gas = self.engine.gradient_accumulation_steps()
+        feed = self._feed(self.parts["B"], s1.warmup_steps, OUT_CLUSTER_ACTS, cfg.run.seed + 13, gas)
         # A NaN/inf loss on any rank skips the step on all of them (engine/guard.py), as in the main phase.
         guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         meter, history = Meter(), []
-        for step, _, host, out in feed:
+        for step, micro, host, out in feed:
             count, tokens = all_sum([float(host.loss_mask.sum()), float(host.lengths.sum())])
             batch, out = self._on_device(host, out)
             logits = self.engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
@@ -179,7 +182,7 @@ class Stage1:
                 meter.add("kl", kl.item() * tdenom)
                 meter.add("count", host.loss_mask.sum())
                 meter.add("tokens", host.lengths.sum())
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == s1.warmup_steps:
+            if micro == gas - 1 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == s1.warmup_steps):
                 tot = meter.totals()
                 c, t = tot.get("count", 0.0), tot.get("tokens", 0.0)
                 row = {"stage1/warmup_lm_loss": tot["lm"] / c if c else None,
