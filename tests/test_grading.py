@@ -85,6 +85,7 @@ def test_grade_negative(response, reference):
     ],
 )
 def test_grade_huge_inputs_fail_fast(response):
+    assert grade("\\boxed{7}", "7") is True  # the helper process is started: time only the hostile input
     t = time.perf_counter()
     assert grade(response, "7") is False
     assert time.perf_counter() - t < 2.0
