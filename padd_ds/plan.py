@@ -11,7 +11,8 @@ from KNOWN_CONFIGS below (the published config.json values of the models our rec
 The memory model follows what this code base actually runs (see each term's comment):
 students train with DeepSpeed ZeRO (stage and offload from the DeepSpeed JSON) and AutoEP,
 with or without activation checkpointing (train.activation_checkpointing); teachers score
-full sequences with the KV cache on and return full-vocabulary logits before compressing them. GB means 10^9 bytes throughout.
+full sequences with the KV cache on and return full-vocabulary logits before compressing them.
+GB means 10^9 bytes throughout.
 
 `train.py` runs `plan_for_launch` on every rank before any process group exists and refuses
 a plan that cannot fit (on CPU the "device" is this host's RAM, shared by its processes).
@@ -712,12 +713,10 @@ def _student_state(sh: _Shape, S: Arch, zero: Mapping) -> tuple[list[Item], floa
 def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     S = inp.student
     items, offload = _student_state(sh, S, inp.ds.get("zero_optimization") or {})
-    if cfg.train.activation_checkpointing:  # engine/build.py: every decoder layer recomputed in backward
-        act = sh.tokens * S.checkpointed_activation_bytes_per_token(sh.elem) / GB
-    else:
-        act = sh.tokens * S.train_activation_bytes_per_token(sh.elem) / GB
-    checkpointing = "checkpointing" if cfg.train.activation_checkpointing else "no checkpointing"
-    items.append(Item(f"activations ({sh.mbs} x {sh.seq} tokens, {checkpointing})", act))
+    ckpt = cfg.train.activation_checkpointing  # engine/build.py: every decoder layer recomputed in backward
+    per_token = S.checkpointed_activation_bytes_per_token if ckpt else S.train_activation_bytes_per_token
+    act = sh.tokens * per_token(sh.elem) / GB
+    items.append(Item(f"activations ({sh.mbs} x {sh.seq} tokens, {'' if ckpt else 'no '}checkpointing)", act))
     # Logits: the model's own (elem bytes), then fp32: the KD loss's log-softmax, the LM
     # loss's masked copy and its log-softmax, and one fp32 gradient in backward.
     logits = sh.tokens * S.vocab * (sh.elem + 16) / GB
