@@ -385,6 +385,10 @@ class TrainConfig:
     # auto: continue from the newest complete checkpoint in run.output_dir/checkpoints if
     # there is one (a requeued or restarted job picks up where it stopped); never: start fresh.
     resume: Literal["auto", "never"] = "auto"
+    # Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant) instead
+    # of keeping its activations: long responses fit at the cost of one more student forward.
+    # Off: the toy runs fit without it and train faster.
+    activation_checkpointing: bool = False
     # A NaN/inf loss on any student rank skips that optimiser step on all of them (counted in
     # train/nonfinite_skipped); this many skipped steps in a row stop the run with an error. 3:
     # one bad batch is survivable, a streak means the weights or the data are broken.

@@ -10,8 +10,9 @@ Model shapes come from a local model's config.json, else from the Hugging Face c
 from KNOWN_CONFIGS below (the published config.json values of the models our recipes name).
 The memory model follows what this code base actually runs (see each term's comment):
 students train with DeepSpeed ZeRO (stage and offload from the DeepSpeed JSON) and AutoEP,
-without activation checkpointing; teachers score full sequences with the KV cache on and
-return full-vocabulary logits before compressing them. GB means 10^9 bytes throughout.
+with or without activation checkpointing (train.activation_checkpointing); teachers score
+full sequences with the KV cache on and return full-vocabulary logits before compressing them.
+GB means 10^9 bytes throughout.
 
 `train.py` runs `plan_for_launch` on every rank before any process group exists and refuses
 a plan that cannot fit (on CPU the "device" is this host's RAM, shared by its processes).
@@ -210,18 +211,33 @@ class Arch:
         attention = 2 * self.layers * context * (self.q_dim + self.attn_out_dim)  # q.k and p.v per head
         return float(weights + attention)
 
-    # -- activations (training, no activation checkpointing) ------------------------------
+    # -- activations (training) -------------------------------------------------------------
     def train_activation_bytes_per_token(self, elem: int) -> float:
-        """Bytes one token leaves saved for backward in the decoder layers, with `elem`-byte
-        activations (2 in bf16), as HF's modules save them:
+        """Bytes one token leaves saved for backward in the decoder layers without activation
+        checkpointing: every layer's (`_layer_activation_bytes`) and the final RMSNorm's.
+        tests/test_plan.py compares this with the tensors autograd really saves."""
+        per_layer, dense, moe = self._layer_activation_bytes(elem)
+        return float(self.layers * per_layer + self.dense_layers * dense + self.moe_layers * moe
+                     + self.hidden * (4 + elem))
+
+    def checkpointed_activation_bytes_per_token(self, elem: int) -> float:
+        """The same with activation checkpointing: each decoder layer's input (one hidden state
+        per layer boundary, what the checkpoint keeps), the final RMSNorm's, and the largest
+        layer's full activations while its backward recomputes it."""
+        per_layer, dense, moe = self._layer_activation_bytes(elem)
+        largest = per_layer + max(dense if self.dense_layers else 0.0, moe if self.moe_layers else 0.0)
+        return float(self.layers * self.hidden * elem + largest + self.hidden * (4 + elem))
+
+    def _layer_activation_bytes(self, elem: int) -> tuple[float, float, float]:
+        """What one token saves in one decoder layer with `elem`-byte activations (2 in bf16), as
+        HF's modules save them: (attention + the two RMSNorms, a dense FFN, an MoE FFN).
         - each RMSNorm of width w keeps an fp32 copy of its input and its output: w(4 + elem);
         - attention keeps the q/k projections (or their norms), RoPE's rotated copies and the
           rotated q/k, v, and its output (o_proj's input); MLA also its latent projections;
         - a dense SwiGLU FFN keeps gate, act(gate), up and their product: 4I;
         - an MoE layer keeps each of the top-k copies of the token going in and coming out
           (2kh), 4 widths per chosen expert and per shared expert, and fp32 router logits and
-          probabilities (8E bytes; DeepSeek-V2's router also an fp32 copy of the token).
-        tests/test_plan.py compares this with the tensors autograd really saves."""
+          probabilities (8E bytes; DeepSeek-V2's router also an fp32 copy of the token)."""
         h, k = self.hidden, self.top_k
         norm = lambda width: width * (4 + elem)  # noqa: E731
         if self.kv_lora_rank:
@@ -238,8 +254,7 @@ class Arch:
         moe = elem * (2 * k * h + 4 * k * self.expert_intermediate + 4 * self.shared_intermediate) + 8 * self.experts
         if self.model_type == "deepseek_v2":
             moe += 4 * h  # its router multiplies an fp32 copy of the token
-        per_layer = attn + 2 * norm(h)
-        return float(self.layers * per_layer + self.dense_layers * dense + self.moe_layers * moe + norm(h))
+        return float(attn + 2 * norm(h)), float(dense), float(moe)
 
     def kv_cache_bytes_per_token(self, elem: int) -> float:
         """HF's cache holds each layer's keys and values (DeepSeek-V2 in transformers caches
@@ -420,7 +435,7 @@ class Fix:
 
     @property
     def what(self) -> str:
-        parts = [f"--set {k}={v}" for k, v in self.overrides.items()]
+        parts = [f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.overrides.items()]
         if self.deepspeed:
             parts.append(f"--deepspeed {self.deepspeed}")
         if self.nodes:
@@ -698,8 +713,10 @@ def _student_state(sh: _Shape, S: Arch, zero: Mapping) -> tuple[list[Item], floa
 def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     S = inp.student
     items, offload = _student_state(sh, S, inp.ds.get("zero_optimization") or {})
-    act = sh.tokens * S.train_activation_bytes_per_token(sh.elem) / GB
-    items.append(Item(f"activations ({sh.mbs} x {sh.seq} tokens, no checkpointing)", act))
+    ckpt = cfg.train.activation_checkpointing  # engine/build.py: every decoder layer recomputed in backward
+    per_token = S.checkpointed_activation_bytes_per_token if ckpt else S.train_activation_bytes_per_token
+    act = sh.tokens * per_token(sh.elem) / GB
+    items.append(Item(f"activations ({sh.mbs} x {sh.seq} tokens, {'' if ckpt else 'no '}checkpointing)", act))
     # Logits: the model's own (elem bytes), then fp32: the KD loss's log-softmax, the LM
     # loss's masked copy and its log-softmax, and one fp32 gradient in backward.
     logits = sh.tokens * S.vocab * (sh.elem + 16) / GB
@@ -810,7 +827,8 @@ def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> list[
         return ["not estimated (no peak TFLOPs for this device; pass --gpu-tflops)"]
     rate = cluster.peak_tflops * 1e12 * cluster.mfu
     ctx = sh.seq / 2  # causal attention: a token sees half the sequence on average
-    passes = 3 + (1 if cfg.train.mode == "padd" else 0)  # fwd + bwd (2x) [+ rollout forward]
+    # fwd + bwd (2x) [+ rollout forward] [+ the checkpoint's recompute forward]
+    passes = 3 + (1 if cfg.train.mode == "padd" else 0) + (1 if cfg.train.activation_checkpointing else 0)
     s_flops = passes * inp.student.forward_flops_per_token(ctx)
     t_flops = inp.teacher.forward_flops_per_token(ctx)
     student_tps = sh.n_student * rate / s_flops
@@ -896,6 +914,9 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
                 change["teacher.parallel"] = par
             if attempt(Fix("", change)):
                 break
+    # Activation checkpointing: one more student forward instead of every layer's activations.
+    if not cfg.train.activation_checkpointing:
+        attempt(Fix("one more forward per step", {"train.activation_checkpointing": True}))
     # A smaller micro-batch; more accumulation keeps the global batch (padd: the rollout batch
     # sets the accumulation, and only its divisors pass the layout check).
     mbs, ga = cfg.train.micro_batch_size, cfg.train.grad_accum

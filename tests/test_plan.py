@@ -190,11 +190,12 @@ def test_a_sharded_teacher_must_stay_on_one_node():
 
 def test_every_suggested_fix_really_fits():
     cfg = load_config(str(REPO / "recipes" / "qwen25math7b_to_qwen3_30b_a3b.yaml"),
-                      ["train.micro_batch_size=2", "train.mode=distill"])
+                      ["train.micro_batch_size=2", "train.mode=distill", "train.activation_checkpointing=false"])
     cfg.check()
     cluster = Cluster(nodes=4, **H100)
     plan = make_plan(cfg, cluster)
     assert not plan.fits and len(plan.fixes) >= 2, plan.report()
+    assert "--set train.activation_checkpointing=true" in [f.what for f in plan.fixes]
     for fix in plan.fixes:
         c, cl = fix.apply(cfg, cluster)
         assert make_plan(c, cl).fits, fix.what
@@ -202,11 +203,12 @@ def test_every_suggested_fix_really_fits():
 
 
 def test_fixes_are_configs_the_trainer_accepts():
-    """The whole rollout batch of 8 sequences as one micro-batch does not fit 80 GB. 3 x 4k
-    sequences might, but 3 does not divide the rollout batch and 4 does not fit: the planner
-    suggests the largest micro-batch the trainer accepts (2), without train.grad_accum (the
-    rollout batch sets the accumulation in train.mode=padd)."""
-    cfg = load_config(str(REPO / "recipes" / "deepseekmath7b_to_v2lite.yaml"), ["train.micro_batch_size=8"])
+    """Without activation checkpointing the whole rollout batch of 8 sequences as one
+    micro-batch does not fit 80 GB. 3 x 4k sequences might, but 3 does not divide the rollout
+    batch and 4 does not fit: the planner suggests the largest micro-batch the trainer accepts
+    (2), without train.grad_accum (the rollout batch sets the accumulation in train.mode=padd)."""
+    cfg = load_config(str(REPO / "recipes" / "deepseekmath7b_to_v2lite.yaml"),
+                      ["train.micro_batch_size=8", "train.activation_checkpointing=false"])
     cluster = Cluster(nodes=4, **H100)
     validate(cfg, world_size=cluster.world)
     plan = make_plan(cfg, cluster)
@@ -232,17 +234,17 @@ def test_the_rollout_layout_check_uses_the_trainers_words():
             in [c.message for c in ok.checks if c.ok])
     # The rollout phase holds a KV cache for the whole rollout batch; training, one micro-batch.
     kv = next(it for it in ok.student if it.label.startswith("(rollouts"))
-    assert "KV cache 8 x 4096 tokens" in kv.label
-    assert any(it.label.startswith("activations (1 x 4096 tokens") for it in ok.student)
+    assert "KV cache 8 x 16384 tokens" in kv.label
+    assert any(it.label.startswith("activations (1 x 16384 tokens") for it in ok.student)
 
 def test_speed_estimate_from_flops():
     """Teacher-bound 70B layout: the sharded teacher splits each 1-sequence request over 8
     ranks, so 1 GPU computes; one forward costs 2 FLOPs per non-embedding weight plus
-    attention over half the 4096-token context."""
+    attention over half the 16384-token context."""
     plan = make_plan(load_config(RECIPE_70B), Cluster(nodes=8, **H100, peak_tflops=1000.0, mfu=0.5))
     T = arch_from_config(KNOWN_CONFIGS["Qwen/Qwen2.5-72B-Instruct"], "t")
-    flops = 2 * (72_706_203_648 - 152064 * 8192) + 2 * 80 * 2048 * (8192 + 8192)
-    assert T.forward_flops_per_token(2048) == flops
+    flops = 2 * (72_706_203_648 - 152064 * 8192) + 2 * 80 * 8192 * (8192 + 8192)
+    assert T.forward_flops_per_token(8192) == flops
     rate = 1000e12 * 0.5 / flops
     assert f"teacher {rate:,.0f} tok/s" in plan.speed[0] and plan.speed[1].startswith("teacher-bound")
 

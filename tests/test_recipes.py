@@ -49,6 +49,10 @@ def test_recipe_is_complete_and_valid(recipe):
     seq = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     for ref, name in ((cfg.models.teacher, "models.teacher"), (cfg.models.student, "models.student")):
         assert seq <= load_arch(ref, name).max_positions
+    # Activation checkpointing on; where the teacher's context allows, responses of 8k and more.
+    assert cfg.train.activation_checkpointing
+    teacher_positions = load_arch(cfg.models.teacher, "models.teacher").max_positions
+    assert cfg.data.max_response_tokens >= min(8192, teacher_positions - cfg.data.max_prompt_tokens)
 
 
 def _sbatch_shape(script: str) -> tuple[int, int]:

@@ -17,7 +17,21 @@ def initialize_engine(cfg: PaddConfig, model: torch.nn.Module, num_students: int
     import deepspeed
 
     ds = build_ds_config(cfg, getattr(model.config, "model_type", None), num_students, on_gpu())
+    if cfg.train.activation_checkpointing:
+        enable_checkpointing(model)
     with padd_router_installed():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                               if p.requires_grad], config=ds)
     return engine, ds
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """HF gradient checkpointing on every decoder layer, non-reentrant: its recompute keeps the
+    forward's autograd graph, so the router scores the losses read from outside the layers
+    (models/router.py) keep their gradient, and AutoEP's replaced MoE layers and ZeRO-3's
+    gathers run again inside it. Active in train mode only: rollouts and evaluations
+    (eval mode) generate with the KV cache as before."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.activation_checkpointing: {type(model).__name__} does not support HF "
+                         "gradient checkpointing; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

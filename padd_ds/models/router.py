@@ -99,6 +99,7 @@ class PaddRouter(TokenChoiceTopKRouter):
         # Random top-k draws use their own stream, so turning the mode on never shifts the
         # global RNG (dropout, sampling) of the rest of the run. Reseeded by set_routing.
         self.generator = torch.Generator()
+        self.last_draw: torch.Tensor | None = None  # [T, k] the last random top-k, for a checkpoint recompute
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
         self.last_input = x.detach() if self.keep_input else None
@@ -111,8 +112,7 @@ class PaddRouter(TokenChoiceTopKRouter):
             return (torch.full((T, N), 1.0 / N, device=x.device), selected,
                     count_tokens_per_expert(selected, N))
         if self.mode == "uniform_random_topk":
-            draw = torch.rand(T, N, generator=self.generator).to(x.device)
-            selected = draw.topk(self.top_k, dim=-1).indices
+            selected = self._random_topk(T, N, x.device)
             return (torch.full((T, self.top_k), 1.0 / self.top_k, device=x.device), selected,
                     count_tokens_per_expert(selected, N))
         choice = scores.detach() + self.padd_bias.to(scores.device)
@@ -128,6 +128,19 @@ class PaddRouter(TokenChoiceTopKRouter):
         if self.route_norm:
             top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
         return top * self.route_scale, selected, count_tokens_per_expert(selected, N)
+
+    def _random_topk(self, T: int, N: int, device: torch.device) -> torch.Tensor:
+        """k uniformly random experts per token. An activation-checkpoint recompute runs inside
+        backward and must route as its forward did (and leave the stream where it was), so
+        there the forward's draw is repeated."""
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
+            if self.last_draw is None or self.last_draw.shape[0] != T:
+                raise RuntimeError(f"a checkpoint recompute of {T} tokens in uniform_random_topk routing has no "
+                                   "forward draw to repeat; run each micro-batch's backward before the next forward")
+            return self.last_draw
+        draw = torch.rand(T, N, generator=self.generator).to(device)
+        self.last_draw = draw.topk(self.top_k, dim=-1).indices
+        return self.last_draw
 
 
 @contextlib.contextmanager
@@ -161,7 +174,7 @@ def set_routing(module: torch.nn.Module, mode: RoutingMode, record: bool | None 
     if mode not in MODES:
         raise ValueError(f"routing mode must be one of {MODES}, got {mode!r}")
     for i, (layer, router) in enumerate(zip(moe_layers(module), routers(module))):
-        router.mode = mode
+        router.mode, router.last_draw = mode, None
         layer.top_k = router.num_experts if mode == "uniform_all" else router.top_k
         if record is not None:
             router.record = record

@@ -55,6 +55,7 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     its micro-batches of `train.micro_batch_size` sequences (the engine's accumulation steps).
     `teacher_logits(i)`: the teacher's targets for micro-batch i, asked for once, after its first forward."""
     pcfg = policy_config(cfg.stage3)
+    engine.train()  # a loaded model is in eval mode, where activation checkpointing does nothing
     mbs = cfg.train.micro_batch_size
     parts, advs = micro_batches(rb.rollouts.batch, mbs), rb.advantages.split(mbs)
     _check_accumulation(engine, len(parts), rb.rollouts.batch.ids.shape[0], mbs)

@@ -150,6 +150,7 @@ class Stage1:
         if s1.lr is not None:
             for g in groups:
                 g["lr"] = s1.lr
+        self.engine.train()  # activation checkpointing acts in train mode only
         with routing_trace(self.engine.module, s1.warmup_router, seed=cfg.run.seed) as trace:
             history = self._warmup_steps(trace)
         for g, lr in zip(groups, main_lrs):
