@@ -167,6 +167,8 @@ def cmd_eval(args) -> int:
     res = evaluate_suite(model, tok, args.suite, decoding, limit=args.limit)
     res["model"] = model_path
     res["exact_routing"] = bool(args.exact_routing)
+    first = next(model.parameters())
+    res["device"], res["dtype"] = str(first.device), str(first.dtype).removeprefix("torch.")
     if args.output:
         out = Path(args.output)
     elif Path(model_path).is_dir() and not args.model.startswith("toy://"):  # keep the toy cache clean
