@@ -68,10 +68,11 @@ def test_embedded_python_compiles():
 def test_the_device_line_is_what_the_script_parses():
     from padd_ds.config import PaddConfig
     from padd_ds.launch.roles import LaunchEnv, assign_roles
-    from padd_ds.launch.world import describe_device
+    from padd_ds.launch.world import World
+    from padd_ds.pipeline.run import describe_device
 
     env = LaunchEnv("deepspeed", 1, 2, 1, 2, "127.0.0.1", 29500)
-    line = describe_device(env, assign_roles(env, 1, False), PaddConfig())
+    line = describe_device(World(env, assign_roles(env, 1, False), None), PaddConfig())
     assert line == "[device] rank 1 (teacher): cpu, backend none, models float32"
     text = SCRIPT.read_text()
     pattern = re.search(r're\.search\(r"(\\\[device\\\] rank .*?)", l\)', text)[1]

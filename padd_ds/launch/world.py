@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from padd_ds.config import PaddConfig
 from padd_ds.launch.bridge import Bridge
-from padd_ds.launch.device import check_ranks_fit_devices, on_gpu, rank_device, use_local_device
+from padd_ds.launch.device import check_ranks_fit_devices, on_gpu, use_local_device
 from padd_ds.launch.liveness import HeartbeatTiming, Liveness, looks_like_peer_failure
 from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
                                   student_to_teacher, students_of_teacher, sub_world_env)
@@ -93,24 +93,8 @@ def setup_world(cfg: PaddConfig, env: LaunchEnv | None = None) -> World:
                                    timeout=datetime.timedelta(seconds=cfg.topology.timeout_s))
         release_shm_names()
     parallel = cfg.teacher.parallel if roles.num_teacher > 1 else "replicas"
-    print(describe_device(env, roles, cfg), flush=True)
     return World(env, roles, bridge, teacher_parallel=parallel, liveness=liveness)
 
-
-def describe_device(env: LaunchEnv, roles: Roles, cfg: PaddConfig) -> str:
-    """One line per rank: where it computes, its collective backend and its models' dtype
-    (bench/gpu_check.sh reads it: `[device] rank 1 (teacher): cuda:0 (NVIDIA H100 80GB HBM3),
-    backend none, models bfloat16`)."""
-    from padd_ds.models.loading import resolve_dtype
-
-    import torch
-    import torch.distributed as dist
-
-    dev = rank_device()
-    name = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
-    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-    dtype = str(resolve_dtype(cfg.models.dtype, dev)).removeprefix("torch.")
-    return f"[device] rank {env.rank} ({roles.role}): {dev}{name}, backend {backend}, models {dtype}"
 
 
 def release_shm_names() -> None:
