@@ -85,3 +85,18 @@ def finish_ranks(procs: list[subprocess.Popen], timeout: float) -> list[str]:
         return [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         reap(procs)
+
+
+def two_sgd_ranks(script: str, tmp: Path, timeout: float) -> list[dict]:
+    """Run tests/<script> on 2 ZeRO-3 + AutoEP ranks with ds_configs/zero3.json switched to SGD
+    without clipping (AdamW's first steps barely depend on the gradient's scale, so it would
+    hide a wrong one); each rank writes result.json.<rank> in `tmp`."""
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}}
+    ds["gradient_clipping"] = 0.0
+    ds["zero_allow_untested_optimizer"] = True
+    (tmp / "zero3_sgd.json").write_text(json.dumps(ds))
+    out = tmp / "result.json"
+    run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+             str(REPO / "tests" / script), str(out)], timeout=timeout)
+    return [json.loads((tmp / f"result.json.{r}").read_text()) for r in (0, 1)]

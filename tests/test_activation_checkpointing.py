@@ -4,16 +4,13 @@ what it keeps."""
 
 from __future__ import annotations
 
-import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_cmd
+from conftest import REPO, two_sgd_ranks
 from padd_ds.plan import KNOWN_CONFIGS, Cluster, arch_from_config, make_plan
 from padd_ds.recipe import load_config
-from test_rollout_batch import _sgd_zero3_json
 
 RECIPE_70B = str(REPO / "recipes" / "qwen25_72b_to_qwen3_30b_a3b.yaml")
 H100 = dict(gpus_per_node=8, gpu_memory_gb=80.0)
@@ -21,12 +18,7 @@ H100 = dict(gpus_per_node=8, gpu_memory_gb=80.0)
 
 @pytest.fixture(scope="module")
 def ranks(toy_build, tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("ckpt")
-    _sgd_zero3_json(tmp)
-    out = tmp / "result.json"
-    run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-             str(REPO / "tests" / "_ckpt_grads.py"), str(out)], timeout=900)
-    return [json.loads((tmp / f"result.json.{r}").read_text()) for r in (0, 1)]
+    return two_sgd_ranks("_ckpt_grads.py", tmp_path_factory.mktemp("ckpt"), timeout=900)
 
 
 def test_checkpointing_recomputes_the_layers(ranks):

@@ -4,13 +4,11 @@ result equals one pass over the whole batch."""
 
 from __future__ import annotations
 
-import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_cmd
+from conftest import two_sgd_ranks
 from padd_ds.data.batch import TokenBatch, micro_batches
 
 
@@ -25,23 +23,9 @@ def test_micro_batches_are_consecutive_rows_cut_to_their_longest():
     assert sum(int(p.loss_mask.sum()) for p in parts) == int(mask.sum())
 
 
-def _sgd_zero3_json(tmp_path) -> None:
-    """ds_configs/zero3.json (ZeRO-3 + AutoEP, EP 2) with SGD and no clipping (see _rollout_accum.py)."""
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}}
-    ds["gradient_clipping"] = 0.0
-    ds["zero_allow_untested_optimizer"] = True
-    (tmp_path / "zero3_sgd.json").write_text(json.dumps(ds))
-
-
 @pytest.fixture(scope="module")
 def accumulated(toy_build, tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("accum")
-    _sgd_zero3_json(tmp)
-    out = tmp / "result.json"
-    run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-             str(REPO / "tests" / "_rollout_accum.py"), str(out)], timeout=600)
-    return [json.loads((tmp / f"result.json.{r}").read_text()) for r in (0, 1)]
+    return two_sgd_ranks("_rollout_accum.py", tmp_path_factory.mktemp("accum"), timeout=600)
 
 
 @pytest.mark.parametrize("updates", [1, 2])
