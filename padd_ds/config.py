@@ -69,7 +69,7 @@ class ModelsConfig:
     trust_remote_code: bool = False
 
     def check(self) -> None:
-        pass  # paths and files: validate.py
+        """No ranges here: the paths and files are checked by validate.py (they need the file system)."""
 
 
 @dataclass
