@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -27,9 +28,20 @@ def toy_build():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A base port P with P, P+1, P+2 free (students, teachers, bridge). Drawn below the
+    kernel's ephemeral range (32768+), so no gloo client connection can take it between this
+    check and the launch (the EADDRINUSE flake of a port taken from bind(0))."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        try:
+            for p in range(base, base + 3):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no three consecutive free ports in 20000..32000")
 
 
 def run_cmd(cmd: list[str], timeout: float, cwd: Path | None = None, env: dict | None = None,
