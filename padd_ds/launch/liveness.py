@@ -10,6 +10,13 @@ If the store itself is gone, its host, rank 0, is the one that was lost. A rank 
 on an error of its own (not a communication one) posts it to the store first, and its peers
 then report that error instead of a lost rank.
 
+Every rank must name the same culprit, also when a launcher (deepspeed, torchrun, srun)
+tears the others down right after the first death: the first rank to reach a diagnosis posts
+it as the launch's verdict, the store's host stays up long enough for the others to read it,
+and a rank that then fails (on its own diagnosis, a torn-down peer or the store's loss)
+reports the verdict. An error that does not look like communication is still checked
+against the verdict and the heartbeats: one that follows a peer's death is a consequence.
+
 It is also the watchdog for hangs: not every collective honours a timeout (gloo groups that
 DeepSpeed creates itself, e.g. AutoEP's expert-parallel groups, wait 30 minutes, and a
 student whose peer is frozen can wait there indefinitely), so a rank whose peer has been
@@ -34,6 +41,7 @@ from datetime import timedelta
 from padd_ds.launch.bridge import BridgeError
 
 _FAILURES = "padd/failures"  # how many ranks posted their own error; each is at padd/failure/<n>
+_VERDICTS, _VERDICT = "padd/verdicts", "padd/verdict"  # the first diagnosis of a lost rank wins
 _PEER_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket|"
                          r"peer|bridge", re.I)
 
@@ -79,6 +87,7 @@ class Liveness:
         self._changed: dict[int, float] = {}   # peer -> monotonic time its counter last moved
         self._store_lost: float | None = None  # when the store stopped answering
         self._failed: list[tuple[int, str]] = []  # (rank, its error) posted by peers that stopped on their own
+        self._verdict: str | None = None  # a peer's diagnosis of a lost rank, posted to the store
         self._failures_read = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="padd-liveness", daemon=True)
@@ -120,6 +129,10 @@ class Liveness:
             self._exit()
 
     def _read_failures(self, store) -> None:
+        if self._verdict is None and store.check([_VERDICT]):
+            verdict = store.get(_VERDICT).decode(errors="replace")
+            with self._lock:
+                self._verdict = verdict
         posted = int(store.add(_FAILURES, 0))
         while self._failures_read < posted:
             key = f"padd/failure/{self._failures_read + 1}"
@@ -146,6 +159,23 @@ class Liveness:
         if self.rank == self.host and self.peers:
             time.sleep(2 * self.period_s + 0.5)
 
+    def post_verdict(self, lost: str) -> None:
+        """Post this rank's diagnosis as the launch's verdict, unless a peer posted one first;
+        the store's host then stays up two heartbeat periods so that its peers read it."""
+        import torch.distributed as dist
+
+        if self._verdict is not None:
+            return  # adopted from a peer: already posted
+        try:
+            store = dist.TCPStore(self.addr, self.port, self.world_size, False, timeout=timedelta(seconds=5),
+                                  wait_for_workers=False)
+            if int(store.add(_VERDICTS, 1)) == 1:
+                store.set(_VERDICT, f"{lost} (seen by {self.describe(self.rank)})")
+        except Exception:  # noqa: BLE001 - the store is gone: each peer diagnoses on its own
+            return
+        if self.rank == self.host and self.peers:
+            time.sleep(2 * self.period_s + 0.5)
+
     def _exit(self) -> None:
         """The watchdog: a peer has been silent longer than any wait may last."""
         import os
@@ -153,6 +183,8 @@ class Liveness:
 
         quiet, store_lost = self.silent()
         lost = self._explain(quiet, store_lost) or "lost a peer"
+        if not store_lost:
+            self.post_verdict(lost)
         print(f"padd-ds: {self.describe(self.rank)} failed: {lost}: nothing may wait longer than "
               f"topology.timeout_s={self.exit_after_s:.0f}; exiting", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -169,30 +201,34 @@ class Liveness:
     def describe(self, r: int) -> str:
         return f"rank {r} ({self.names.get(r, '?')})"
 
-    def diagnose(self, error: BaseException, wait_s: float | None = None) -> str | None:
-        """For a communication failure: which peer(s) were lost, as one clause, or None when
-        every peer still has a heartbeat (or the error is this rank's own)."""
+    def diagnose(self, error: BaseException, torn_down: bool = False) -> str | None:
+        """Which peer(s) were lost, as one clause, or None when every peer still has a
+        heartbeat. A communication failure (or any failure after a termination signal,
+        `torn_down`: a launcher stopping us because a peer died) waits for the picture to
+        settle; another error is only checked against what is already known, so that a
+        rank's own error is reported at once."""
         try:
-            return self._diagnose(error, wait_s)
+            settle = looks_like_peer_failure(error) or torn_down
+            return self._diagnose(self.stale_s + 2 * self.period_s if settle else 0.0)
         except Exception:  # noqa: BLE001 - a diagnosis must never hide the error it explains
             return None
 
-    def _diagnose(self, error: BaseException, wait_s: float | None) -> str | None:
-        if not looks_like_peer_failure(error):
-            return None
-        deadline = time.monotonic() + (self.stale_s + 2 * self.period_s if wait_s is None else wait_s)
+    def _diagnose(self, wait_s: float) -> str | None:
+        deadline = time.monotonic() + wait_s
         while True:
             quiet, store_lost = self.silent()
-            if quiet or store_lost or self._failed or time.monotonic() >= deadline:
+            if quiet or store_lost or self._failed or self._verdict or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
         return self._explain(quiet, store_lost)
 
     def _explain(self, quiet: list[tuple[int, float]], store_lost: bool) -> str | None:
         with self._lock:
-            failed = list(self._failed)
+            failed, verdict = list(self._failed), self._verdict
         if failed:  # the peers that left told us why
             return "; ".join(f"{self.describe(r)} stopped on its own error ({m})" for r, m in failed)
+        if verdict:  # a peer named the lost rank first: every rank says the same
+            return verdict
         parts = [f"{self.describe(r)}: no heartbeat for {s:.0f}s" for r, s in quiet]
         if store_lost and self.host != self.rank and self.host not in [r for r, _ in quiet]:
             parts.append(f"{self.describe(self.host)}: unreachable (it hosts the launch's store)")

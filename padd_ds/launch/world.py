@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass
 
 from padd_ds.config import PaddConfig
+from padd_ds.launch import signals
 from padd_ds.launch.bridge import Bridge
 from padd_ds.launch.device import check_ranks_fit_devices, on_gpu, use_local_device
 from padd_ds.launch.liveness import HeartbeatTiming, Liveness, looks_like_peer_failure
@@ -158,13 +159,25 @@ def run_guarded(main, world_factory):
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finish(world if code == 0 else None, code)
     except BaseException as e:  # noqa: BLE001 - report with the rank, then exit non-zero
-        who = (f"rank {world.env.rank} ({world.roles.role})" if world is not None
-               else f"rank {os.environ.get('RANK', '?')}")
         traceback.print_exc()
-        lost = world.liveness.diagnose(e) if world is not None and world.liveness is not None else None
-        print(f"padd-ds: {who} failed: {lost + ': ' if lost else ''}{type(e).__name__}: {e}", file=sys.stderr)
-        if world is not None and world.liveness is not None and not looks_like_peer_failure(e):
-            sys.stderr.flush()
-            world.liveness.post_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        report_failure(world, e)
         finish(None, 1)
     finish(world, 0)
+
+
+def report_failure(world: World | None, e: BaseException) -> None:
+    """The one `padd-ds: rank R (role) failed: ...` line. It names the lost peer when there
+    is one (a launcher's teardown after a death included); a lost peer found is posted as the
+    launch's verdict, this rank's own error is posted for its peers."""
+    who = (f"rank {world.env.rank} ({world.roles.role})" if world is not None
+           else f"rank {os.environ.get('RANK', '?')}")
+    live = world.liveness if world is not None else None
+    lost = live.diagnose(e, torn_down=signals.received()) if live is not None else None
+    print(f"padd-ds: {who} failed: {lost + ': ' if lost else ''}{type(e).__name__}: {e}", file=sys.stderr)
+    sys.stderr.flush()
+    if live is None:
+        return
+    if lost:
+        live.post_verdict(lost)
+    elif not looks_like_peer_failure(e):
+        live.post_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,7 +51,10 @@ class MetricsLogger:
     """``log(metrics, step)`` to ``run_dir/metrics.jsonl`` and W&B (config logged at start).
 
     W&B mode ``auto``: online with ``WANDB_API_KEY``, else offline into ``run_dir/wandb``
-    (``wandb sync`` uploads it later); any W&B failure only disables W&B."""
+    (``wandb sync`` uploads it later). Any W&B failure, at start or mid-run (its service
+    process dies, e.g. torn down by a launcher), is one warning and disables W&B; the JSONL
+    goes on. Each namespace's step is its own W&B step metric (``train/step``...): Stage I's
+    warmup and the training loop both count from 1, and W&B drops a step lower than the last."""
 
     def __init__(self, run_dir: str | os.PathLike, config: dict, enabled: bool, project: str = "padd-ds",
                  mode: str = "auto", run_name: str | None = None, jsonl: bool = True):
@@ -70,9 +74,10 @@ class MetricsLogger:
 
                 self._wandb = wandb.init(project=project, name=run_name, config=config, mode=mode,
                                          dir=str(self.run_dir), reinit="finish_previous")
+                for ns in NAMESPACES:
+                    self._wandb.define_metric(f"{ns}/*", step_metric=f"{ns}/step")
             except Exception as e:  # noqa: BLE001 - W&B must never take a training run down
-                print(f"warning: W&B disabled ({type(e).__name__}: {e})")
-                self._wandb = None
+                self._wandb_failed(e)
 
     @property
     def wandb_run(self):
@@ -87,27 +92,39 @@ class MetricsLogger:
             self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
             self._jsonl.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
+            data = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
+            data.update({f"{ns}/step": step for ns in {k.split("/", 1)[0] for k in clean}})
+            self._guarded(lambda run: run.log(data))
 
     def summary(self, metrics: dict) -> None:
         if self.enabled and self._wandb is not None:
-            for k, v in metrics.items():
-                self._wandb.summary[k] = _scalar(v)
+            self._guarded(lambda run: run.summary.update({k: _scalar(v) for k, v in metrics.items()}))
 
     def log_images(self, images: dict[str, str | os.PathLike]) -> None:
         """Figures (name -> PNG path) to W&B; the JSONL keeps only scalars."""
         if self.enabled and self._wandb is not None:
             import wandb
 
-            self._wandb.log({k: wandb.Image(str(p)) for k, p in images.items()})
+            self._guarded(lambda run: run.log({k: wandb.Image(str(p)) for k, p in images.items()}))
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._guarded(lambda run: run.finish())
             self._wandb = None
+
+    def _guarded(self, call: Callable) -> None:
+        try:
+            call(self._wandb)
+        except Exception as e:  # noqa: BLE001 - a dead W&B service must not stop training or be blamed for a stop
+            self._wandb_failed(e)
+
+    def _wandb_failed(self, e: BaseException) -> None:
+        print(f"padd-ds: warning: W&B disabled ({type(e).__name__}: {e}); metrics continue in "
+              f"{self.run_dir / 'metrics.jsonl'}", file=sys.stderr, flush=True)
+        self._wandb = None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
