@@ -127,3 +127,20 @@ def test_report_input_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         write_run_report(tmp_path)
+
+
+def test_wandb_keeps_every_stage_s_steps(tmp_path):
+    """Stage I's warmup and the training loop both count steps from 1; W&B drops a row whose
+    step is below the last one it saw, unless each namespace has its own step metric."""
+    script = ("import sys\nfrom padd_ds.report.metrics import MetricsLogger\n"
+              "lg = MetricsLogger(sys.argv[1], {}, enabled=True, mode='offline')\n"
+              "for s in (1, 2, 3): lg.log({'stage1/warmup_kd_loss': 1.0 / s}, s)\n"
+              "for s in (1, 2): lg.log({'train/kd_loss': 0.5 / s}, s)\n"
+              "lg.close()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_MODE")}
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=env, stdin=subprocess.DEVNULL)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "W&B disabled" not in out, out[-3000:]
+    assert "less than the current step" not in out, out[-3000:]
+    assert re.search(r"train/step 2\b", out), out[-3000:]  # W&B's run summary: both training rows kept
