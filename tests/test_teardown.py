@@ -31,13 +31,17 @@ PHASES = [("stage1", DISTILL), ("warmup", DISTILL), ("distill", DISTILL), ("roll
 TIMEOUT_S = 60  # topology.timeout_s: the longest any rank may wait
 
 
-def _launch(run_dir: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
+LAUNCHERS = {"deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "3", "--master_port"],
+             "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port"]}
+
+
+def _launch(run_dir: Path, args: list[str], launcher: str = "deepspeed") -> tuple[subprocess.Popen, Path]:
     log = run_dir.parent / f"{run_dir.name}.log"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "3", "--master_port",
-                             str(free_port()), str(REPO / "train.py"), *args, "--set", f"run.output_dir={run_dir}"],
+    proc = subprocess.Popen([sys.executable, *LAUNCHERS[launcher], str(free_port()), str(REPO / "train.py"), *args,
+                             "--set", f"run.output_dir={run_dir}"],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     return proc, log
@@ -46,7 +50,7 @@ def _launch(run_dir: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
 def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     for p in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            if f"--local_rank={rank}" in p.cmdline():
+            if f"--local_rank={rank}" in p.cmdline() or p.environ().get("RANK") == str(rank):
                 return p
         except psutil.NoSuchProcess:
             continue
@@ -101,13 +105,14 @@ def test_teacher_killed_ten_times_under_the_deepspeed_launcher_is_named_every_ti
         assert code != 0 and took < TIMEOUT_S, f"{where}: launcher exit {code} after {took:.0f}s"
 
 
-def test_teacher_and_metrics_service_lost_together_still_name_the_teacher(toy_build, tmp_path):
-    """What the deepspeed launcher does to rank 0's process tree right after the teacher dies
-    (its W&B service goes with it), made certain: both killed at once, mid-step. Rank 0's next
-    W&B call fails before its next teacher request does; that must be a warning, and the
-    failure lines must name the teacher, not rank 0."""
+@pytest.mark.parametrize("launcher_name", ["deepspeed", "torchrun"])
+def test_teacher_and_metrics_service_lost_together_still_name_the_teacher(toy_build, tmp_path, launcher_name):
+    """What a launcher does to rank 0's process tree right after the teacher dies (its W&B
+    service goes with it), made certain: both killed at once, mid-step. Rank 0's next W&B
+    call fails before its next teacher request does; that must be a warning, and the failure
+    lines must name the teacher, not rank 0."""
     args = [*DISTILL, "--set", "stage1.enabled=false", "--set", "train.micro_batch_size=16"]  # ~0.5 s steps, mostly training
-    launcher, log = _launch(tmp_path / "run", args)
+    launcher, log = _launch(tmp_path / "run", args, launcher_name)
     try:
         _mid_step(tmp_path / "run", launcher, log)
         for p in [_rank_process(launcher, 2), *_services(launcher)]:
