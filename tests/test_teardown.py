@@ -128,6 +128,23 @@ def test_teacher_and_metrics_service_lost_together_still_name_the_teacher(toy_bu
     assert "padd-ds: warning: W&B disabled" in out, out[-4000:]
 
 
+def test_student_killed_under_the_launcher_is_named_by_every_rank(toy_build, tmp_path):
+    """The other way round: student rank 1 dies; student 0 (which hosts the launch's store)
+    and the teacher are torn down by the launcher and must both name rank 1."""
+    launcher, log = _launch(tmp_path / "run", [*DISTILL, "--set", "stage1.enabled=false"])
+    try:
+        _mid_step(tmp_path / "run", launcher, log)
+        _rank_process(launcher, 1).kill()
+        code = launcher.wait(timeout=TIMEOUT_S + 30)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, 9)
+    out = log.read_text()
+    failures = [line for line in out.splitlines() if line.startswith("padd-ds: rank") and " failed: " in line]
+    assert code != 0 and failures, out[-4000:]
+    assert all("lost rank 1 (student)" in line for line in failures), failures
+
+
 def _mid_step(run_dir: Path, launcher: subprocess.Popen, log: Path) -> None:
     """Return in the middle of a training step, when its teacher outputs have arrived and
     the next request is not yet sent: half a step after a step's row is written."""
