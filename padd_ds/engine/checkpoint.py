@@ -1,14 +1,21 @@
-"""Checkpoints that a killed job can never leave half-written, and exact resume.
+"""Checkpoints that a killed job can never leave half-written, verified on resume, and exact resume.
 
     save(engine, ckpt_dir, step, state, keep_last=2)   # every student rank calls it
-    found = latest_valid(ckpt_dir)                     # newest complete checkpoint, or None
-    state = load(engine, ckpt_dir, found)              # this rank's resume state
+    found = latest_valid(ckpt_dir)                     # newest complete, intact checkpoint, or None
+    state = load(engine, found)                        # this rank's resume state
 
-DeepSpeed writes each rank's shards into `<dir>/.tmp-step_N`; after a barrier the main rank
-writes `padd_complete.json` there (step, and every file with its size), renames the
-directory to `step_N` (atomic on POSIX), then replaces `latest`. A directory without the
-marker, or whose files no longer match it, is skipped on resume with a warning naming it
-and the checkpoint used instead. Only the newest `keep_last` complete checkpoints are kept.
+DeepSpeed writes each rank's shards into `<dir>/.tmp-step_N`; after a barrier the student
+ranks hash the files (sha256, each rank its share: `hash_share`), the main rank writes
+`padd_complete.json` there (step, and every file with its size and checksum), renames the
+directory to `step_N` (atomic on POSIX), then replaces `latest`. On resume a directory
+without the marker, with a file missing or resized (checked first, no hashing), or with a
+file whose checksum differs, is skipped with a warning naming it, the file, and the
+checkpoint used instead. A marker of an older padd-ds without checksums is still accepted
+on its sizes alone, with a note. Only the newest `keep_last` complete checkpoints are kept.
+
+`latest_valid` and `mark_complete` are collective over the students' world when one exists
+(each rank hashes its share, rank 0 lists and decides from what all ranks report, so every
+rank gets the same answer); without a process group they run alone.
 
 `state` holds what DeepSpeed does not: the step (= the data position, see BatchPlan), every
 rank's RNG states (python, numpy, torch and, on a GPU, CUDA's: rollouts are sampled), and the
@@ -19,9 +26,11 @@ RNG back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +41,8 @@ import torch
 from padd_ds.launch.device import on_gpu
 
 MARKER = "padd_complete.json"
+CHUNK = 8 << 20  # bytes read at a time while hashing: shards are GBs, memory stays flat
+_CKPT_NAME = re.compile(r"(\.tmp-)?step_(\d+)")
 
 
 def _rng_state() -> dict:
@@ -49,8 +60,86 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def _files(d: Path) -> dict[str, int]:
+# --------------------------------------------------------------------------------------
+# Collectives over the students' world (alone when there is no process group)
+# --------------------------------------------------------------------------------------
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_main(obj):
+    """Rank 0's `obj` on every rank."""
+    if _rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _from_all(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    world = _rank_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Files, checksums, the completion marker
+# --------------------------------------------------------------------------------------
+
+
+def file_sizes(d: Path) -> dict[str, int]:
+    """Every file under `d` but the marker (path relative to `d`) with its size."""
     return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
+    """The files `rank` hashes: largest first, dealt round-robin, so every rank reads about
+    as many bytes (plain name order would give one rank all the optimizer shards)."""
+    return sorted(sizes, key=lambda k: (-sizes[k], k))[rank::world]
+
+
+def _checksums(d: Path, sizes: dict[str, int]) -> dict[str, str | None]:
+    """sha256 of every file in `sizes` (None: unreadable); collective, each rank hashes its share."""
+    rank, world = _rank_world()
+    mine = {}
+    for name in hash_share(sizes, rank, world):
+        try:
+            mine[name] = sha256(d / name)
+        except OSError:  # vanished or unreadable on this rank's view of the file system
+            mine[name] = None
+    return {k: v for part in _from_all(mine) for k, v in part.items()}
+
+
+def mark_complete(d: Path, step: int) -> None:
+    """Write `d`'s completion marker: every file's size and sha256. Collective; rank 0 lists and writes."""
+    rank = _rank_world()[0]
+    sizes = _from_main(file_sizes(d) if rank == 0 else None)
+    sums = _checksums(d, sizes)
+    if rank == 0:
+        files = {k: {"size": sizes[k], "sha256": sums[k]} for k in sizes}
+        (d / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+# --------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------
 
 
 def save(engine, ckpt_dir: str | os.PathLike, step: int, state: dict, keep_last: int) -> Path:
@@ -67,60 +156,122 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, state: dict, keep_last:
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False,
                            client_state={"padd": {"step": step, "rng": per_rank, **state}})
     dist.barrier()
+    mark_complete(ckpt_dir / tmp_tag, step)
     final = ckpt_dir / tag
     if rank == 0:
-        tmp = ckpt_dir / tmp_tag
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": _files(tmp)}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = ckpt_dir / ".latest.tmp"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, ckpt_dir / "latest")
-        complete = sorted((d for d in ckpt_dir.glob("step_*") if (d / MARKER).exists()),
-                          key=lambda d: int(d.name.split("_")[1]))
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(ckpt_dir, tmp_tag, tag)
+        _prune(ckpt_dir, keep_last)
     dist.barrier()
     return final
 
 
-def _valid(d: Path) -> tuple[bool, str]:
+def _publish(ckpt_dir: Path, tmp_tag: str, tag: str) -> None:
+    """Rename the marked directory to its final name, then point `latest` at it (both atomic)."""
+    final = ckpt_dir / tag
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(ckpt_dir / tmp_tag, final)
+    latest_tmp = ckpt_dir / ".latest.tmp"
+    latest_tmp.write_text(tag)
+    os.replace(latest_tmp, ckpt_dir / "latest")
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    complete = sorted((d for d in ckpt_dir.glob("step_*") if (d / MARKER).exists() and _step_of(d) is not None),
+                      key=_step_of)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_saved(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names (the one this run wrote last), without verifying it."""
+    latest = Path(ckpt_dir) / "latest"
+    return Path(ckpt_dir) / latest.read_text().strip() if latest.is_file() else None
+
+
+# --------------------------------------------------------------------------------------
+# Choose and verify on resume
+# --------------------------------------------------------------------------------------
+
+
+def _step_of(d: Path) -> int | None:
+    m = _CKPT_NAME.fullmatch(d.name)
+    return int(m.group(2)) if m else None
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    """Finished and unfinished checkpoint directories, newest step first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and _step_of(d) is not None),
+                  key=lambda d: (_step_of(d), not d.name.startswith(".")), reverse=True)
+
+
+def _read_marker(d: Path) -> tuple[dict | None, str]:
+    """The marker's files as {name: {"size", "sha256" (None in an old marker)}}, or None and why."""
     m = d / MARKER
     if not m.exists():
-        return False, "no completion marker (the save was interrupted)"
+        return None, "no completion marker (the save was interrupted)"
     try:
-        want = json.loads(m.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return False, f"unreadable marker ({e})"
-    have = _files(d)
-    if have != want:
-        missing = sorted(set(want) - set(have))
-        changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        return False, f"files differ from the marker (missing {missing[:3]}, resized {changed[:3]})"
-    return True, ""
+        files = json.loads(m.read_text())["files"]
+        return {k: v if isinstance(v, dict) else {"size": v, "sha256": None} for k, v in files.items()}, ""
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"unreadable marker ({e})"
+
+
+def _size_check(d: Path) -> tuple[str | None, dict]:
+    """Why `d` is unusable without reading its data (marker, names, sizes), or None; and its marker."""
+    if d.name.startswith("."):
+        return "never completed", {}
+    want, why = _read_marker(d)
+    if want is None:
+        return why, {}
+    have = file_sizes(d)
+    missing = sorted(set(want) - set(have))
+    resized = sorted(k for k in set(want) & set(have) if want[k]["size"] != have[k])
+    extra = sorted(set(have) - set(want))
+    if missing or resized or extra:
+        return (f"files differ from the marker (missing {missing[:3]}, resized {resized[:3]}, "
+                f"unexpected {extra[:3]})"), {}
+    return None, want
+
+
+def _checksum_problem(d: Path, want: dict) -> str | None:
+    """The files whose sha256 differs from the marker's (collective: each rank hashes its share)."""
+    got = _checksums(d, {k: v["size"] for k, v in want.items()})
+    bad = sorted(k for k in want if got[k] != want[k]["sha256"])
+    return f"checksum mismatch in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else None
+
+
+def _verify(d: Path) -> str | None:
+    """Why `d` cannot be resumed from, or None. Collective; rank 0's size check decides for all."""
+    why, want = _from_main(_size_check(d) if _rank_world()[0] == 0 else None)
+    if why is not None:
+        return why
+    if any(v["sha256"] is None for v in want.values()):
+        _say(f"note: checkpoint {d} has no checksums (written by an older padd-ds): checked its file sizes only")
+        return None
+    return _checksum_problem(d, want)
+
+
+def _say(line: str) -> None:
+    if _rank_world()[0] == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def latest_valid(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint; newer broken ones are reported on stderr and skipped."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    cands = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and (d.name.startswith("step_")
-                                                                     or d.name.startswith(".tmp-step_"))),
-                   key=lambda d: int(d.name.rsplit("_", 1)[1]), reverse=True)
+    """The newest complete, intact checkpoint; newer broken ones are reported on stderr and
+    skipped. Collective over the students' world: every rank gets the same answer."""
     skipped = []
-    for d in cands:
-        ok, why = _valid(d) if d.name.startswith("step_") else (False, "never completed")
-        if ok:
+    for d in _from_main(_candidates(Path(ckpt_dir)) if _rank_world()[0] == 0 else None):
+        why = _verify(d)
+        if why is None:
             for bad, reason in skipped:
-                print(f"warning: checkpoint {bad} is unusable ({reason}); resuming from {d} instead",
-                      file=sys.stderr, flush=True)
+                _say(f"warning: checkpoint {bad} is unusable ({reason}); resuming from {d} instead")
             return d
         skipped.append((d, why))
     for bad, reason in skipped:
-        print(f"warning: checkpoint {bad} is unusable ({reason}); no complete checkpoint left, starting fresh",
-              file=sys.stderr, flush=True)
+        _say(f"warning: checkpoint {bad} is unusable ({reason}); no complete checkpoint left, starting fresh")
     return None
 
 
