@@ -7,9 +7,9 @@ uninterrupted 2-rank run. A layout that cannot continue is refused before anythi
 Tolerance: fp32 on CPU, but 2 ranks sum the step's gradient in another order than 1 rank
 accumulating 2 micro-batches, and AutoEP computes the experts in other groupings: two
 uninterrupted runs, 1 rank and 2 ranks, differ by <= 1.2e-7 relative in these losses. TOL =
-1e-5 leaves 80x room for that, and is 9x below what a wrong optimizer state gives one update
+1e-5 leaves 80x room for that, and is 10x below what a wrong optimizer state gives one update
 after the restart (DeepSpeed's universal load shares one Adam step counter between the dense
-and the expert sub-groups: 9e-5, see engine/checkpoint.py `_own_step_counters`)."""
+and the expert sub-groups: 1.3e-4 at step 4, see engine/checkpoint.py `_own_step_counters`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, deepspeed_cmd, free_port, read_results, run_cmd
-from padd_ds.config import PaddConfig
-from padd_ds.engine.checkpoint import MARKER, UNIVERSAL, universal
+from padd_ds.config import ConfigError, PaddConfig
+from padd_ds.engine.checkpoint import MARKER, UNIVERSAL, mark_complete, plan_resume, universal
 from padd_ds.engine.layout import Layout, launch_layout, resume_problem, resumed_grad_accum
 from padd_ds.teacher.feed import BatchPlan
 
@@ -178,3 +178,21 @@ def test_another_world_size_gets_reproducible_fresh_rng_streams():
         _restore_rng([{"unused": 0}, {"unused": 1}], seed=1234, step=step)  # saved by 2 ranks, this world has 1
         draws.append((torch.rand(3).tolist(), float(np.random.rand())))
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def test_the_ranks_check_the_chosen_checkpoint_again_before_loading(tmp_path):
+    """plan_resume (every student rank, before the engine) refuses what validation would; a
+    marker of an older padd-ds without a layout resumes only on its own number of ranks."""
+    d = tmp_path / "step_2"
+    d.mkdir()
+    for r in (0, 1):
+        (d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"m" * 10)
+    mark_complete(d, 2, _layout_of(2, 2))
+    with pytest.raises(ConfigError, match="is not a multiple of 1 student rank x train.micro_batch_size=3"):
+        plan_resume(tmp_path, _layout_of(1, 1, micro_batch_size=3))
+    plan = plan_resume(tmp_path, _layout_of(1, 1))
+    assert plan.found == d and plan.reshaped and plan.layout == _layout_of(2, 2)
+    mark_complete(d, 2)  # no layout: written before layouts were recorded
+    assert not plan_resume(tmp_path, _layout_of(2, 2)).reshaped
+    with pytest.raises(ConfigError, match="was written on 2 student ranks by a padd-ds that did not record its layout"):
+        plan_resume(tmp_path, _layout_of(1, 1))
