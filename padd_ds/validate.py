@@ -5,8 +5,10 @@
 It runs the config's own checks (ranges, cross-section rules, what the trainer cannot run:
 `PaddConfig.check`), then what needs the file system: the DeepSpeed JSON, the data source,
 the model directories (config.json, weights, tokenizer, one tokenizer family), the MoE shape
-against the expert-parallel size and, given a world size, that it holds the teacher and
-student ranks and that the RL step's rollout batch splits over them (config.rollout_layout_problem).
+against the expert-parallel size and, given a world size, that a checkpoint in run.output_dir
+that train.resume=auto would continue can continue on this launch's layout (engine/layout.py),
+that the world holds the teacher and student ranks and that the RL step's rollout batch
+splits over them (config.rollout_layout_problem).
 train.py, `padd config validate`, `padd train` and `padd plan` all call it; the planner states
 the layout rules through the same functions (`*_problem`).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from padd_ds.config import ConfigError, PaddConfig, TopologyConfig, require, rollout_layout_problem
 from padd_ds.engine.ds_config import read_deepspeed_config
+from padd_ds.engine.layout import launch_layout, newest_layout, resume_problem
 from padd_ds.models.arch import expert_parallel_size, model_field
 from padd_ds.models.files import (TOKENIZER_FILES, check_shared_tokenizer, check_weights, has_tokenizer,
                                   read_model_config, resolve_model_path, student_moe_shape)
@@ -137,6 +140,26 @@ def _check_model_files(cfg: PaddConfig, repo_root: str | Path | None) -> None:
                "point models.tokenizer at a directory that holds one"))
 
 
+def _student_experts(cfg: PaddConfig, repo_root: str | Path | None) -> int | None:
+    """Routed experts of the student this run trains (None: a hub student, not read here)."""
+    if cfg.models.student is None:
+        return cfg.stage1.decompress_experts
+    path = resolve_model_path(cfg.models.student, repo_root, field_name="models.student")
+    shape = student_moe_shape(path) if Path(path).is_dir() else None
+    return shape[0] if shape else None
+
+
+def _check_resume(cfg: PaddConfig, ds: dict, world_size: int, repo_root: str | Path | None) -> None:
+    """The checkpoint train.resume=auto would continue was trained on a layout this launch can
+    continue (another student world or expert-parallel size, keeping the global batch)."""
+    newest = newest_layout(Path(cfg.run.output_dir) / "checkpoints") if cfg.train.resume == "auto" else None
+    if newest is None or teacher_split_problem(cfg.topology, world_size) is not None:
+        return  # nothing to continue, or a world the checks below refuse anyway
+    new = launch_layout(cfg, ds, student_ranks(cfg.topology, world_size), _student_experts(cfg, repo_root), None)
+    problem = resume_problem(newest[1], new, newest[0], cfg)
+    require(problem is None, str(problem))
+
+
 def _check_world(cfg: PaddConfig, world_size: int, ep: int) -> None:
     require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     problem = teacher_split_problem(cfg.topology, world_size)
@@ -157,6 +180,8 @@ def validate(cfg: PaddConfig, world_size: int | None = None, repo_root: str | Pa
     ds = read_deepspeed_config(cfg, repo_root)
     ep = expert_parallel_size(ds, cfg.deepspeed.expert_parallel_size, cfg.deepspeed.config)
     _check_data_source(cfg, repo_root)
+    if world_size is not None and world_size >= 1:  # first: its refusal names the checkpoint's shape too
+        _check_resume(cfg, ds, world_size, repo_root)
     _check_models(cfg, ep, repo_root)
     _check_model_files(cfg, repo_root)
     if world_size is not None:

@@ -11,12 +11,13 @@ from padd_ds.launch.device import on_gpu
 from padd_ds.models.router import padd_router_installed
 
 
-def initialize_engine(cfg: PaddConfig, model: torch.nn.Module, num_students: int):
+def initialize_engine(cfg: PaddConfig, model: torch.nn.Module, num_students: int, load_universal: bool = False):
     """The DeepSpeed engine; with AutoEP every MoE layer gets the PADD router (models/router.py),
-    which routes exactly like DeepSpeed's until a PADD stage switches its mode or bias."""
+    which routes exactly like DeepSpeed's until a PADD stage switches its mode or bias.
+    `load_universal`: it will load a universal checkpoint (a resume on another layout)."""
     import deepspeed
 
-    ds = build_ds_config(cfg, getattr(model.config, "model_type", None), num_students, on_gpu())
+    ds = build_ds_config(cfg, getattr(model.config, "model_type", None), num_students, on_gpu(), load_universal)
     if cfg.train.activation_checkpointing:
         enable_checkpointing(model)
     with padd_router_installed():

@@ -52,9 +52,11 @@ def _fill(section: dict, key: str, value, where: str) -> None:
                          f"set it to \"auto\" or make them agree")
 
 
-def build_ds_config(cfg: PaddConfig, model_type: str | None, num_students: int, on_gpu: bool) -> dict:
+def build_ds_config(cfg: PaddConfig, model_type: str | None, num_students: int, on_gpu: bool,
+                    load_universal: bool = False) -> dict:
     """The DeepSpeed JSON with its "auto" values filled for a student of `model_type`
-    trained by `num_students` ranks on CUDA (`on_gpu`) or the CPU."""
+    trained by `num_students` ranks on CUDA (`on_gpu`) or the CPU; `load_universal`: the run
+    resumes from a universal checkpoint (another student world or expert-parallel size)."""
     ds = copy.deepcopy(read_deepspeed_config(cfg))
     t = cfg.train
     gas = accumulation_steps(cfg, num_students)  # padd: the rollout batch in micro-batches
@@ -83,6 +85,8 @@ def build_ds_config(cfg: PaddConfig, model_type: str | None, num_students: int, 
             ep["preset_model"] = autoep_preset(model_type)
         if ep.get("use_grouped_mm", "auto") == "auto":
             ep["use_grouped_mm"] = on_gpu  # grouped GEMM kernels are CUDA-only
+    # Ours to set: engine/checkpoint.py converts a checkpoint only when the layout changed.
+    ds.setdefault("checkpoint", {})["load_universal"] = load_universal
     ds.setdefault("steps_per_print", 10**9)  # we do our own logging
     ds.setdefault("wall_clock_breakdown", False)
     return ds

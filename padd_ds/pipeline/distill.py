@@ -17,13 +17,16 @@ from padd_ds.teacher.feed import BatchPlan, RankBatches, TeacherFeed
 from padd_ds.teacher.sparse import sparse_kd_loss
 
 
-def global_token_count(batch: TokenBatch) -> float:
-    """Loss positions in this micro-step summed over all student ranks.
+def step_token_count(batches: RankBatches, step: int, first: TokenBatch) -> float:
+    """Loss positions of the whole optimiser step (its micro-batch `first` and the rest of this
+    rank's, encoded again here) summed over all student ranks.
 
-    Each rank divides its loss sum by this count over the number of ranks; DeepSpeed then
-    averages gradients over ranks, so the update equals a single process seeing the whole
-    global batch (a per-rank mean would overweight ranks with short sequences)."""
-    return all_sum([float(batch.loss_mask.sum())])[0]
+    Each micro-batch's loss sum is divided by this count over (ranks x micro-steps); DeepSpeed
+    averages gradients over both, so the update is the token mean of the step's global batch
+    however it is cut into ranks and micro-steps (a per-rank or per-micro-step mean would
+    overweight short sequences, and a resume on another number of ranks cuts it differently)."""
+    rest = sum(float(batches(step, m).loss_mask.sum()) for m in range(1, batches.plan.grad_accum))
+    return all_sum([float(first.loss_mask.sum()) + rest])[0]
 
 
 def train_distill(ctx: RunContext, state: ResumeState | None) -> LoopResult:
@@ -34,14 +37,15 @@ def train_distill(ctx: RunContext, state: ResumeState | None) -> LoopResult:
     guard.load_state_dict(state and state.nonfinite)
     problems = ctx.parts["C"]
     plan = BatchPlan(len(problems), cfg.train.micro_batch_size, ctx.num_students, cfg.train.grad_accum, cfg.run.seed)
-    feed = TeacherFeed(ctx.teacher, RankBatches(problems, plan, ctx.rank, ctx.encode), range(start, cfg.train.steps),
-                       cfg.teacher.prefetch)
+    batches = RankBatches(problems, plan, ctx.rank, ctx.encode)
+    feed = TeacherFeed(ctx.teacher, batches, range(start, cfg.train.steps), cfg.teacher.prefetch)
     progress = progress_bar(cfg, ctx.world)
     meter, waited = Meter(), feed.wait_s
     engine.train()
     stopped = None
     for step, micro, batch, out in feed:
-        denom = global_token_count(batch) / ctx.num_students
+        if micro == 0:
+            denom = step_token_count(batches, step, batch) / (ctx.num_students * cfg.train.grad_accum)
         dev = batch.to(rank_device())  # the feed's batches and teacher targets are on the host
         logits = engine(input_ids=dev.ids, attention_mask=dev.attention_mask).logits
         kd = sparse_kd_loss(logits, out.logits.to(dev.ids.device), dev.loss_mask, cfg.train.kd_temperature, denom=denom)

@@ -1,6 +1,8 @@
 """Everything a student rank needs before training: the student (pre-trained, or decompressed
 from the teacher), the teacher client, Stage I's exchange with the teacher, the reference
-evaluation, the DeepSpeed engine, the data parts, the logger and, on restart, the resume state."""
+evaluation, the checkpoint to resume from (checked against this launch's layout before the
+engine is built), the DeepSpeed engine, the data parts, the logger and, on restart, the resume
+state."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Callable
 import deepspeed.comm as dist
 
 from padd_ds.config import PaddConfig
+from padd_ds.engine.ds_config import read_deepspeed_config
+from padd_ds.engine.layout import Layout, launch_layout, resumed_grad_accum
 from padd_ds.recipe import dump_yaml, to_dict
 from padd_ds.data.batch import usable_problems
 from padd_ds.data.math import load_train_problems
@@ -20,11 +24,13 @@ from padd_ds.data.splits import split_pool
 from padd_ds.engine import checkpoint as ckpt
 from padd_ds.engine.build import initialize_engine
 from padd_ds.eval.heldout import heldout_accuracy
+from padd_ds.launch.device import on_gpu
 from padd_ds.launch.world import World
+from padd_ds.models.arch import moe_shape
 from padd_ds.models.decompress import PROVENANCE_FILE, decompress, save_decompressed
 from padd_ds.models.files import model_paths
 from padd_ds.models.loading import load_causal_lm, load_tokenizer
-from padd_ds.pipeline.records import ResumeState, RunContext
+from padd_ds.pipeline.records import ResumeState, RunContext, checkpoint_dir
 from padd_ds.report.metrics import MetricsLogger
 from padd_ds.stage1.handshake import send_stage1_setup
 from padd_ds.teacher.service import LocalTeacher, RemoteTeacher, TeacherModel
@@ -42,17 +48,20 @@ def prepare(cfg: PaddConfig, world: World) -> Prepared:
     run_dir = Path(cfg.run.output_dir)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
     student_path, provenance = student_checkpoint(cfg, world, teacher_path, tok, run_dir)
     # On the rank's device: deepspeed.initialize would move it there whole before partitioning.
     student = load_causal_lm(student_path, cfg.models.dtype, cfg.models.trust_remote_code)
+    resume, layout = choose_resume(cfg, world, run_dir, student)  # may set train.grad_accum: before config.yaml
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     teacher = connect_teacher(cfg, world, teacher_path, student.config.get_text_config().vocab_size)
     collect = (send_stage1_setup(cfg, world, student.config, teacher_path, teacher, provenance)
                if cfg.stage1.enabled else None)
     before = heldout_accuracy(student, tok, cfg) if world.is_main and cfg.eval.references else None
     num_students = max(1, world.roles.num_student)
-    engine, ds_config = initialize_engine(cfg, student, num_students)
+    engine, ds_config = initialize_engine(cfg, student, num_students,
+                                          load_universal=resume is not None and resume.reshaped)
     if world.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     pool = load_train_problems(cfg.data.source, cfg.data.question_field, cfg.data.answer_field)
@@ -61,7 +70,7 @@ def prepare(cfg: PaddConfig, world: World) -> Prepared:
     parts = split_pool(pool, cfg.data.split_fractions, cfg.run.seed)
     logger = MetricsLogger(run_dir, to_dict(cfg), enabled=world.is_main, project=cfg.logging.wandb_project,
                            mode=cfg.logging.wandb_mode, run_name=cfg.run.name, jsonl=cfg.logging.jsonl)
-    ctx = RunContext(cfg, world, tok, engine, teacher, parts, pool, logger, run_dir, provenance)
+    ctx = RunContext(cfg, world, tok, engine, teacher, parts, pool, logger, run_dir, provenance, layout, resume)
     return Prepared(ctx, before, collect)
 
 
@@ -100,13 +109,37 @@ def connect_teacher(cfg: PaddConfig, world: World, teacher_path: str, student_vo
                          world.roles.student_rank or 0, t.logits_mode)
 
 
+def choose_resume(cfg: PaddConfig, world: World, run_dir: Path, student) -> tuple[ckpt.Resume | None, Layout]:
+    """The verified checkpoint to continue from (train.resume=auto) checked against this launch's
+    layout, and that layout. Collective over the student ranks. On another number of student
+    ranks, train.mode=distill keeps the checkpoint's global batch: train.grad_accum is re-derived
+    (engine/layout.py); a layout that cannot continue raises ConfigError here, before any load."""
+    ds, students = read_deepspeed_config(cfg), max(1, world.roles.num_student)
+    shape = moe_shape(student.config)
+    layout = launch_layout(cfg, ds, students, shape and shape[0], on_gpu())
+    resume = ckpt.plan_resume(checkpoint_dir(run_dir), layout, cfg) if cfg.train.resume == "auto" else None
+    if resume is None or resume.layout is None or cfg.train.mode != "distill":
+        return resume, layout
+    ga = resumed_grad_accum(resume.layout, layout)
+    if ga != cfg.train.grad_accum:
+        if world.is_main:
+            print(f"[resume] {resume.found} was trained on {resume.layout.shape()}, this launch has {layout.shape()}: "
+                  f"train.grad_accum {cfg.train.grad_accum} -> {ga} keeps its global batch of "
+                  f"{resume.layout.global_batch} problems per step", flush=True)
+        cfg.train.grad_accum = ga
+        layout = launch_layout(cfg, ds, students, shape and shape[0], on_gpu())
+    return resume, layout
+
+
 def resume_state(ctx: RunContext) -> ResumeState | None:
-    """The newest complete checkpoint's state (train.resume=auto), loaded into the engine; None
-    when starting fresh. Stage I is then already in the weights."""
-    found = ckpt.latest_valid(ctx.ckpt_dir) if ctx.cfg.train.resume == "auto" else None
-    if found is None:
+    """The state of the checkpoint `prepare` chose, loaded into the engine (through a universal
+    checkpoint when the layout changed); None when starting fresh. Stage I is then already in the weights."""
+    plan = ctx.resume
+    if plan is None:
         return None
-    state = ResumeState.from_checkpoint(ckpt.load(ctx.engine, found))
+    src = ckpt.universal(plan.found) if plan.reshaped else plan.found
+    state = ResumeState.from_checkpoint(ckpt.load(ctx.engine, src, ctx.cfg.run.seed))
     if ctx.world.is_main:
-        print(f"[resume] continuing from {found} (step {state.step})", flush=True)
+        how = f", resharded from {plan.layout.shape()} to {ctx.layout.shape()}" if plan.reshaped else ""
+        print(f"[resume] continuing from {plan.found} (step {state.step}){how}", flush=True)
     return state

@@ -20,9 +20,14 @@ import torch
 from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch, encode_examples
 from padd_ds.engine import checkpoint as ckpt
+from padd_ds.engine.layout import Layout
 from padd_ds.launch import signals
 from padd_ds.launch.world import World
 from padd_ds.report.metrics import MetricsLogger
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
 
 
 @dataclass
@@ -37,6 +42,8 @@ class RunContext:
     logger: MetricsLogger
     run_dir: Path
     provenance: dict | None = None    # how a decompressed student was built (None: pre-trained)
+    layout: Layout | None = None      # this launch's shape, recorded in every checkpoint's marker
+    resume: ckpt.Resume | None = None  # the checkpoint to continue from (None: a fresh start)
 
     @property
     def rank(self) -> int:
@@ -48,7 +55,7 @@ class RunContext:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return checkpoint_dir(self.run_dir)
 
     def encode(self, problems: list[dict]) -> TokenBatch:
         """Reference solutions as teacher-forced batches (prompt + solution, loss on the solution)."""
@@ -61,7 +68,7 @@ class RunContext:
         t = self.cfg.train
         stop = signals.agreed() and step < t.steps
         if stop or step == t.steps or (t.save_every and step % t.save_every == 0):
-            ckpt.save(self.engine, self.ckpt_dir, step, state, t.keep_last)
+            ckpt.save(self.engine, self.ckpt_dir, step, state, t.keep_last, self.layout)
         return stop
 
 

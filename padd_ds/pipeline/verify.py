@@ -44,7 +44,7 @@ def export_and_verify(ctx: RunContext) -> VerifiedExport | None:
     export_engine(engine, export_dir, tokenizer=ctx.tok, router_weights=folded,
                   metadata=export_metadata(cfg, exact_bias, folded is not None))
     probe, engine_logits = probe_logits(engine, ctx.tok, cfg, ctx.pool)
-    checkpoint = ckpt.latest_valid(ctx.ckpt_dir) or ctx.ckpt_dir
+    checkpoint = ckpt.latest_saved(ctx.ckpt_dir) or ctx.ckpt_dir  # just written: verified on the next resume
     if not ctx.world.is_main:
         return None
     # On the rank's device in the run's dtype (bf16 on a GPU: a 30B student in fp32 fits no GPU).

@@ -25,20 +25,25 @@ from padd_ds.launch.bridge import OUT_LOGITS
 
 class BatchPlan:
     """Which problems each student rank sees at each (step, micro-step): a seeded permutation
-    per epoch, cut into global batches, so the data position is a pure function of the step."""
+    per epoch, cut into the optimiser steps' batches, each cut into micro-steps x ranks. The
+    data position is a pure function of the step, and a step's problems depend only on its
+    size (per_rank x num_ranks x grad_accum): a run resumed on another number of ranks with
+    the same step size (engine/layout.py) sees the same problems in every step."""
 
     def __init__(self, n: int, per_rank: int, num_ranks: int, grad_accum: int, seed: int):
         self.n, self.per_rank, self.num_ranks, self.grad_accum, self.seed = n, per_rank, num_ranks, grad_accum, seed
-        self.global_batch = per_rank * num_ranks
-        if self.global_batch > n:
-            raise ValueError(f"global batch {self.global_batch} exceeds the {n} problems of this data split")
+        self.global_batch = per_rank * num_ranks        # one micro-step over all ranks
+        self.step_batch = self.global_batch * grad_accum  # one optimiser step
+        if self.step_batch > n:
+            raise ValueError(f"a step's batch of {self.step_batch} problems ({per_rank} per rank x {num_ranks} ranks x "
+                             f"{grad_accum} micro-steps) exceeds the {n} problems of this data split")
         self.batches_per_epoch = n // self.global_batch
+        self.steps_per_epoch = n // self.step_batch
 
     def indices(self, step: int, micro: int, rank: int) -> list[int]:
-        b = step * self.grad_accum + micro
-        epoch, pos = divmod(b, self.batches_per_epoch)
+        epoch, pos = divmod(step, self.steps_per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        start = pos * self.global_batch + rank * self.per_rank
+        start = pos * self.step_batch + micro * self.global_batch + rank * self.per_rank
         return perm[start:start + self.per_rank].tolist()
 
 
