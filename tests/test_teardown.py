@@ -98,7 +98,7 @@ def test_teacher_killed_ten_times_under_the_deepspeed_launcher_is_named_every_ti
         delay = 0.0 if phase == "checkpoint" else rng.uniform(0.0, 2.0)
         out, code, took = _kill_teacher_at(phase, delay, args, tmp_path / f"kill{i}")
         where = f"kill {i} ({phase} + {delay:.2f}s, seed {seed})"
-        failures = [line for line in out.splitlines() if line.startswith("padd-ds: rank") and " failed: " in line]
+        failures = _failures(out)
         assert failures, f"{where}: no rank reported a failure\n{out[-4000:]}"
         blamed = [line for line in failures if "rank 2 (teacher)" not in line.split(" failed: ", 1)[1]]
         assert not blamed, f"{where}: failure lines that do not name the teacher: {blamed}\n{out[-4000:]}"
@@ -112,18 +112,8 @@ def test_teacher_and_metrics_service_lost_together_still_name_the_teacher(toy_bu
     call fails before its next teacher request does; that must be a warning, and the failure
     lines must name the teacher, not rank 0."""
     args = [*DISTILL, "--set", "stage1.enabled=false", "--set", "train.micro_batch_size=16"]  # ~0.5 s steps, mostly training
-    launcher, log = _launch(tmp_path / "run", args, launcher_name)
-    try:
-        _mid_step(tmp_path / "run", launcher, log)
-        for p in [_rank_process(launcher, 2), *_services(launcher)]:
-            p.kill()
-        code = launcher.wait(timeout=TIMEOUT_S + 30)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, 9)
-    out = log.read_text()
-    failures = [line for line in out.splitlines() if line.startswith("padd-ds: rank") and " failed: " in line]
-    assert code != 0 and failures, out[-4000:]
+    out, failures = _kill_mid_step(tmp_path / "run", args, launcher_name,
+                                   lambda launcher: [_rank_process(launcher, 2), *_services(launcher)])
     assert all("rank 2 (teacher)" in line.split(" failed: ", 1)[1] for line in failures), failures
     assert "padd-ds: warning: W&B disabled" in out, out[-4000:]
 
@@ -131,18 +121,30 @@ def test_teacher_and_metrics_service_lost_together_still_name_the_teacher(toy_bu
 def test_student_killed_under_the_launcher_is_named_by_every_rank(toy_build, tmp_path):
     """The other way round: student rank 1 dies; student 0 (which hosts the launch's store)
     and the teacher are torn down by the launcher and must both name rank 1."""
-    launcher, log = _launch(tmp_path / "run", [*DISTILL, "--set", "stage1.enabled=false"])
+    _, failures = _kill_mid_step(tmp_path / "run", [*DISTILL, "--set", "stage1.enabled=false"], "deepspeed",
+                                 lambda launcher: [_rank_process(launcher, 1)])
+    assert all("lost rank 1 (student)" in line for line in failures), failures
+
+
+def _failures(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("padd-ds: rank") and " failed: " in line]
+
+
+def _kill_mid_step(run_dir: Path, args: list[str], launcher_name: str, victims) -> tuple[str, list[str]]:
+    """Launch, SIGKILL `victims(launcher)` in the middle of a training step; the launch's output
+    and its failure lines (there must be some, and the launcher must exit non-zero)."""
+    launcher, log = _launch(run_dir, args, launcher_name)
     try:
-        _mid_step(tmp_path / "run", launcher, log)
-        _rank_process(launcher, 1).kill()
+        _mid_step(run_dir, launcher, log)
+        for p in victims(launcher):
+            p.kill()
         code = launcher.wait(timeout=TIMEOUT_S + 30)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, 9)
     out = log.read_text()
-    failures = [line for line in out.splitlines() if line.startswith("padd-ds: rank") and " failed: " in line]
-    assert code != 0 and failures, out[-4000:]
-    assert all("lost rank 1 (student)" in line for line in failures), failures
+    assert code != 0 and _failures(out), out[-4000:]
+    return out, _failures(out)
 
 
 def _mid_step(run_dir: Path, launcher: subprocess.Popen, log: Path) -> None:
