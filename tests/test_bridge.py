@@ -206,3 +206,39 @@ def test_teacher_exits_when_its_student_dies():
     ok, msg = out[1]
     assert not ok and "rank 0" in msg, msg
     assert time.time() - t0 < TIMEOUT + 30
+
+
+# -- a lost peer: the other pairs keep working; a student moves to another teacher replica ---
+
+def _exchange_after_rank_3_dies(bridge):
+    """Ranks 0-2 see rank 3 go (PeerGone), then talk among themselves, point to point and
+    from any source, on the same gloo group."""
+    import signal
+
+    from padd_ds.launch.bridge import KIND_RESULT, TAG_REQUEST, Header, PeerGone
+
+    if bridge.rank == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        bridge.recv_header(3, timeout_s=TIMEOUT)
+        return "rank 3 answered"
+    except PeerGone:
+        pass
+    nxt, prev = (bridge.rank + 1) % 3, (bridge.rank - 1) % 3
+    ring = bridge.send_message(Header(KIND_RESULT, bridge.rank), [torch.arange(5) * bridge.rank], nxt)
+    h = bridge.recv_header(prev)
+    (got,) = bridge.recv_payload(h, [((5,), torch.int64)], prev)
+    ring.wait()
+    if bridge.rank == 2:  # from any source: both others, whatever the order
+        srcs = sorted(bridge.recv_header_any(TAG_REQUEST, TIMEOUT).src for _ in range(2))
+        return [h.src, got.tolist(), srcs]
+    bridge.send_message(Header(KIND_RESULT, 9), [], 2, header_tag=TAG_REQUEST).wait()
+    return [h.src, got.tolist()]
+
+
+def test_pairs_between_the_other_ranks_work_after_a_peer_is_killed():
+    out, codes = _run({r: _exchange_after_rank_3_dies for r in range(4)}, free_port())
+    assert codes[3] == -9
+    assert out[0] == (True, [2, [0, 2, 4, 6, 8]]), out
+    assert out[1] == (True, [0, [0, 0, 0, 0, 0]]), out
+    assert out[2] == (True, [1, [0, 1, 2, 3, 4], [0, 1]]), out
