@@ -8,10 +8,18 @@ Every message is a fixed-size int64 header followed by a known list of payload t
 The header carries the request id and a CRC32 of the request's token ids; responses echo
 both and add a CRC32 of their own payload, so a mixed-up or corrupted reply is an error,
 never silently used. Every wait has a timeout and names the peer rank and request id.
+
+A peer whose process is gone surfaces as `PeerGone` and leaves the pairs between the other
+ranks working, so students can move to another teacher replica (launch/replicas.py). A gloo
+wait that times out, though, closes every pair of the caller's bridge: a teacher therefore
+takes request headers (their own tag, from any student) in a thread that never times out,
+watches each student's connection in another (`wait_gone`), and waits on those threads with
+a timeout (teacher/service.py, RequestInbox).
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 MAGIC = 0x50414444  # "PADD"
-HEADER_LEN = 14
+HEADER_LEN = 15
 # Header fields (int64): magic, kind, request_id, step, batch, seqlen, arg, input_crc, payload_crc,
-# n_payload, outputs (bitmask of OUT_*), and the shapes of the optional outputs: n_layers,
-# n_clusters (cluster activations) and hidden (final hidden states).
+# n_payload, outputs (bitmask of OUT_*), the shapes of the optional outputs: n_layers,
+# n_clusters (cluster activations) and hidden (final hidden states), and src (the sender's rank).
 KIND_STOP = 0
 KIND_TOPK_LOGITS = 1
 KIND_RESULT = 2  # a JSON blob (e.g. the teacher's own evaluation) as uint8
@@ -37,10 +45,27 @@ OUT_CLUSTER_GATE = 8    # per-cluster mean gate pre-activation (the centroid rou
 # Bridge tags of the messages that run beside the scoring requests (tag 0).
 TAG_RESULT = 1  # the teacher's own held-out evaluation, collected by the main student at the end
 TAG_STAGE1 = 2  # Stage I: the layer map / clusters (students -> teacher) and its records back
+# The headers of scoring requests and STOPs (students -> teacher; their payloads follow on tag 0). A
+# tag of their own, so a teacher can take them from any student (one that lost its replica included).
+TAG_REQUEST = 3
+# Never sent on: a receive posted here fails only when the peer's connection closes (`wait_gone`).
+TAG_PROBE = 4
+# A wait that must never time out: gloo's timeout would close every pair of the bridge.
+FOREVER_S = 10 * 365 * 86400.0
 
 
 class BridgeError(RuntimeError):
     """A failure on the teacher <-> student channel (timeout, dead peer, bad data)."""
+
+
+class PeerGone(BridgeError):
+    """The peer's connection closed: its process is gone (or its bridge broke). Unlike a
+    timeout, this leaves the other pairs of the bridge usable."""
+
+
+# How gloo reports a closed connection; "Application timeout caused pair closure" is our own
+# timeout having closed every pair, not a peer that left.
+_GONE = re.compile(r"closed by peer|reset by peer|connection (closed|reset)|broken pipe", re.I)
 
 
 def crc32(*tensors: torch.Tensor) -> int:
@@ -66,11 +91,12 @@ class Header:
     n_layers: int = 0
     n_clusters: int = 0
     hidden: int = 0
+    src: int = -1  # set by `send_message`: who sent it (a request may come from any student)
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor([MAGIC, self.kind, self.request_id, self.step, self.batch, self.seqlen,
                              self.arg, self.input_crc, self.payload_crc, self.n_payload, self.outputs,
-                             self.n_layers, self.n_clusters, self.hidden], dtype=torch.int64)
+                             self.n_layers, self.n_clusters, self.hidden, self.src], dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor, peer: int) -> "Header":
@@ -106,9 +132,8 @@ class Bridge:
         try:
             ok = work.wait(timedelta(seconds=t))
         except Exception as e:  # noqa: BLE001
-            raise BridgeError(f"bridge: {what} rank {peer} failed for request {request_id} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              f"peer dead or not answering within {t:.0f}s") from e
+            raise _failed(e, f"bridge: {what} rank {peer} failed for request {request_id}",
+                          f"peer dead or not answering within {t:.0f}s") from e
         if ok is False:
             raise BridgeError(f"bridge: {what} rank {peer} timed out after {t:.0f}s for request {request_id}")
 
@@ -117,9 +142,7 @@ class Bridge:
         try:
             return op([tensor], peer, tag)
         except Exception as e:  # noqa: BLE001
-            raise BridgeError(f"bridge: {what} rank {peer} failed for request {request_id} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              "peer dead?") from e
+            raise _failed(e, f"bridge: {what} rank {peer} failed for request {request_id}", "peer dead?") from e
 
     def send_tensors(self, tensors: list[torch.Tensor], dst: int, request_id: int = -1, tag: int = 0) -> None:
         for t in tensors:
@@ -134,22 +157,48 @@ class Bridge:
         return t
 
     # -- framed messages -------------------------------------------------------------------
-    def send_message(self, header: Header, payload: list[torch.Tensor], dst: int, tag: int = 0) -> "PostedSend":
-        """Post a framed message and return without waiting for the receiver.
+    def send_message(self, header: Header, payload: list[torch.Tensor], dst: int, tag: int = 0,
+                     header_tag: int | None = None) -> "PostedSend":
+        """Post a framed message and return without waiting for the receiver; `header_tag`:
+        the header's own tag when it differs from the payload's (requests: TAG_REQUEST).
 
         Gloo completes a send only once the peer posts the matching recv; waiting here
         would deadlock a student that prefetches against a teacher that is replying. Call
         `.wait()` on the result later (it keeps the tensors alive until then)."""
-        header.n_payload = len(payload)
+        header.n_payload, header.src = len(payload), self.rank
         if payload and header.payload_crc == 0:
             header.payload_crc = crc32(*payload)
         tensors = [header.to_tensor(), *[t.contiguous() for t in payload]]
-        works = [self._post(self.pg.send, t, dst, tag, "sending to", header.request_id) for t in tensors]
+        tags = [tag if header_tag is None else header_tag] + [tag] * len(payload)
+        works = [self._post(self.pg.send, t, dst, g, "sending to", header.request_id) for t, g in zip(tensors, tags)]
         return PostedSend(self, works, tensors, dst, header.request_id)
 
     def recv_header(self, src: int, timeout_s: float | None = None, request_id: int = -1, tag: int = 0) -> Header:
         t = self.recv_tensor((HEADER_LEN,), torch.int64, src, request_id, timeout_s, tag)
         return Header.from_tensor(t, src)
+
+    def recv_header_any(self, tag: int, timeout_s: float) -> Header:
+        """The next header on `tag` from whichever rank sends one (its `src` says who).
+        Gloo's wait cannot be interrupted and a timed-out one closes every pair of the bridge,
+        so callers wait here from a thread of their own, with a timeout they never reach."""
+        t = torch.empty((HEADER_LEN,), dtype=torch.int64)
+        try:
+            work = self.pg.recv_anysource([t], tag)
+        except Exception as e:  # noqa: BLE001
+            raise _failed(e, "bridge: receiving from any rank failed", "bridge broken?") from e
+        self._wait(work, "receiving from", -1, -1, timeout_s)
+        return Header.from_tensor(t, -1)
+
+    def wait_gone(self, peer: int) -> BridgeError:
+        """Block until `peer`'s connection closes, and return the error that said so: gloo
+        fails a pending receive at once when its pair closes, and TAG_PROBE is never sent on.
+        A rank that may wait on a receive from any source calls this from a thread per peer."""
+        t = torch.empty((0,), dtype=torch.int64)
+        try:
+            self._wait(self._post(self.pg.recv, t, peer, TAG_PROBE, "watching", -1), "watching", peer, -1, FOREVER_S)
+        except BridgeError as e:
+            return e
+        return BridgeError(f"bridge: rank {peer} sent on the probe tag {TAG_PROBE}, which is never sent on")
 
     def recv_payload(self, header: Header, specs: list[tuple[tuple[int, ...], torch.dtype]],
                      src: int, check_crc: bool = True, tag: int = 0) -> list[torch.Tensor]:
@@ -177,14 +226,20 @@ class Bridge:
         (data,) = self.recv_payload(h, [((h.arg,), torch.uint8)], src, tag=tag)
         return json.loads(bytes(data.tolist()).decode())
 
-    def barrier(self) -> None:
-        self._wait(self.pg.barrier(), "barrier with", -1, -1, None)
-
     def close(self) -> None:
         try:
             self.pg.shutdown()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+def _failed(error: Exception, what: str, hint: str) -> BridgeError:
+    """The error to raise for a failed gloo call: PeerGone when the peer's connection closed."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    gone = bool(_GONE.search(first))
+    first = first.split(" This is typically caused")[0] if gone else first  # gloo's boilerplate after the fact
+    return (PeerGone if gone else BridgeError)(f"{what} ({type(error).__name__}: {first}); "
+                                                f"{'peer gone' if gone else hint}")
 
 
 class PostedSend:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from padd_ds.launch.bridge import BridgeError
+from padd_ds.launch.replicas import dead_count, dead_ranks
 
 _FAILURES = "padd/failures"  # how many ranks posted their own error; each is at padd/failure/<n>
 _VERDICTS, _VERDICT = "padd/verdicts", "padd/verdict"  # the first diagnosis of a lost rank wins
@@ -89,6 +90,8 @@ class Liveness:
         self._failed: list[tuple[int, str]] = []  # (rank, its error) posted by peers that stopped on their own
         self._verdict: str | None = None  # a peer's diagnosis of a lost rank, posted to the store
         self._failures_read = 0
+        self.dead: set[int] = set()  # peers declared dead (a lost teacher replica): never waited for
+        self._dead_read = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="padd-liveness", daemon=True)
         self._thread.start()
@@ -106,6 +109,7 @@ class Liveness:
             all_seen = False
             while True:
                 store.add(keys[self.rank], 1)
+                self._read_dead(store)
                 peer_keys = [keys[r] for r in self.peers]
                 all_seen = all_seen or store.check(peer_keys)
                 if all_seen and peer_keys:
@@ -127,6 +131,14 @@ class Liveness:
         # A process that outlives its store by exit_after_s (a normal exit takes milliseconds) hangs.
         if self.exit_after_s is not None and not self._stop.wait(self.exit_after_s):
             self._exit()
+
+    def _read_dead(self, store) -> None:
+        """Peers declared dead (launch/replicas.py): their silence is known and handled."""
+        n = dead_count(store)
+        if n != self._dead_read:
+            found = dead_ranks(store, self.peers)
+            with self._lock:
+                self.dead, self._dead_read = found, n
 
     def _read_failures(self, store) -> None:
         if self._verdict is None and store.check([_VERDICT]):
@@ -195,7 +207,8 @@ class Liveness:
         Silence is measured up to the moment the store was lost: after that nothing is known."""
         with self._lock:
             until = self._store_lost if self._store_lost is not None else time.monotonic()
-            quiet = [(r, until - t) for r, t in self._changed.items() if until - t > self.stale_s]
+            quiet = [(r, until - t) for r, t in self._changed.items()
+                     if until - t > self.stale_s and r not in self.dead]
             return sorted(quiet, key=lambda x: -x[1]), self._store_lost is not None
 
     def describe(self, r: int) -> str:

@@ -3,9 +3,10 @@
 One call, `setup_world(cfg)`, turns whatever launcher started us (deepspeed, torchrun,
 mpirun, srun, or a plain `python`) into: our role (teacher / student / colocated), the
 bridge to the other side, and - for students - a DeepSpeed world that holds only students
-(AutoEP sizes itself from the default group). `finish()` ends every rank with a bridge
-barrier and `os._exit`, which avoids the rare `terminate called without an active
-exception` abort at interpreter exit seen with gloo on small machines.
+(AutoEP sizes itself from the default group). `finish()` ends every rank with a barrier over
+the ranks not declared dead (launch/replicas.py) and `os._exit`, which avoids the rare
+`terminate called without an active exception` abort at interpreter exit seen with gloo on
+small machines.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from padd_ds.launch import signals
 from padd_ds.launch.bridge import Bridge
 from padd_ds.launch.device import check_ranks_fit_devices, on_gpu, use_local_device
 from padd_ds.launch.liveness import HeartbeatTiming, Liveness, looks_like_peer_failure
+from padd_ds.launch.replicas import live_barrier
 from padd_ds.launch.roles import (LaunchEnv, Roles, apply_env, assign_roles, bridge_address, detect_launch,
                                   student_to_teacher, students_of_teacher, sub_world_env)
 
@@ -58,6 +60,12 @@ class World:
         if self.teacher_parallel == "zero3":
             return r.num_student  # global rank of teacher rank 0
         return student_to_teacher(r.student_rank, r.num_student, r.num_teacher)
+
+    def teacher_replicas(self) -> list[int]:
+        """Global ranks of the teachers that answer students: every replica, or a sharded
+        teacher's first rank (one replica: nothing to fail over to)."""
+        r = self.roles
+        return [r.num_student] if self.teacher_parallel == "zero3" else list(range(r.num_student, r.world_size))
 
     def my_students(self) -> list[int]:
         r = self.roles
@@ -125,10 +133,11 @@ def _backend() -> str:
 
 
 def finish(world: World | None, code: int = 0) -> None:
-    """Flush, meet the other side at a barrier (on success), and leave without teardown."""
+    """Flush, meet the other live ranks at a barrier (on success), and leave without teardown."""
     if world is not None and world.bridge is not None and code == 0:
         try:
-            world.bridge.barrier()
+            b = world.bridge
+            live_barrier(b.store, b.rank, b.world_size, b.timeout_s)
         except Exception as e:  # noqa: BLE001 - we are leaving anyway; say why
             print(f"[rank {world.env.rank}] warning: final bridge barrier failed: {e}", file=sys.stderr)
             code = code or 1

@@ -64,7 +64,8 @@ def train_distill(ctx: RunContext, state: ResumeState | None) -> LoopResult:
             row = {"train/kd_loss": tot["kd"] / tot["count"], "train/lm_loss": tot["lm"] / tot["count"],
                    "teacher/wait_fraction": tot["wait"] / ctx.num_students / tot.seconds,
                    "train/tokens_per_s": tot["tokens"] / tot.seconds,
-                   "train/lr": engine.get_lr()[0], "train/nonfinite_skipped": guard.skipped}
+                   "train/lr": engine.get_lr()[0], "train/nonfinite_skipped": guard.skipped,
+                   **ctx.teacher.health()}  # with replicas: how many are alive
             history.append({"step": step + 1, **row})
             ctx.logger.log(row, step + 1)
             progress.update(step + 1, row)

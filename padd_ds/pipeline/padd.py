@@ -218,7 +218,7 @@ class PaddLoop:
         if self.use_teacher:
             row.update({"train/kd_loss": tot["kd_loss"] / max(tot["resp_tokens"], 1),
                         "train/kd_temperature": tot["kd_temperature"] / tot["responses"],
-                        "teacher/wait_fraction": tot["wait_s"] / n / tot.seconds})
+                        "teacher/wait_fraction": tot["wait_s"] / n / tot.seconds, **self.ctx.teacher.health()})
         return row
 
     def checkpoint_state(self) -> dict:

@@ -106,7 +106,7 @@ def connect_teacher(cfg: PaddConfig, world: World, teacher_path: str, student_vo
         model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code)
         return LocalTeacher(TeacherModel(model, vocab_limit=student_vocab), t.logits_top_k, t.logits_mode)
     return RemoteTeacher(world.bridge, world.my_teacher(), t.logits_top_k, t.request_timeout_s,
-                         world.roles.student_rank or 0, t.logits_mode)
+                         world.roles.student_rank or 0, t.logits_mode, world.teacher_replicas())
 
 
 def choose_resume(cfg: PaddConfig, world: World, run_dir: Path, student) -> tuple[ckpt.Resume | None, Layout]:

@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import deepspeed.comm as dist
 
 from padd_ds.eval.heldout import heldout_accuracy
-from padd_ds.launch.bridge import TAG_RESULT
+from padd_ds.launch.bridge import TAG_RESULT, PeerGone
+from padd_ds.launch.replicas import dead_ranks, declare_dead
 from padd_ds.pipeline.distill import train_distill
 from padd_ds.pipeline.padd import train_padd
 from padd_ds.pipeline.prepare import Prepared, prepare, resume_state
@@ -66,8 +68,7 @@ def stage_one(ctx: RunContext, state: ResumeState | None, prep: Prepared) -> dic
 def preempted(ctx: RunContext, step: int) -> dict:
     if ctx.world.is_main:
         if ctx.world.roles.role != "colocated" and ctx.cfg.eval.teacher_evaluated:  # take the teacher's posted evaluation so it can exit
-            ctx.world.bridge.recv_json(src=ctx.world.roles.num_student, tag=TAG_RESULT,
-                                       timeout_s=ctx.cfg.topology.timeout_s)
+            posted_teacher_eval(ctx)
         print(f"[preempted] signal received; checkpoint at step {step} written to {ctx.ckpt_dir}; "
               "restart with train.resume=auto to continue", flush=True)
     ctx.logger.close()
@@ -94,8 +95,28 @@ def teacher_reference(ctx: RunContext) -> dict | None:
         return None
     if ctx.world.roles.role == "colocated":
         return heldout_accuracy(ctx.teacher.teacher.model, ctx.tok, ctx.cfg)
-    return ctx.world.bridge.recv_json(src=ctx.world.roles.num_student, tag=TAG_RESULT,
-                                      timeout_s=ctx.cfg.topology.timeout_s)["teacher_eval"]
+    posted = posted_teacher_eval(ctx)
+    return posted and posted["teacher_eval"]
+
+
+def posted_teacher_eval(ctx: RunContext) -> dict | None:
+    """What teacher rank 0 posted at its start; None, with a warning, when that replica was
+    lost and the others served on (the reference row is then missing, the run is not)."""
+    w = ctx.world
+    src, store = w.roles.num_student, w.bridge.store
+    try:
+        if src not in dead_ranks(store, [src]):
+            return w.bridge.recv_json(src=src, tag=TAG_RESULT, timeout_s=ctx.cfg.topology.timeout_s)
+        why = "it was declared dead"
+    except PeerGone as e:
+        if len(w.teacher_replicas()) < 2:
+            raise
+        declare_dead(store, src)
+        why = str(e)
+    print(f"warning: teacher rank {src} (replica 0, which evaluates the teacher) was lost ({why}); the teacher's "
+          "held-out evaluation is missing (null in results.json); the other replicas served the training",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def report(ctx: RunContext, result: RunResult) -> None:

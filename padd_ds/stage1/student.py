@@ -190,7 +190,7 @@ class Stage1:
                        "stage1/warmup_kd_loss": tot["kd"] / c if c else None,
                        "stage1/warmup_path_kl": tot["kl"] / t if t else None,
                        "stage1/warmup_tokens_per_s": t / tot.seconds,
-                       "stage1/warmup_nonfinite_skipped": guard.skipped}
+                       "stage1/warmup_nonfinite_skipped": guard.skipped, **self.teacher.health()}
                 history.append({"step": step + 1, **row})
                 self.log(row, step + 1)
         return history

@@ -3,9 +3,9 @@
     load the teacher -> evaluate it on the held-out set (reference row of the table)
     -> Stage I: cluster its FFN neurons for the students' layers -> serve the students until STOP
 
-Replicas (`teacher.parallel: replicas`) each serve their own block of students; a sharded
-teacher (`zero3`) runs every step on all teacher ranks, and its first rank talks to the
-students. Students never see teacher weights, only what `serve` streams.
+Replicas (`teacher.parallel: replicas`) each serve their own block of students, and the
+students of a lost replica too (teacher/service.py); a sharded teacher (`zero3`) runs every
+step on all teacher ranks, and its first rank talks to the students. Students never see teacher weights, only what `serve` streams.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def run_teacher(cfg: PaddConfig, world: World) -> None:
     if cfg.stage1.enabled:
         teacher.cluster_map = stage1_clusters(cfg, world, model, sharded)
     if world.is_teacher_leader:
-        stats = serve(world.bridge, teacher, world.my_students(), cfg.topology.timeout_s)
+        stats = serve(world.bridge, teacher, world.my_students(), cfg.topology.timeout_s,
+                      f"teacher {world.roles.teacher_rank}")
         if sharded:
             teacher.stop()
         print(f"[teacher {world.roles.teacher_rank}] served {stats.requests} requests, {stats.tokens} tokens; "

@@ -1,22 +1,27 @@
 """The teacher: a dense causal LM that scores student batches, on its own ranks or colocated.
 
 Remote mode: `serve()` runs on a teacher rank and answers requests from the student ranks
-it is assigned to, in order, until each of them sends STOP. `RemoteTeacher` is the student
-side; it keeps up to `prefetch` requests in flight so the teacher computes step t+1 while
-the student trains on step t. `LocalTeacher` has the same interface with the model in the
+it is assigned to (and from those of a lost replica that move to it) until each of them sends
+STOP. `RemoteTeacher` is the student side; it keeps up to `prefetch` requests in flight so the
+teacher computes step t+1 while the student trains on step t, and moves to another replica
+when its own is lost. `LocalTeacher` has the same interface with the model in the
 student process (one-process runs, and the baseline for measuring the bridge).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from padd_ds.launch.bridge import (KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS,
-                                   OUT_CLUSTER_GATE, OUT_HIDDEN, OUT_LOGITS, Bridge, BridgeError, Header, crc32)
+from padd_ds.launch.bridge import (FOREVER_S, KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS,
+                                   OUT_CLUSTER_GATE, OUT_HIDDEN, OUT_LOGITS, TAG_REQUEST, Bridge, BridgeError, Header,
+                                   PeerGone, crc32)
+from padd_ds.launch.replicas import adopted_since, dead_ranks, declare_dead, next_replica, register_adoption
 from padd_ds.models.loading import decoder_layers
 from padd_ds.teacher.clusters import ClusterMap
 from padd_ds.teacher.sparse import SparseLogits, encode_sampled, encode_topk
@@ -135,49 +140,148 @@ class ServeStats:
     idle_s: float = 0.0
 
 
-def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeout_s: float) -> ServeStats:
-    """Answer top-k logit requests from `students` (global ranks) until all send STOP.
+@dataclass
+class _Gone:
+    rank: int
+    error: BridgeError
 
-    Requests are taken round-robin: students step in lockstep, so each has exactly one
-    request at the head of its queue per round. A student that dies surfaces as a bridge
-    error here, and the teacher exits rather than waiting forever.
-    """
-    stats = ServeStats()
-    active = list(students)
-    in_flight: deque = deque()  # replies posted but not yet taken by their student
-    while active:
-        for s in list(active):
-            t0 = time.perf_counter()
-            h = bridge.recv_header(s, timeout_s=idle_timeout_s)
-            stats.idle_s += time.perf_counter() - t0
-            if h.kind == KIND_STOP:
-                active.remove(s)
+
+class RequestInbox:
+    """Request headers from any student, in arrival order, received by a thread of their own.
+
+    A teacher cannot take requests round-robin from a fixed list: a replica that adopts the
+    students of a lost one would block on its own student's next request while that student
+    waits in an all-reduce for the adopted one. Gloo's receive-from-any cannot be interrupted
+    (a timed-out gloo wait closes the whole bridge), and it does not fail when a sender dies,
+    so one thread waits there, one thread per student waits for its connection to close, and
+    the serve loop waits on their queue with a timeout."""
+
+    def __init__(self, bridge: Bridge, timeout_s: float):
+        self.bridge, self.timeout_s = bridge, timeout_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._watched: set[int] = set()
+        threading.Thread(target=self._receive, name="padd-requests", daemon=True).start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                self._queue.put(self.bridge.recv_header_any(TAG_REQUEST, FOREVER_S))
+            except BaseException as e:  # noqa: BLE001 - handed to the serve loop, which raises it
+                self._queue.put(e)
+                return
+
+    def watch(self, students: list[int]) -> None:
+        """Report each of `students` whose connection closes (once per student)."""
+        for s in students:
+            if s not in self._watched:
+                self._watched.add(s)
+                threading.Thread(target=lambda s=s: self._queue.put(_Gone(s, self.bridge.wait_gone(s))),
+                                 name=f"padd-watch-{s}", daemon=True).start()
+
+    def next(self, waiting: list[int]) -> Header:
+        """The next request header; `waiting`: the students that may still send (one of them
+        lost ends the wait at once; a student that left after its STOP is no news)."""
+        self.watch(waiting)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise BridgeError(f"teacher: no request from student rank(s) {waiting} "
+                                  f"within {self.timeout_s:.0f}s") from None
+            if isinstance(item, _Gone):
+                if item.rank in waiting:
+                    raise BridgeError(f"teacher: student rank {item.rank} lost while this teacher waits "
+                                      f"for its requests: {item.error}") from item.error
                 continue
-            if h.kind not in MODES:
-                raise BridgeError(f"teacher: unknown request kind {h.kind} from rank {s} "
-                                  f"(request {h.request_id})")
-            t0 = time.perf_counter()
-            ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64),
-                                                   ((h.batch,), torch.int64)], s)
-            if crc32(ids) != h.input_crc:
-                raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
-                                  f"from rank {s}; refusing to score corrupted input")
-            out = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id, outputs=h.outputs)
-            per_cluster = out.cluster_acts if out.cluster_acts is not None else out.cluster_gate
-            reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
-                           outputs=h.outputs,
-                           n_layers=per_cluster.shape[2] if per_cluster is not None else 0,
-                           n_clusters=per_cluster.shape[3] if per_cluster is not None else 0,
-                           hidden=out.hidden.shape[-1] if out.hidden is not None else 0)
-            in_flight.append(bridge.send_message(reply, out.tensors(), s))
-            while len(in_flight) > 4 * len(students):  # bound memory; old replies are long taken
-                in_flight.popleft().wait(idle_timeout_s)
-            stats.requests += 1
-            stats.tokens += int(lengths.sum())
-            stats.busy_s += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise BridgeError(f"teacher: receiving requests failed: {item}") from item
+            return item
+
+
+class Clients:
+    """The students a teacher answers until each sends STOP: its own, and those that moved to it
+    when their replica was lost (they register in the store before sending, launch/replicas.py)."""
+
+    def __init__(self, bridge: Bridge, own: list[int], name: str):
+        self.bridge, self.name = bridge, name
+        self.all, self.stopped = list(own), set()
+        self._adoptions_read = 0
+
+    def waiting(self) -> list[int]:
+        return [s for s in self.all if s not in self.stopped]
+
+    def expecting(self) -> bool:
+        """Someone may still send; the store is read only when everyone known has stopped."""
+        if not self.waiting():
+            self._read_adoptions()
+        return bool(self.waiting())
+
+    def heard(self, s: int) -> None:
+        if s not in self.all:
+            self._read_adoptions()
+        if s not in self.all:  # registration comes first; so this is no student of ours
+            raise BridgeError(f"{self.name}: request from rank {s}, which is not a student of this teacher")
+
+    def stop(self, s: int) -> None:
+        self.heard(s)
+        self.stopped.add(s)
+
+    def _read_adoptions(self) -> None:
+        new = adopted_since(self.bridge.store, self.bridge.rank, self._adoptions_read)
+        self._adoptions_read += len(new)
+        for s in new:
+            if s not in self.all:
+                self.all.append(s)
+                print(f"[{self.name}] now also serving student rank {s} (its teacher replica was lost)", flush=True)
+
+
+def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeout_s: float,
+          name: str = "teacher") -> ServeStats:
+    """Answer scoring requests from `students` (global ranks), and from any student that moves
+    here when its replica is lost, until each of them has sent STOP. Requests are answered in
+    arrival order; each student gets its replies in the order it asked. A student waited for
+    whose connection closes ends the teacher at once."""
+    stats = ServeStats()
+    inbox, clients = RequestInbox(bridge, idle_timeout_s), Clients(bridge, students, name)
+    in_flight: deque = deque()  # replies posted but not yet taken by their student
+    while clients.expecting():
+        t0 = time.perf_counter()
+        h = inbox.next(clients.waiting())
+        stats.idle_s += time.perf_counter() - t0
+        if h.kind == KIND_STOP:
+            clients.stop(h.src)
+            continue
+        clients.heard(h.src)
+        t0 = time.perf_counter()
+        in_flight.append(answer(bridge, teacher, h, stats))
+        while len(in_flight) > 4 * len(clients.all):  # bound memory; old replies are long taken
+            in_flight.popleft().wait(idle_timeout_s)
+        stats.busy_s += time.perf_counter() - t0
     while in_flight:
         in_flight.popleft().wait(idle_timeout_s)
     return stats
+
+
+def answer(bridge: Bridge, teacher: TeacherModel, h: Header, stats: ServeStats):
+    """Score one request (its payload follows the header on tag 0) and post the reply."""
+    s = h.src
+    if h.kind not in MODES:
+        raise BridgeError(f"teacher: unknown request kind {h.kind} from rank {s} (request {h.request_id})")
+    ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64)], s)
+    if crc32(ids) != h.input_crc:
+        raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
+                          f"from rank {s}; refusing to score corrupted input")
+    out = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id, outputs=h.outputs)
+    per_cluster = out.cluster_acts if out.cluster_acts is not None else out.cluster_gate
+    reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
+                   outputs=h.outputs,
+                   n_layers=per_cluster.shape[2] if per_cluster is not None else 0,
+                   n_clusters=per_cluster.shape[3] if per_cluster is not None else 0,
+                   hidden=out.hidden.shape[-1] if out.hidden is not None else 0)
+    stats.requests += 1
+    stats.tokens += int(lengths.sum())
+    return bridge.send_message(reply, out.tensors(), s)
 
 
 def describe(request_id: int) -> str:
@@ -190,7 +294,9 @@ class _Pending:
     request_id: int
     step: int
     input_crc: int
-    shape: tuple[int, int]
+    ids: torch.Tensor      # kept to re-send the request when its replica is lost
+    lengths: torch.Tensor
+    outputs: int
     send: object = None  # PostedSend of the request
 
 
@@ -203,14 +309,22 @@ class ClientStats:
 
 
 class RemoteTeacher:
-    """Student-side client of a teacher rank over the bridge (FIFO, `prefetch` in flight)."""
+    """Student-side client of a teacher rank over the bridge (FIFO, `prefetch` in flight).
+
+    `replicas`: the global ranks of every teacher replica (default: only `teacher_rank`).
+    When this student's replica is lost (its connection closed), the client declares it dead
+    in the launch's store, moves to the next live replica in order and re-sends what was in
+    flight with the same request ids (so sampled logits draw the same seeds); only when no
+    replica is left does it fail, naming the teacher. A sharded teacher is one replica."""
 
     def __init__(self, bridge: Bridge, teacher_rank: int, top_k: int, timeout_s: float, student_rank: int,
-                 mode: str = "topk"):
+                 mode: str = "topk", replicas: list[int] | None = None):
         self.bridge, self.teacher_rank, self.top_k, self.timeout_s = bridge, teacher_rank, top_k, timeout_s
         self.kind = KINDS[mode]
         self.mode = mode
+        self.replicas = list(replicas) if replicas else [teacher_rank]
         self.pending: deque[_Pending] = deque()
+        self._abandoned: list = []  # sends to a lost replica: their tensors stay alive, never waited on
         # Request ids are unique across students: student rank in the high bits.
         self._next_id = student_rank << 40
         self.stats = ClientStats()
@@ -218,31 +332,76 @@ class RemoteTeacher:
     def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS) -> int:
         ids = ids.to(torch.int64).contiguous()
         rid, self._next_id = self._next_id, self._next_id + 1
-        c = crc32(ids)
-        h = Header(self.kind, rid, step, ids.shape[0], ids.shape[1], self.top_k, input_crc=c,
-                   outputs=outputs | OUT_LOGITS)
+        p = _Pending(rid, step, crc32(ids), ids, lengths.to(torch.int64).contiguous(), outputs | OUT_LOGITS)
+        self.pending.append(p)
         try:
-            posted = self.bridge.send_message(h, [ids, lengths.to(torch.int64).contiguous()], self.teacher_rank)
+            self._post(p)
+        except PeerGone as e:
+            self._fail_over(e, f"sending {describe(rid)} (step {step})")  # re-sends p too
         except BridgeError as e:
             raise BridgeError(f"teacher rank {self.teacher_rank} unreachable when sending {describe(rid)} "
                               f"(step {step}): {e}") from e
-        self.pending.append(_Pending(rid, step, c, (ids.shape[0], ids.shape[1]), posted))
         return rid
+
+    def _post(self, p: _Pending) -> None:
+        h = Header(self.kind, p.request_id, p.step, p.ids.shape[0], p.ids.shape[1], self.top_k,
+                   input_crc=p.input_crc, outputs=p.outputs)
+        p.send = self.bridge.send_message(h, [p.ids, p.lengths], self.teacher_rank, header_tag=TAG_REQUEST)
 
     def result(self, request_id: int) -> TeacherOutput:
         if not self.pending or self.pending[0].request_id != request_id:
             raise BridgeError(f"student: request {request_id} is not the oldest in flight "
                               f"(pending: {[p.request_id for p in self.pending]})")
-        p = self.pending.popleft()
+        p = self.pending[0]
         t0 = time.perf_counter()
-        try:
-            out = self._receive(p)
-        except BridgeError as e:  # whichever step failed, say which teacher and which request
-            raise BridgeError(f"teacher rank {self.teacher_rank} did not answer {describe(request_id)} "
-                              f"(step {p.step}) within {self.timeout_s:.0f}s: {e}") from e
+        while True:
+            try:
+                out = self._receive(p)
+                break
+            except PeerGone as e:  # another replica takes over; ask it again
+                self._fail_over(e, f"waiting for {describe(request_id)} (step {p.step})")
+            except BridgeError as e:  # whichever step failed, say which teacher and which request
+                raise BridgeError(f"teacher rank {self.teacher_rank} did not answer {describe(request_id)} "
+                                  f"(step {p.step}) within {self.timeout_s:.0f}s: {e}") from e
+        self.pending.popleft()
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.requests += 1
         return out
+
+    def _fail_over(self, error: PeerGone, what: str) -> None:
+        """This student's replica is gone: declare it dead, move to the next live one and re-send
+        everything in flight there; raises when no replica is left."""
+        store = self.bridge.store
+        while True:
+            lost = self.teacher_rank
+            dead = dead_ranks(store, self.replicas) | {lost}
+            nxt = next_replica(self.replicas, lost, dead)
+            if nxt is None:
+                lost_all = f" (teacher ranks {sorted(dead)} lost)" if len(self.replicas) > 1 else ""
+                raise BridgeError(f"teacher rank {lost} lost while {what}, and no teacher replica is left"
+                                  f"{lost_all}: {error}") from error
+            declare_dead(store, lost)
+            register_adoption(store, nxt, self.bridge.rank)  # before sending: it must expect our STOP
+            alive = len(self.replicas) - len(dead)
+            print(f"[failover] student rank {self.bridge.rank}: teacher rank {lost} lost while {what} ({error}); "
+                  f"its requests go to teacher rank {nxt}: {alive} of {len(self.replicas)} teacher replicas "
+                  f"left, teacher throughput {alive}/{len(self.replicas)}", flush=True)
+            self._abandoned.extend(p.send for p in self.pending)
+            self.teacher_rank = nxt
+            try:
+                for p in self.pending:  # same request ids: sampled logits draw the same seeds
+                    self._post(p)
+                return
+            except PeerGone as e:
+                error = e
+
+    def replicas_alive(self) -> int:
+        """Teacher replicas not declared dead (read from the launch's store)."""
+        return len(self.replicas) - len(dead_ranks(self.bridge.store, self.replicas))
+
+    def health(self) -> dict:
+        """Metrics of the teacher side for a log row: with replicas, how many are alive."""
+        return {"teacher/replicas_alive": self.replicas_alive()} if len(self.replicas) > 1 else {}
 
     def _receive(self, p: _Pending) -> TeacherOutput:
         h = self.bridge.recv_header(self.teacher_rank, self.timeout_s, p.request_id)
@@ -250,7 +409,7 @@ class RemoteTeacher:
             raise BridgeError(f"teacher rank {self.teacher_rank} answered request {h.request_id} "
                               f"(input crc {h.input_crc:#x}) but request {p.request_id} "
                               f"(input crc {p.input_crc:#x}) was expected")
-        B, L = p.shape
+        B, L = p.ids.shape
         specs = SparseLogits.specs(B, L, h.arg, sampled=h.kind == KIND_SAMPLED_LOGITS)
         n_logit = len(specs)
         if h.outputs & OUT_CLUSTER_ACTS:
@@ -269,17 +428,29 @@ class RemoteTeacher:
                              next(extra) if h.outputs & OUT_CLUSTER_GATE else None)
 
     def close(self) -> None:
-        """Tell the teacher this student is done (after draining what is in flight)."""
+        """Tell the teacher this student is done (after draining what is in flight). A replica
+        lost after answering everything needs no STOP: it is declared dead and skipped."""
         while self.pending:
             self.result(self.pending[0].request_id)
         try:
-            self.bridge.send_message(Header(KIND_STOP, -1), [], self.teacher_rank).wait(self.timeout_s)
+            self.bridge.send_message(Header(KIND_STOP, -1), [], self.teacher_rank,
+                                     header_tag=TAG_REQUEST).wait(self.timeout_s)
+        except PeerGone as e:
+            if len(self.replicas) > 1:
+                declare_dead(self.bridge.store, self.teacher_rank)
+                print(f"[failover] student rank {self.bridge.rank}: teacher rank {self.teacher_rank} lost after "
+                      f"answering all requests ({e}); nothing left to ask it", flush=True)
+                return
+            raise BridgeError(f"teacher rank {self.teacher_rank} unreachable when sending STOP: {e}") from e
         except BridgeError as e:
             raise BridgeError(f"teacher rank {self.teacher_rank} unreachable when sending STOP: {e}") from e
 
 
 class LocalTeacher:
     """Colocated teacher: same interface, computed in this process on `result()`."""
+
+    def health(self) -> dict:
+        return {}
 
     def __init__(self, teacher: TeacherModel, top_k: int, mode: str = "topk"):
         self.teacher, self.top_k, self.mode = teacher, top_k, mode
