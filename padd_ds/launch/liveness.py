@@ -237,7 +237,7 @@ class Liveness:
 
     def _explain(self, quiet: list[tuple[int, float]], store_lost: bool) -> str | None:
         with self._lock:
-            failed, verdict = list(self._failed), self._verdict
+            failed, verdict, dead = list(self._failed), self._verdict, sorted(self.dead)
         if failed:  # the peers that left told us why
             return "; ".join(f"{self.describe(r)} stopped on its own error ({m})" for r, m in failed)
         if verdict:  # a peer named the lost rank first: every rank says the same
@@ -245,4 +245,6 @@ class Liveness:
         parts = [f"{self.describe(r)}: no heartbeat for {s:.0f}s" for r, s in quiet]
         if store_lost and self.host != self.rank and self.host not in [r for r, _ in quiet]:
             parts.append(f"{self.describe(self.host)}: unreachable (it hosts the launch's store)")
+        if not parts:  # nobody else went silent: the ranks declared dead (a lost teacher replica) are the news
+            parts = [f"{self.describe(r)}: its connections closed (declared lost)" for r in dead]
         return ("lost " + "; ".join(parts)) if parts else None
