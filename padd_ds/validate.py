@@ -160,6 +160,20 @@ def _check_resume(cfg: PaddConfig, ds: dict, world_size: int, repo_root: str | P
     require(problem is None, str(problem))
 
 
+def stage1_batch_problem(cfg: PaddConfig, students: int) -> str | None:
+    """Stage I's measurements and router fit walk their problems in global batches of
+    train.micro_batch_size per student rank; a capped set smaller than one batch has none."""
+    if not cfg.stage1.enabled:
+        return None
+    batch = cfg.train.micro_batch_size * students
+    for name in ("eval_problems", "targets_max_problems"):
+        n = getattr(cfg.stage1, name)
+        if n is not None and n < batch:
+            return (f"stage1.{name}={n} is less than one global batch ({cfg.train.micro_batch_size} "
+                    f"(train.micro_batch_size) x {students} student ranks = {batch}); raise it to at least {batch}")
+    return None
+
+
 def _check_world(cfg: PaddConfig, world_size: int, ep: int) -> None:
     require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     problem = teacher_split_problem(cfg.topology, world_size)
@@ -168,6 +182,8 @@ def _check_world(cfg: PaddConfig, world_size: int, ep: int) -> None:
     require(problem is None, f"{problem} (world size {world_size}); change topology.teacher_ranks, the process "
                              "count or deepspeed.expert_parallel_size")
     problem = rollout_layout_problem(cfg, student_ranks(cfg.topology, world_size))
+    require(problem is None, str(problem))
+    problem = stage1_batch_problem(cfg, student_ranks(cfg.topology, world_size))
     require(problem is None, str(problem))
 
 

@@ -292,20 +292,27 @@ def test_what_the_rl_rules_still_allow(setup, overrides):
     validate(ok, world_size=3, repo_root=root)
 
 
-# The RL step's layout needs the number of student ranks: validate(world_size=...) and
+# The RL step's and Stage I's batch layouts need the number of student ranks: validate(world_size=...) and
 # `padd config validate --world-size` refuse it with the same words (world size 3: 2 students).
-ROLLOUT_LAYOUT = [
+BATCH_LAYOUT = [
     (["train.mode=padd", "stage3.prompts_per_step=3"],
      "stage3.prompts_per_step=3 does not split over 2 student ranks; make it a multiple of the student ranks"),
     (["train.mode=padd", "train.micro_batch_size=6"],
      "the rollout batch of 16 sequences per student rank (stage3.prompts_per_step=8 / 2 ranks x "
      "stage3.group_size=4) does not split into micro-batches of train.micro_batch_size=6; make the micro-batch a "
      "divisor of 16"),
+    # Stage I walks its capped problem sets in global batches (micro-batch 16 x 2 student ranks).
+    (["stage1.enabled=true", "stage1.eval_problems=8"],
+     "stage1.eval_problems=8 is less than one global batch (16 (train.micro_batch_size) x 2 student ranks = 32); "
+     "raise it to at least 32"),
+    (["stage1.enabled=true", "stage1.targets_max_problems=31"],
+     "stage1.targets_max_problems=31 is less than one global batch (16 (train.micro_batch_size) x 2 student ranks "
+     "= 32); raise it to at least 32"),
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", ROLLOUT_LAYOUT)
-def test_rollout_layout_is_refused_given_the_world_size(setup, capsys, overrides, expected):
+@pytest.mark.parametrize("overrides, expected", BATCH_LAYOUT)
+def test_batch_layout_is_refused_given_the_world_size(setup, capsys, overrides, expected):
     from padd_ds.cli import main
 
     cfg, root = setup

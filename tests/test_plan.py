@@ -208,7 +208,8 @@ def test_fixes_are_configs_the_trainer_accepts():
     batch and 4 does not fit: the planner suggests the largest micro-batch the trainer accepts
     (2), without train.grad_accum (the rollout batch sets the accumulation in train.mode=padd)."""
     cfg = load_config(str(REPO / "recipes" / "deepseekmath7b_to_v2lite.yaml"),
-                      ["train.micro_batch_size=8", "train.activation_checkpointing=false"])
+                      ["train.micro_batch_size=8", "train.activation_checkpointing=false",
+                       "stage1.eval_problems=192"])  # Stage I measures in global batches of 8 x 24
     cluster = Cluster(nodes=4, **H100)
     validate(cfg, world_size=cluster.world)
     plan = make_plan(cfg, cluster)
