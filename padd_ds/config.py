@@ -265,9 +265,11 @@ class Stage3Config:
     group_size: int = 4
     # token: GRPO's per-token ratio; gspo switches to sequence level itself.
     ratio_level: Literal["token", "sequence"] = "token"
-    # Clip range of a sequence-level ratio: a geometric mean over hundreds of tokens sits far
-    # closer to 1 than one token's ratio; the GSPO paper clips at 3e-4 below / 4e-4 above.
-    seq_clip_eps: float = 4e-4
+    # Clip range of a sequence-level ratio, below and above 1 (clip(s, 1 - low, 1 + high)): a
+    # geometric mean over hundreds of tokens sits far closer to 1 than one token's ratio; the
+    # GSPO paper's range.
+    seq_clip_low: float = 3e-4
+    seq_clip_high: float = 4e-4
     # RSPO floors its router-shift weight so that no token's update vanishes; 0.5 at most
     # halves a token's ratio (RSPO publishes the floor, not a value we could check).
     rspo_min_weight: float = 0.5
@@ -311,7 +313,8 @@ class Stage3Config:
         require(self.ref_kl == 0, f"stage3.ref_kl={self.ref_kl}: no frozen reference model is built (under ZeRO-3 "
                 "it would cost another full sharded model and a forward per update; the teacher's KD term anchors "
                 "the policy); keep stage3.ref_kl=0")
-        require(0 < self.seq_clip_eps < 1, f"stage3.seq_clip_eps must be in (0, 1), got {self.seq_clip_eps}")
+        require(0 < self.seq_clip_low < 1, f"stage3.seq_clip_low must be in (0, 1), got {self.seq_clip_low}")
+        require(0 < self.seq_clip_high < 1, f"stage3.seq_clip_high must be in (0, 1), got {self.seq_clip_high}")
         require(0 <= self.rspo_min_weight <= 1, f"stage3.rspo_min_weight must be in [0, 1], got {self.rspo_min_weight}")
         non_negative("stage3.reward_correct", self.reward_correct)
         positive("stage3.prompts_per_step", self.prompts_per_step)

@@ -35,6 +35,7 @@ RENAMED = {
     "stage2.kappa": "stage2.advantage_scale",
     "stage2.phi_floor": "stage2.coupling_floor",
     "stage3.drift_lambda": "stage3.drift_penalty",
+    "stage3.seq_clip_eps": "stage3.seq_clip_high",  # and stage3.seq_clip_low: the range is asymmetric
     "stage4.eta": "stage4.balance_rate",
     "stage4.gamma": "stage4.advantage_rate",
 }

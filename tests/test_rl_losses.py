@@ -284,7 +284,7 @@ def test_gspo_uses_one_clipped_length_normalised_ratio_per_response():
     new = torch.tensor([[0.1, -0.3, 0.5], [0.01, 0.03, 9.0]], dtype=torch.float64)   # [1, 2] is masked
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
-    cfg = Stage3Config(policy="gspo", seq_clip_eps=0.05)
+    cfg = Stage3Config(policy="gspo", seq_clip_low=0.05, seq_clip_high=0.05)
     loss, grad, stats = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
     s0, s1 = math.exp(0.1), math.exp(0.02)       # geometric means; s0 > 1.05 is clipped (A > 0)
     assert loss == pytest.approx((-1.05 + s1) / 2)                         # mean over the 2 responses
@@ -293,41 +293,42 @@ def test_gspo_uses_one_clipped_length_normalised_ratio_per_response():
     assert stats["clip_frac"].item() == pytest.approx(3 / 5)
     # ratio_level=sequence turns GRPO into the same loss when it also averages per response
     loss2, grad2, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(
-        policy="grpo", ratio_level="sequence", seq_clip_eps=0.05, loss_agg="seq_mean")), new)
+        policy="grpo", ratio_level="sequence", seq_clip_low=0.05, seq_clip_high=0.05, loss_agg="seq_mean")), new)
     assert loss2 == pytest.approx(loss)
     torch.testing.assert_close(grad2, grad)
 
 
 def _gspo_reference(new: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, lengths: list[int],
-                    eps: float) -> torch.Tensor:
+                    low: float, high: float) -> torch.Tensor:
     """GSPO written from its definition, one response at a time: J = 1/G sum_i min(s_i A_i,
-    clip(s_i, 1 - eps, 1 + eps) A_i), s_i = exp(mean of the response's token log-ratios)."""
+    clip(s_i, 1 - low, 1 + high) A_i), s_i = exp(mean of the response's token log-ratios)."""
     terms = []
     for i, n in enumerate(lengths):
         s = torch.exp((new[i, :n] - old[i, :n]).mean())
-        terms.append(torch.minimum(s * adv[i], s.clamp(1 - eps, 1 + eps) * adv[i]))
+        terms.append(torch.minimum(s * adv[i], s.clamp(1 - low, 1 + high) * adv[i]))
     return -torch.stack(terms).mean()
 
 
 def test_gspo_equals_a_reference_implementation_and_not_token_mean():
     g = torch.Generator().manual_seed(3)
-    lengths, T, eps = [7, 1, 4, 2, 5], 7, 0.03
+    lengths, T, low, high = [7, 1, 4, 2, 5], 7, 0.02, 0.04  # asymmetric, as the GSPO paper's 3e-4 / 4e-4
     mask = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     old = -torch.rand(len(lengths), T, generator=g, dtype=torch.float64) * 3
     new = old + 0.05 * torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
     adv = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3], dtype=torch.float64)
-    ref_loss, ref_grad, _ = _grad(lambda x: (_gspo_reference(x, old, adv, lengths, eps), None), new)
+    ref_loss, ref_grad, _ = _grad(lambda x: (_gspo_reference(x, old, adv, lengths, low, high), None), new)
     ratios = [math.exp(float((new[i, :n] - old[i, :n]).mean())) for i, n in enumerate(lengths)]
-    assert any(abs(r - 1) > eps for r in ratios) and any(abs(r - 1) < eps for r in ratios)  # both branches
+    assert any(r > 1 + high or r < 1 - low for r in ratios) and any(1 - low < r < 1 + high for r in ratios)
+    assert any(1 - high < r < 1 - low for r in ratios)  # clipped only because the range is asymmetric
     for agg in ("token_mean", "seq_mean"):  # stage3.loss_agg does not change GSPO
-        cfg = Stage3Config(policy="gspo", seq_clip_eps=eps, loss_agg=agg)
+        cfg = Stage3Config(policy="gspo", seq_clip_low=low, seq_clip_high=high, loss_agg=agg)
         assert policy_aggregation(cfg) == "seq_mean"
         loss, grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
         assert loss == pytest.approx(ref_loss, rel=1e-12)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
     # The same sequence ratio aggregated per token (what gspo ran before) weighs long responses more.
     tok_loss, tok_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), Stage3Config(
-        policy="grpo", ratio_level="sequence", seq_clip_eps=eps, loss_agg="token_mean")), new)
+        policy="grpo", ratio_level="sequence", seq_clip_low=low, seq_clip_high=high, loss_agg="token_mean")), new)
     assert tok_loss != pytest.approx(ref_loss, rel=1e-3)
     assert F.cosine_similarity(tok_grad.flatten(), ref_grad.flatten(), dim=0) < 0.99
 
@@ -343,7 +344,7 @@ def test_ranks_with_a_global_denom_reproduce_the_whole_batch(policy, agg):
     old = -torch.rand(5, T, generator=g, dtype=torch.float64)
     new = old + 0.2 * torch.randn(5, T, generator=g, dtype=torch.float64)
     adv = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3], dtype=torch.float64)
-    cfg = Stage3Config(policy=policy, loss_agg=agg, seq_clip_eps=0.1)
+    cfg = Stage3Config(policy=policy, loss_agg=agg, seq_clip_low=0.1, seq_clip_high=0.1)
     how = policy_aggregation(cfg)
     whole, whole_grad, _ = _grad(lambda x: policy_loss(PolicyInputs(x, old, adv, mask), cfg), new)
     ranks = [slice(0, 1), slice(1, 5)]                             # 1 and 4 responses
@@ -378,7 +379,7 @@ def test_policy_loss_float64_gradcheck(policy, level):
     adv = torch.tensor([1.2, -0.7, -1.5], dtype=torch.float64)
     drift = torch.rand(3, 5, generator=g, dtype=torch.float64) * 0.5
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    cfg = Stage3Config(policy=policy, ratio_level=level, seq_clip_eps=0.05)
+    cfg = Stage3Config(policy=policy, ratio_level=level, seq_clip_low=0.05, seq_clip_high=0.05)
     assert torch.autograd.gradcheck(
         lambda x: policy_loss(PolicyInputs(x, old, adv, mask, drift=drift), cfg)[0], (new,))
 
@@ -422,7 +423,8 @@ def test_router_drift_by_hand():
 
 @pytest.mark.parametrize("override, expected", [
     ("stage2.coupling_floor=0", "stage2.coupling_floor must be in (0, 1]"),
-    ("stage3.seq_clip_eps=1", "stage3.seq_clip_eps must be in (0, 1)"),
+    ("stage3.seq_clip_low=1", "stage3.seq_clip_low must be in (0, 1)"),
+    ("stage3.seq_clip_high=0", "stage3.seq_clip_high must be in (0, 1)"),
     ("stage3.rspo_min_weight=1.5", "stage3.rspo_min_weight must be in [0, 1]"),
     ("stage3.loss_agg=sum", "stage3.loss_agg: 'sum' is not allowed"),
 ])

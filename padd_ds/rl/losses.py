@@ -41,7 +41,7 @@ rho, built from the log-ratio  log pi_new - log pi_old + log w_t:
            |delta log-score| of the old top-K experts; we use the same Gamma as PR-GRPO so the
            comparison isolates where the damping applies;
   gspo     the ratio is per response: exp(masked mean of the token log-ratios), clipped with
-           `seq_clip_eps`, and the loss is the mean over responses of each response's token
+           `seq_clip_low` / `seq_clip_high`, and the loss is the mean over responses of each response's token
            mean (seq-mean-token-mean, GSPO's definition) whatever `stage3.loss_agg` says.
            `ratio_level: sequence` uses the same ratio for grpo/pr_grpo/rspo (the geometric
            mean of their damped token ratios), aggregated by `loss_agg`.
@@ -330,16 +330,16 @@ def policy_loss(x: PolicyInputs, cfg: Stage3Config,
     if cfg.policy == "gspo" or cfg.ratio_level == "sequence":
         n = m.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
         log_ratio = (log_ratio.sum(dim=1, keepdim=True) / n).expand(B, T)
-        eps = cfg.seq_clip_eps
+        low, high = cfg.seq_clip_low, cfg.seq_clip_high
     else:
-        eps = cfg.clip_eps
+        low = high = cfg.clip_eps
     ratio = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps) * adv)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - low, 1.0 + high) * adv)
     loss = aggregate(-surrogate, m, policy_aggregation(cfg), denom)
 
     with torch.no_grad():
         n_tok = m.sum().clamp(min=1).to(dtype)
-        clipped = ((adv > 0) & (ratio > 1.0 + eps)) | ((adv < 0) & (ratio < 1.0 - eps))
+        clipped = ((adv > 0) & (ratio > 1.0 + high)) | ((adv < 0) & (ratio < 1.0 - low))
         stats = {
             "pg_loss": loss.detach(),
             "clip_frac": (clipped & m).sum().to(dtype) / n_tok,
