@@ -827,8 +827,10 @@ def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> list[
         return ["not estimated (no peak TFLOPs for this device; pass --gpu-tflops)"]
     rate = cluster.peak_tflops * 1e12 * cluster.mfu
     ctx = sh.seq / 2  # causal attention: a token sees half the sequence on average
-    # fwd + bwd (2x) [+ rollout forward] [+ the checkpoint's recompute forward]
-    passes = 3 + (1 if cfg.train.mode == "padd" else 0) + (1 if cfg.train.activation_checkpointing else 0)
+    # per update: fwd + bwd (2x) [+ the checkpoint's recompute forward]; an RL step makes
+    # stage3.updates_per_batch updates on one rollout batch, sampled once (one more forward)
+    update = 3 + (1 if cfg.train.activation_checkpointing else 0)
+    passes = 1 + cfg.stage3.updates_per_batch * update if cfg.train.mode == "padd" else update
     s_flops = passes * inp.student.forward_flops_per_token(ctx)
     t_flops = inp.teacher.forward_flops_per_token(ctx)
     student_tps = sh.n_student * rate / s_flops

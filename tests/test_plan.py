@@ -250,6 +250,19 @@ def test_speed_estimate_from_flops():
     assert f"teacher {rate:,.0f} tok/s" in plan.speed[0] and plan.speed[1].startswith("teacher-bound")
 
 
+def test_speed_counts_every_update_on_a_rollout_batch():
+    """An RL step samples its rollout batch once (one forward) and makes
+    stage3.updates_per_batch updates on it, each fwd + bwd + the checkpoint's recompute."""
+    cluster = Cluster(nodes=8, **H100, peak_tflops=1000.0, mfu=0.5)
+    speeds = {}
+    for u in (1, 2):
+        plan = make_plan(load_config(RECIPE_70B, [f"stage3.updates_per_batch={u}"]), cluster)
+        passes, student = re.search(r"student ([\d,]+) tok/s \([\d.]+ GFLOP/token over (\d+) passes", plan.speed[0]).group(2, 1)
+        speeds[u] = (int(passes), float(student.replace(",", "")))
+    assert speeds[1][0] == 1 + 4 and speeds[2][0] == 1 + 2 * 4
+    assert speeds[2][1] / speeds[1][1] == pytest.approx(5 / 9, rel=1e-3)
+
+
 def test_slurm_shape():
     env = {"SLURM_NTASKS": "64", "SLURM_JOB_NUM_NODES": "8", "SLURM_TASKS_PER_NODE": "8(x8)"}
     assert slurm_shape(env) == (8, 8, 64)
