@@ -60,6 +60,7 @@ def _child(fn, rank, world, port, q):
     from padd_ds.launch.bridge import Bridge
 
     torch.set_num_threads(1)
+    bridge = None
     try:
         bridge = Bridge("127.0.0.1", port, rank, world, TIMEOUT)
         value = fn(bridge)
@@ -68,7 +69,27 @@ def _child(fn, rank, world, port, q):
         q.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
     q.close()
     q.join_thread()   # flush the queue before leaving without interpreter teardown
+    if bridge is not None:
+        _leave_after_the_others(bridge)
     os._exit(0)
+
+
+def _leave_after_the_others(bridge, grace_s: float = 5.0) -> None:
+    """Rank 0 hosts the store: it stays until every other rank (not killed, not declared dead)
+    has left, as train.py's final barrier makes it; a rank still reading the store would
+    otherwise fail on its host's exit."""
+    from padd_ds.launch.replicas import dead_ranks
+
+    try:
+        bridge.store.set(f"test/left/{bridge.rank}", "1")
+        deadline = time.time() + grace_s
+        while bridge.rank == 0 and time.time() < deadline:
+            others = set(range(1, bridge.world_size)) - dead_ranks(bridge.store, range(bridge.world_size))
+            if all(bridge.store.check([f"test/left/{r}"]) for r in others):
+                return
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store is gone: nothing left to wait for
+        return
 
 
 # -- roles (module level so spawn can import them) -----------------------------------------
