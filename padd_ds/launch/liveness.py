@@ -47,6 +47,14 @@ _PEER_ERROR = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pi
                          r"peer|bridge", re.I)
 
 
+def post_verdict_to(store, verdict: str) -> bool:
+    """Make `verdict` the launch's diagnosis unless one was posted first; True if this one won."""
+    if int(store.add(_VERDICTS, 1)) != 1:
+        return False
+    store.set(_VERDICT, verdict)
+    return True
+
+
 def looks_like_peer_failure(error: BaseException) -> bool:
     """A failure of communication (a collective or the bridge), not of this rank's own work."""
     seen = set()
@@ -159,11 +167,8 @@ class Liveness:
         """Tell the peers this rank stops on an error of its own (not a lost peer), so that
         when they fail on its absence they say why instead of "lost rank N". The store lives
         in rank 0's process, so rank 0 waits two heartbeat periods for the peers to read it."""
-        import torch.distributed as dist
-
         try:
-            store = dist.TCPStore(self.addr, self.port, self.world_size, False, timeout=timedelta(seconds=5),
-                                  wait_for_workers=False)
+            store = self._client()
             n = int(store.add(_FAILURES, 1))
             store.set(f"padd/failure/{n}", f"{self.rank}\t{message[:1000]}")
         except Exception:  # noqa: BLE001 - the store is gone: peers fall back to "lost rank"
@@ -172,21 +177,21 @@ class Liveness:
             time.sleep(2 * self.period_s + 0.5)
 
     def post_verdict(self, lost: str) -> None:
-        """Post this rank's diagnosis as the launch's verdict, unless a peer posted one first;
+        """Post this rank's diagnosis as the launch's verdict, unless one was posted first;
         the store's host then stays up two heartbeat periods so that its peers read it."""
-        import torch.distributed as dist
-
-        if self._verdict is not None:
-            return  # adopted from a peer: already posted
-        try:
-            store = dist.TCPStore(self.addr, self.port, self.world_size, False, timeout=timedelta(seconds=5),
-                                  wait_for_workers=False)
-            if int(store.add(_VERDICTS, 1)) == 1:
-                store.set(_VERDICT, f"{lost} (seen by {self.describe(self.rank)})")
-        except Exception:  # noqa: BLE001 - the store is gone: each peer diagnoses on its own
-            return
+        if self._verdict is None:  # else adopted: already in the store
+            try:
+                post_verdict_to(self._client(), f"{lost} (seen by {self.describe(self.rank)})")
+            except Exception:  # noqa: BLE001 - the store is gone: each peer diagnoses on its own
+                return
         if self.rank == self.host and self.peers:
             time.sleep(2 * self.period_s + 0.5)
+
+    def _client(self):
+        import torch.distributed as dist
+
+        return dist.TCPStore(self.addr, self.port, self.world_size, False, timeout=timedelta(seconds=5),
+                             wait_for_workers=False)
 
     def _exit(self) -> None:
         """The watchdog: a peer has been silent longer than any wait may last."""
@@ -233,6 +238,11 @@ class Liveness:
             if quiet or store_lost or self._failed or self._verdict or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
+        if not store_lost:  # what a peer posted just before leaving, not a period later
+            try:
+                self._read_failures(self._client())
+            except Exception:  # noqa: BLE001 - the store went just now: explain from what is known
+                pass
         return self._explain(quiet, store_lost)
 
     def _explain(self, quiet: list[tuple[int, float]], store_lost: bool) -> str | None:

@@ -21,6 +21,7 @@ import torch
 from padd_ds.launch.bridge import (FOREVER_S, KIND_SAMPLED_LOGITS, KIND_STOP, KIND_TOPK_LOGITS, OUT_CLUSTER_ACTS,
                                    OUT_CLUSTER_GATE, OUT_HIDDEN, OUT_LOGITS, TAG_REQUEST, Bridge, BridgeError, Header,
                                    PeerGone, crc32)
+from padd_ds.launch.liveness import post_verdict_to
 from padd_ds.launch.replicas import adopted_since, dead_ranks, declare_dead, next_replica, register_adoption
 from padd_ds.models.loading import decoder_layers
 from padd_ds.teacher.clusters import ClusterMap
@@ -371,6 +372,13 @@ class RemoteTeacher:
         self.stats.requests += 1
         return out
 
+    def _post_verdict(self, verdict: str) -> None:
+        """Before this student leaves: its peers fail on its absence and report this, not a heartbeat."""
+        try:
+            post_verdict_to(self.bridge.store, f"{verdict} (seen by rank {self.bridge.rank} (student))")
+        except Exception:  # noqa: BLE001 - the store is gone: each rank diagnoses on its own
+            pass
+
     def _fail_over(self, error: PeerGone, what: str) -> None:
         """This student's replica is gone: declare it dead, move to the next live one and re-send
         everything in flight there; raises when no replica is left."""
@@ -381,6 +389,8 @@ class RemoteTeacher:
             nxt = next_replica(self.replicas, lost, dead)
             if nxt is None:
                 lost_all = f" (teacher ranks {sorted(dead)} lost)" if len(self.replicas) > 1 else ""
+                self._post_verdict(f"no teacher replica is left{lost_all}" if lost_all
+                                   else f"lost rank {lost} (teacher): its connections closed")
                 raise BridgeError(f"teacher rank {lost} lost while {what}, and no teacher replica is left"
                                   f"{lost_all}: {error}") from error
             declare_dead(store, lost)
