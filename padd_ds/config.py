@@ -287,10 +287,6 @@ class Stage3Config:
     # reference copy is built: under ZeRO-3 it would cost a second sharded model and a forward
     # per update, and the teacher's KD term already anchors the policy.
     ref_kl: float = 0.0
-    # Temperature 1 and no nucleus cut sample the policy itself, as the policy gradient
-    # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
-    rollout_temperature: float = 1.0
-    rollout_top_p: float = 1.0
     # Prompts per RL step over all student ranks (veRL's data.train_batch_size). Each rank samples
     # its prompts_per_step / (student ranks) prompts x group_size responses in one rollout phase
     # (its rollout batch) and trains on it in micro-batches of train.micro_batch_size sequences,
@@ -320,6 +316,28 @@ class Stage3Config:
         positive("stage3.prompts_per_step", self.prompts_per_step)
         positive("stage3.updates_per_batch", self.updates_per_batch)
         non_negative("stage3.reward_format", self.reward_format)
+
+
+@dataclass
+class RolloutConfig:
+    """How the student generates its Stage III rollouts (train.mode=padd)."""
+
+    # hf: transformers' generate on the ZeRO-3 + AutoEP engine itself; every decode step gathers
+    # the partitioned parameters and runs the expert all-to-alls on every rank in step
+    # (synced_gpus): right for tiny models, hours per RL step at paper scale.
+    # hf_gathered: each rank gathers the whole student once per rollout phase (ZeRO-3 gather,
+    # expert-parallel all-gather) into a plain transformers model that routes exactly like the
+    # engine (Stage IV bias included), generates its own prompts without collectives, and frees
+    # it; it needs the whole student in bf16 plus its KV cache on each device (`padd plan`).
+    backend: Literal["hf", "hf_gathered"] = "hf"
+    # Temperature 1 and no nucleus cut sample the policy itself, as the policy gradient
+    # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        require(self.temperature > 0, f"rollout.temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -485,6 +503,7 @@ class PaddConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     stage4: Stage4Config = field(default_factory=Stage4Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -36,6 +36,8 @@ RENAMED = {
     "stage2.phi_floor": "stage2.coupling_floor",
     "stage3.drift_lambda": "stage3.drift_penalty",
     "stage3.seq_clip_eps": "stage3.seq_clip_high",  # and stage3.seq_clip_low: the range is asymmetric
+    "stage3.rollout_temperature": "rollout.temperature",
+    "stage3.rollout_top_p": "rollout.top_p",
     "stage4.eta": "stage4.balance_rate",
     "stage4.gamma": "stage4.advantage_rate",
 }

@@ -147,6 +147,7 @@ def test_unknown_override_key(override, expected):
     ("data.split_fractions.A=high", "data.split_fractions.A: expected float, got str 'high'"),
     ("stage3.policy=ppo", "stage3.policy: 'ppo' is not allowed; choose one of ['pr_grpo', 'grpo', 'rspo', 'gspo']"),
     ("stage2.temperature_coupling=true", "stage2.temperature_coupling: True is not allowed"),
+    ("rollout.backend=vllm", "rollout.backend: 'vllm' is not allowed; choose one of ['hf', 'hf_gathered']"),
     ("stage2=3", "stage2: expected a mapping of stage2 fields, got int 3"),
     ("train.lr.x=1", "train.lr holds float; it has no field 'x'"),
 ])
@@ -159,7 +160,8 @@ def test_wrong_types_name_the_field(override, expected):
     ("stage1.beta", "stage1.path_kl_weight"), ("stage2.tau", "stage2.base_temperature"),
     ("stage2.kappa", "stage2.advantage_scale"), ("stage2.phi_floor", "stage2.coupling_floor"),
     ("stage3.drift_lambda", "stage3.drift_penalty"), ("stage4.eta", "stage4.balance_rate"),
-    ("stage4.gamma", "stage4.advantage_rate"),
+    ("stage4.gamma", "stage4.advantage_rate"), ("stage3.rollout_temperature", "rollout.temperature"),
+    ("stage3.rollout_top_p", "rollout.top_p"),
 ])
 def test_renamed_keys_name_the_new_key(tmp_path, old, new):
     assert error_of(load_config, None, [f"{old}=0.5"]) == f"key '{old}' in --set {old}=0.5 was renamed to '{new}'"
@@ -168,7 +170,8 @@ def test_renamed_keys_name_the_new_key(tmp_path, old, new):
     recipe = tmp_path / "old.yaml"
     recipe.write_text(f"{section}:\n  {name}: 0.5\n")
     assert error_of(load_config, str(recipe)) == f"key '{old}' in {recipe} was renamed to '{new}'"
-    assert getattr(getattr(load_config(None, [f"{new}=0.5"]), section), new.split(".")[1]) == 0.5
+    new_section, new_name = new.split(".")
+    assert getattr(getattr(load_config(None, [f"{new}=0.5"]), new_section), new_name) == 0.5
 
 
 def test_errors_stay_on_one_line():
@@ -219,6 +222,8 @@ def test_missing_recipe():
     ("teacher.logits_top_k=0", "teacher.logits_top_k must be > 0"),
     ("stage3.group_size=1", "stage3.group_size must be >= 2 when stage3 is enabled"),
     ("stage3.clip_eps=1.5", "stage3.clip_eps must be in (0, 1)"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0 (rollouts are sampled), got 0.0"),
+    ("rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
     ("stage4.ema_decay=1", "stage4.ema_decay must be in [0, 1)"),
     ("stage4.fold_every=-1", "stage4.fold_every must be an integer >= 0"),
     ("stage4.settle_steps=300", "stage4.settle_steps must be an integer in [0, train.steps=300)"),

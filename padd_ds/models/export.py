@@ -50,7 +50,7 @@ def _is_expert_param(p) -> bool:
     return str(getattr(p, "group_name", "")).startswith("ep_size_")
 
 
-def _gather_full(engine, name: str, p) -> torch.Tensor:
+def gather_full(engine, name: str, p) -> torch.Tensor:
     """Full tensor of one parameter on every rank (ZeRO-3 gather, then EP all-gather)."""
     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
         t = p.data.detach().clone().float() if p.data.dtype != torch.float32 else p.data.detach().clone()
@@ -92,7 +92,7 @@ def _expected_shapes(hf_config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
-def _fit_layout(name: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
+def fit_layout(name: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
     """Some transformers builds store fused experts transposed ([E, H, 2I]); follow the target."""
     if tuple(t.shape) == want:
         return t
@@ -196,7 +196,7 @@ def _write_parameters(engine, shards: _ShardWriter, expected: dict[str, tuple[in
     pending: dict = {}
     routing: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        t = _gather_full(engine, name, p)
+        t = gather_full(engine, name, p)
         if not rank0:
             continue
         if name in replace:
@@ -209,27 +209,29 @@ def _write_parameters(engine, shards: _ShardWriter, expected: dict[str, tuple[in
             if hf_name not in expected:
                 raise ValueError(f"export: engine parameter {name} maps to '{hf_name}', which the "
                                  f"{type(module).__name__} architecture does not have")
-            shards.add(hf_name, _fit_layout(hf_name, ht, expected[hf_name]).to(dtype).contiguous())
+            shards.add(hf_name, fit_layout(hf_name, ht, expected[hf_name]).to(dtype).contiguous())
     if pending:
         raise ValueError(f"export: unpaired expert weights for {sorted(pending)}")
     return routing
 
 
-def _write_score_biases(module: torch.nn.Module, shards: _ShardWriter, expected: dict[str, tuple[int, ...]],
-                        dtype: torch.dtype) -> None:
-    """DeepSeek-V3's selection bias is a buffer: selection there is top-k(scores + e_score_
-    correction_bias), ours top-k(scores + padd_bias + e_score_correction_bias), so their sum
-    in the slot reproduces the engine's routes exactly."""
+def score_biases(module: torch.nn.Module):
+    """(engine buffer name, HF name, fp32 host tensor) of each DeepSeek-V3 selection bias. It is
+    a buffer: selection there is top-k(scores + e_score_correction_bias), ours top-k(scores +
+    padd_bias + e_score_correction_bias), so their sum in the slot reproduces the engine's routes."""
     for name, buf in module.named_buffers():
         m = _SCORE_BIAS.match(name)
-        if m is None:
-            continue
-        padd = module.get_submodule(name.rsplit(".", 1)[0]).padd_bias
-        hf_name = f"{m.group(1)}.gate.e_score_correction_bias"
+        if m is not None:
+            padd = module.get_submodule(name.rsplit(".", 1)[0]).padd_bias
+            yield name, f"{m.group(1)}.gate.e_score_correction_bias", buf.detach().float().cpu() + padd.detach().float().cpu()
+
+
+def _write_score_biases(module: torch.nn.Module, shards: _ShardWriter, expected: dict[str, tuple[int, ...]],
+                        dtype: torch.dtype) -> None:
+    for name, hf_name, bias in score_biases(module):
         if hf_name not in expected:
             raise ValueError(f"export: engine buffer {name} maps to '{hf_name}', which the architecture does not have")
-        bias = (buf.detach().float().cpu() + padd.detach().float().cpu()).to(dtype).contiguous()
-        shards.add(hf_name, bias, flush_when_full=False)  # they join the last shard
+        shards.add(hf_name, bias.to(dtype).contiguous(), flush_when_full=False)  # they join the last shard
 
 
 def _save_config(hf_config, dtype: torch.dtype, folder: Path) -> None:
@@ -381,27 +383,28 @@ def load_exact_routing(model: torch.nn.Module, export_dir: str | os.PathLike) ->
     path = Path(export_dir) / EXACT_ROUTING_FILE
     if not path.exists():
         return model
-    cfg = model.config.get_text_config()
-    kind = cfg.model_type
-    if kind not in ("qwen3_moe", "mixtral", "deepseek_v2"):
-        raise ValueError(f"load_exact_routing: no exact routing for model_type '{kind}' "
-                         "(supported: qwen3_moe, mixtral, deepseek_v2)")
-    norm = {"qwen3_moe": bool(getattr(cfg, "norm_topk_prob", False)), "mixtral": True, "deepseek_v2": False}[kind]
-    scale = float(getattr(cfg, "routed_scaling_factor", 1.0)) if kind == "deepseek_v2" else 1.0
-    groups = ((cfg.n_group, cfg.topk_group) if kind == "deepseek_v2" and cfg.topk_method == "group_limited_greedy"
-              else None)
     state = load_file(str(path))
     biased = sorted(k[: -len(".padd_bias")] for k in state if k.endswith(".padd_bias"))
     for prefix in biased:
         gate = model.get_submodule(prefix)
         with torch.no_grad():
             gate.weight.copy_(state[f"{prefix}.weight"].to(gate.weight))
-        gate.register_forward_hook(_biased_selection(state[f"{prefix}.padd_bias"], norm, scale, groups))
+        gate.register_forward_hook(biased_selection(model.config, state[f"{prefix}.padd_bias"]))
     return model
 
 
-def _biased_selection(bias: torch.Tensor, norm: bool, scale: float, groups: tuple[int, int] | None):
-    """Forward hook for a transformers router returning (logits, top-k weights, top-k ids)."""
+def biased_selection(config, bias: torch.Tensor):
+    """Forward hook for a transformers router returning (logits, top-k weights, top-k ids):
+    experts chosen on softmax + `bias`, weighted by the unbiased scores (PaddRouter's rule)."""
+    cfg = config.get_text_config()
+    kind = cfg.model_type
+    if kind not in ("qwen3_moe", "mixtral", "deepseek_v2"):
+        raise ValueError(f"no exact routing for model_type '{kind}' (supported: qwen3_moe, mixtral, deepseek_v2; "
+                         "deepseek_v3 carries the bias in its own e_score_correction_bias)")
+    norm = {"qwen3_moe": bool(getattr(cfg, "norm_topk_prob", False)), "mixtral": True, "deepseek_v2": False}[kind]
+    scale = float(getattr(cfg, "routed_scaling_factor", 1.0)) if kind == "deepseek_v2" else 1.0
+    groups = ((cfg.n_group, cfg.topk_group) if kind == "deepseek_v2" and cfg.topk_method == "group_limited_greedy"
+              else None)
 
     def hook(module, args, out):
         logits = out[0]

@@ -37,7 +37,7 @@ from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
 from padd_ds.pipeline.summary import progress_bar
 from padd_ds.rl.balance import BiasController, fold_bias_into_routers
 from padd_ds.rl.rewards import group_advantages, reward
-from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, sample_rollouts
+from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, rollout_policy, sample_rollouts
 from padd_ds.rl.step import StepResult, policy_config, update_on_rollouts
 from padd_ds.teacher.feed import BatchPlan
 
@@ -124,8 +124,8 @@ class PaddLoop:
         s3 = self.cfg.stage3
         probs = [self.problems[i] for i in self.plan.indices(step, 0, self.ctx.rank)]
         t0 = time.perf_counter()
-        ro = sample_rollouts(self.mod, self.ctx.tok, probs, RolloutSampling.from_config(self.cfg),
-                             synced=self.ctx.num_students > 1)
+        with rollout_policy(self.engine, self.cfg.rollout.backend, self.ctx.num_students) as (model, synced):
+            ro = sample_rollouts(model, self.ctx.tok, probs, RolloutSampling.from_config(self.cfg), synced)
         seconds = time.perf_counter() - t0
         rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths)
                  for mb in micro_batches(ro.batch, self.cfg.train.micro_batch_size)] if self.use_teacher else [])

@@ -1,7 +1,8 @@
-"""G sampled responses per prompt from the student, on every student rank in step.
+"""G sampled responses per prompt from the student, on every student rank.
 
     sampling = RolloutSampling(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=128, max_prompt_tokens=96)
-    ro = sample_rollouts(engine.module, tok, problems, sampling, synced=num_students > 1)
+    with rollout_policy(engine, cfg.rollout.backend, num_students) as (model, synced):
+        ro = sample_rollouts(model, tok, problems, sampling, synced)
     ro.batch            # TokenBatch: prompt + response ids (right-padded), loss mask on the response
     ro.responses        # decoded responses (for the reward)
     ro.prompt_index     # [P*G]: which problem each row answers (rows of one group are adjacent)
@@ -10,12 +11,15 @@ Generation works on token ids throughout: the sequences the policy loss, the tea
 the KD term see are exactly the tokens the student sampled (decoding and re-encoding text
 can change the tokenisation). Under ZeRO-3 + AutoEP every forward gathers parameters and
 exchanges tokens between ranks, so `synced=True` keeps all student ranks stepping until the
-slowest finishes (`synced_gpus`); no rank can leave a collective hanging.
+slowest finishes (`synced_gpus`); no rank can leave a collective hanging. The `hf_gathered`
+backend generates on a whole copy of the student per rank instead (models/gathered.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -23,6 +27,7 @@ from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch
 from padd_ds.data.prompt import format_prompt
 from padd_ds.launch.device import rank_device
+from padd_ds.models.gathered import gathered_student
 from padd_ds.models.generation import decoding_kwargs, eos_ids
 
 
@@ -47,15 +52,27 @@ class RolloutSampling:
 
     @classmethod
     def from_config(cls, cfg: PaddConfig) -> RolloutSampling:
-        s3 = cfg.stage3
-        return cls(s3.group_size, s3.rollout_temperature, s3.rollout_top_p, cfg.data.max_response_tokens,
+        return cls(cfg.stage3.group_size, cfg.rollout.temperature, cfg.rollout.top_p, cfg.data.max_response_tokens,
                    cfg.data.max_prompt_tokens)
+
+
+@contextlib.contextmanager
+def rollout_policy(engine, backend: str, num_students: int) -> Iterator[tuple[torch.nn.Module, bool]]:
+    """(model, synced) that generates one rollout phase: the engine itself, every student rank
+    stepping together (`hf`), or a whole gathered copy on each rank, no collective (`hf_gathered`)."""
+    if backend == "hf":
+        yield engine.module, num_students > 1
+    elif backend == "hf_gathered":
+        with gathered_student(engine) as model:
+            yield model, False
+    else:
+        raise ValueError(f"rollout.backend={backend!r}: expected hf or hf_gathered")
 
 
 @torch.no_grad()
 def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling, synced: bool) -> Rollouts:
     if sampling.temperature <= 0:
-        raise ValueError("rollouts need sampling: stage3.rollout_temperature must be > 0")
+        raise ValueError("rollouts need sampling: rollout.temperature must be > 0")
     eos = eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     prompts = _prompt_ids(tok, problems, sampling.max_prompt_tokens)
