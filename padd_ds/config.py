@@ -298,9 +298,15 @@ class Stage3Config:
     # is 1, the clip never acts and the policy variants give (nearly) the same gradient. > 1:
     # PPO-style reuse against the sampling policy's log-probs, where clipping and the variants differ.
     updates_per_batch: int = 1
+    # Truncated importance sampling: each token's surrogate is weighted by min(pi_old /
+    # pi_rollout, tis_cap), pi_rollout the rollout engine's probability of the sampled token
+    # (logged as rollout/logprob_diff_*). 0: off, the trainer's pi_old is taken as the sampler.
+    tis_cap: float = 0.0
 
     def check(self) -> None:
         non_negative("stage3.drift_penalty", self.drift_penalty)
+        require(self.tis_cap == 0 or self.tis_cap >= 1, f"stage3.tis_cap must be 0 (off) or >= 1 (a cap below 1 "
+                f"down-weights tokens the two engines agree on), got {self.tis_cap}")
         require(0 < self.clip_eps < 1, f"stage3.clip_eps must be in (0, 1), got {self.clip_eps}")
         positive("stage3.group_size", self.group_size)
         require(not self.enabled or self.group_size >= 2,

@@ -407,6 +407,29 @@ def test_policy_denom_and_input_errors():
         policy_loss(PolicyInputs(new, old, torch.zeros(3), mask), Stage3Config(policy="grpo"))
 
 
+def test_truncated_is_weights_each_tokens_surrogate_by_the_capped_ratio():
+    """stage3.tis_cap: -min(rho A, clip(rho) A) * min(pi_old / pi_rollout, C), by hand."""
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    new = old.clone()                                                        # rho = 1: no clipping
+    rollout = torch.tensor([[0.0, math.log(0.5), math.log(4.0)], [math.log(2.0), 0.0, 0.0]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    cfg = Stage3Config(policy="grpo", tis_cap=3.0)
+    # pi_old / pi_rollout = exp(old - rollout): [1, 2, 0.25], [0.5, 1, (masked)]; none reaches the cap
+    x = lambda n: PolicyInputs(n, old, adv, mask, rollout_logp=rollout)
+    loss, grad, stats = _grad(lambda n: policy_loss(x(n), cfg), new)
+    assert loss == pytest.approx((-(1 + 2 + 0.25) + (0.5 + 1)) / 5)
+    torch.testing.assert_close(grad, torch.tensor([[-1.0, -2.0, -0.25], [0.5, 1.0, 0.0]], dtype=torch.float64) / 5)
+    assert stats["tis_mean"].item() == pytest.approx((1 + 2 + 0.25 + 0.5 + 1) / 5)
+    # a cap of 1.5 truncates the token with ratio 2; tis_cap=0 is the plain loss
+    capped, _, _ = _grad(lambda n: policy_loss(x(n), Stage3Config(policy="grpo", tis_cap=1.5)), new)
+    assert capped == pytest.approx((-(1 + 1.5 + 0.25) + (0.5 + 1)) / 5)
+    plain, _, plain_stats = _grad(lambda n: policy_loss(x(n), Stage3Config(policy="grpo")), new)
+    assert plain == pytest.approx((-3 + 2) / 5) and "tis_mean" not in plain_stats
+    with pytest.raises(ValueError, match="stage3.tis_cap=3.0 needs rollout_logp"):
+        policy_loss(PolicyInputs(new, old, adv, mask), cfg)
+
+
 def test_router_drift_by_hand():
     p_old = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]],
                           [[0.2, 0.3, 0.5], [0.0, 0.0, 1.0]]])                 # [L=2, T=2, E=3]
@@ -427,6 +450,7 @@ def test_router_drift_by_hand():
     ("stage3.seq_clip_high=0", "stage3.seq_clip_high must be in (0, 1)"),
     ("stage3.rspo_min_weight=1.5", "stage3.rspo_min_weight must be in [0, 1]"),
     ("stage3.loss_agg=sum", "stage3.loss_agg: 'sum' is not allowed"),
+    ("stage3.tis_cap=0.5", "stage3.tis_cap must be 0 (off) or >= 1"),
 ])
 def test_new_config_fields_are_range_checked(override, expected):
     with pytest.raises(ConfigError) as info:

@@ -89,3 +89,25 @@ def test_rollouts_ignore_a_top_k_in_the_model_generation_config(student, toy_bui
     rows = ro.batch.ids.tolist()
     distinct = [len({tuple(r) for r in rows[i * 6:(i + 1) * 6]}) for i in range(len(problems))]
     assert max(distinct) > 1, distinct
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_rollouts_carry_the_samplers_log_probs_where_the_trainer_computes_its_own(student, toy_build, temperature,
+                                                                                  top_p):
+    """The log-probs recorded while sampling (the model's own, at temperature 1, whatever the
+    sampling temperature and nucleus) equal token_logprobs of one full forward over the rows
+    the trainer gets, at every response position and nowhere else."""
+    from padd_ds.rl.rollout import token_logprobs
+
+    model, tok = student
+    problems = load_jsonl(toy_build.heldout_file, limit=3)
+    sampling = RolloutSampling(group_size=3, temperature=temperature, top_p=top_p, max_new_tokens=16,
+                               max_prompt_tokens=96)
+    torch.manual_seed(1)
+    ro = sample_rollouts(model, tok, problems, sampling, synced=False)
+    b = ro.batch
+    with torch.no_grad():
+        trainer = token_logprobs(model(input_ids=b.ids, attention_mask=b.attention_mask).logits, b)
+    assert ro.logprobs.shape == b.ids.shape
+    assert (ro.logprobs[~b.loss_mask] == 0).all() and (ro.logprobs[b.loss_mask] < 0).all()
+    torch.testing.assert_close(ro.logprobs, trainer, atol=1e-4, rtol=0)

@@ -6,14 +6,15 @@
     row = {"train/kd_loss": tot["kd"] / tot["count"], "tokens_per_s": tot["tokens"] / tot.seconds}
 
 Exact global means come from summing numerators and denominators separately over ranks and
-dividing once. Every rank must add the same keys (the all-reduce is over a sorted key list).
+dividing once. Every rank must add the same keys (the all-reduce is over a sorted key list);
+`add_max` keeps a maximum instead (one more all-reduce when any is kept).
 """
 
 from __future__ import annotations
 
 import time
 
-from padd_ds.launch.comm import all_sum
+from padd_ds.launch.comm import all_max, all_sum
 
 
 class Totals(dict):
@@ -25,15 +26,23 @@ class Totals(dict):
 class Meter:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
     def add(self, key: str, value) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
+    def add_max(self, key: str, value) -> None:
+        """A maximum over the window and the ranks (its own key space: totals() holds both)."""
+        self.maxima[key] = max(self.maxima.get(key, float("-inf")), float(value))
+
     def totals(self) -> Totals:
-        """Collective: every rank's sums added up; resets the window."""
+        """Collective: every rank's sums added up, maxima taken; resets the window."""
         keys = sorted(self.sums)
         out = Totals(zip(keys, all_sum([self.sums[k] for k in keys]))) if keys else Totals()
+        mkeys = sorted(self.maxima)
+        if mkeys:
+            out.update(zip(mkeys, all_max([self.maxima[k] for k in mkeys])))
         out.seconds = time.perf_counter() - self.t0
-        self.sums, self.t0 = {}, time.perf_counter()
+        self.sums, self.maxima, self.t0 = {}, {}, time.perf_counter()
         return out

@@ -63,3 +63,10 @@ def gather(t: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum of a list of floats over all ranks (float64)."""
     return all_reduce_(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def all_max(values: list[float]) -> list[float]:
+    """Element-wise maximum of a list of floats over all ranks (float64)."""
+    import deepspeed.comm as dist
+
+    return all_reduce_(torch.tensor(values, dtype=torch.float64), op=dist.ReduceOp.MAX).tolist()

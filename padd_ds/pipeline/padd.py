@@ -153,6 +153,9 @@ class PaddLoop:
         m.add("gen_s", rb.seconds)
         for key, value in res.stats.items():
             m.add(key, value)
+        if res.mismatch:
+            m.add("logp_diff_sum", res.mismatch["logp_diff_sum"])
+            m.add_max("logp_diff_max", res.mismatch["logp_diff_max"])
         m.add("drift_sum", res.drift.sum())
         m.add("drift_p95", torch.quantile(res.drift, 0.95) if res.drift.numel() else 0.0)
         m.add("drift_n", res.drift.numel())
@@ -213,6 +216,11 @@ class PaddLoop:
                "routing/load_entropy": float(-(load * load.clamp(min=1e-12).log()).sum(1).mean() / math.log(self.N)),
                "routing/bias_norm": float(self.controller.bias.norm()),
                "train/lr": self.engine.get_lr()[0], "train/nonfinite_skipped": self.guard.skipped}
+        if "logp_diff_max" in tot:  # the rollout engine against the trainer, on the sampled tokens
+            row["rollout/logprob_diff_mean"] = tot["logp_diff_sum"] / max(tot["resp_tokens"], 1)
+            row["rollout/logprob_diff_max"] = tot["logp_diff_max"]
+        if "tis_weight" in tot:
+            row["train/tis_weight"] = tot["tis_weight"] / max(tot["resp_tokens"], 1)
         if tot.get("folds"):  # Stage IV folds in this window: share of routes they kept
             row["routing/fold_kept"] = tot["fold_kept"] / tot["folds"]
         if self.use_teacher:

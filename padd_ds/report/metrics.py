@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-NAMESPACES = ("train", "teacher", "routing", "eval", "stage1")
+NAMESPACES = ("train", "teacher", "rollout", "routing", "eval", "stage1")
 
 
 def wandb_mode(requested: str) -> str:

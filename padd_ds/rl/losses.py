@@ -45,6 +45,9 @@ rho, built from the log-ratio  log pi_new - log pi_old + log w_t:
            mean (seq-mean-token-mean, GSPO's definition) whatever `stage3.loss_agg` says.
            `ratio_level: sequence` uses the same ratio for grpo/pr_grpo/rspo (the geometric
            mean of their damped token ratios), aggregated by `loss_agg`.
+With `stage3.tis_cap` > 0 every policy's per-token surrogate is further weighted by
+min(pi_old / pi_rollout, tis_cap), pi_rollout the rollout engine's probability of the token
+(truncated importance sampling against the training-inference mismatch).
 Gamma and w carry no gradient. Note that Gamma is zero when the policy being trained is the
 one that sampled (one update per rollout batch): the damping acts from the second update
 on a batch, or when "old" is an earlier step's router.
@@ -261,6 +264,7 @@ class PolicyInputs:
     advantages: torch.Tensor  # [B], one per response
     mask: torch.Tensor  # the response tokens
     drift: torch.Tensor | None = None  # router drift Gamma (`router_drift`); pr_grpo and rspo need it
+    rollout_logp: torch.Tensor | None = None  # log pi of the sampled tokens under the rollout engine (truncated IS)
 
 
 # log w_t of each policy (see the module doc) from Gamma [B, T] and the advantages [B, 1];
@@ -335,6 +339,9 @@ def policy_loss(x: PolicyInputs, cfg: Stage3Config,
         low = high = cfg.clip_eps
     ratio = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - low, 1.0 + high) * adv)
+    tis = _truncated_is_weights(x, cfg)
+    if tis is not None:
+        surrogate = surrogate * tis
     loss = aggregate(-surrogate, m, policy_aggregation(cfg), denom)
 
     with torch.no_grad():
@@ -346,4 +353,23 @@ def policy_loss(x: PolicyInputs, cfg: Stage3Config,
             "ratio_mean": torch.where(m, ratio, torch.zeros_like(ratio)).sum() / n_tok,
             "damp_mean": torch.where(m, log_w.exp(), torch.zeros_like(log_w)).sum() / n_tok,
         }
+        if tis is not None:
+            stats["tis_mean"] = torch.where(m, tis, torch.zeros_like(tis)).sum() / n_tok
     return loss, stats
+
+
+def _truncated_is_weights(x: PolicyInputs, cfg: Stage3Config) -> torch.Tensor | None:
+    """min(pi_old / pi_rollout, stage3.tis_cap) per token [B, T] (no gradient), or None when off.
+
+    The rollout engine (a gathered copy, another kernel, vLLM) samples from a policy a little
+    different from the trainer's pi_old; weighting each token's surrogate by the capped ratio
+    corrects that mismatch without the variance of an uncapped one (truncated IS)."""
+    if cfg.tis_cap <= 0:
+        return None
+    if x.rollout_logp is None or x.rollout_logp.shape != x.new_logp.shape:
+        got = "nothing" if x.rollout_logp is None else f"shape {tuple(x.rollout_logp.shape)}"
+        raise ValueError(f"stage3.tis_cap={cfg.tis_cap} needs rollout_logp {list(x.new_logp.shape)} (the rollout "
+                         f"engine's log-probs of the sampled tokens), got {got}")
+    dtype = x.new_logp.dtype
+    log_w = (x.old_logp.detach().to(dtype) - x.rollout_logp.detach().to(dtype)).clamp(max=_MAX_LOG_RATIO)
+    return torch.exp(log_w).clamp(max=cfg.tis_cap)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from transformers import LogitsProcessorList
 
 from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch
@@ -38,6 +39,9 @@ class Rollouts:
     prompt_index: torch.Tensor   # [P*G] int64
     response_lengths: torch.Tensor  # [P*G] tokens sampled (EOS included when it was reached)
     finished: torch.Tensor       # [P*G] bool: the response ended with EOS within the budget
+    # [P*G, L] the rollout engine's log pi (temperature 1) of each sampled token, where
+    # token_logprobs puts the trainer's (position t: token t+1; 0 off the loss mask)
+    logprobs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,37 @@ def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling,
     eos = eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     prompts = _prompt_ids(tok, problems, sampling.max_prompt_tokens)
-    sampled = _sample(model, prompts, sampling, eos, pad, synced)
-    return _rollout_batch(tok, prompts, sampled, sampling.group_size, eos, pad)
+    sampled, logprobs = _sample(model, prompts, sampling, eos, pad, synced)
+    return _rollout_batch(tok, prompts, (sampled, logprobs), sampling.group_size, eos, pad)
+
+
+class SampledLogprobs:
+    """A logits processor that changes nothing and records log pi(token) of every sampled token
+    under the raw logits (temperature 1: the distribution the trainer's log-probs are of).
+    transformers applies custom processors before its temperature and top-p warpers, so the
+    scores here are the model's own; each call gathers the previous step's log-softmax at the
+    token that step appended, so one [B, V] row set is held at a time, never the whole history."""
+
+    def __init__(self):
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, token: torch.Tensor) -> None:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, token.view(-1, 1)).squeeze(1).cpu())
+            self.prev = None
+
+    def finish(self, sequences: torch.Tensor, new_tokens: int) -> list[list[float]]:
+        """Per row, the log-probs of its `new_tokens` sampled tokens (`sequences`: generate's output)."""
+        self._take(sequences[:, -1])
+        if len(self.steps) != new_tokens:
+            raise RuntimeError(f"recorded {len(self.steps)} sampled-token log-probs for {new_tokens} decode steps")
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else [[] for _ in range(sequences.shape[0])]
 
 
 def _prompt_ids(tok, problems: list[dict], max_prompt_tokens: int) -> list[list[int]]:
@@ -92,8 +125,9 @@ def _prompt_ids(tok, problems: list[dict], max_prompt_tokens: int) -> list[list[
 
 
 def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: list[int], pad: int,
-            synced: bool) -> list[list[int]]:
-    """The sampled tokens of each of the P*G rows (prompt-major), padding after EOS included."""
+            synced: bool) -> tuple[list[list[int]], list[list[float]]]:
+    """The sampled tokens of each of the P*G rows (prompt-major), padding after EOS included,
+    and the model's log-prob of each."""
     P = len(prompts)
     width = max(len(x) for x in prompts)
     left = torch.full((P, width), pad, dtype=torch.int64)
@@ -104,20 +138,23 @@ def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: lis
     left, attn = left.to(rank_device()), attn.to(rank_device())
     was_training = model.training
     model.eval()
+    record = SampledLogprobs()
     try:
         # The policy itself: temperature and top_p are the only transforms (top_k=0, no model defaults).
         decoding = decoding_kwargs(sampling.temperature, sampling.top_p)
         gen = model.generate(input_ids=left, attention_mask=attn, **decoding, max_new_tokens=sampling.max_new_tokens,
                              num_return_sequences=sampling.group_size, eos_token_id=eos, pad_token_id=pad,
-                             synced_gpus=synced)
+                             synced_gpus=synced, logits_processor=LogitsProcessorList([record]))
     finally:
         model.train(was_training)
-    return gen[:, width:].cpu().tolist()
+    return gen[:, width:].cpu().tolist(), record.finish(gen, gen.shape[1] - width)
 
 
-def _rollout_batch(tok, prompts: list[list[int]], sampled: list[list[int]], G: int, eos: list[int],
-                   pad: int) -> Rollouts:
-    """Prompt + response rows, right-padded, each cut after its first EOS."""
+def _rollout_batch(tok, prompts: list[list[int]], sampled: tuple[list[list[int]], list[list[float]]], G: int,
+                   eos: list[int], pad: int) -> Rollouts:
+    """Prompt + response rows, right-padded, each cut after its first EOS, with the sampled
+    tokens' log-probs where the trainer's stand."""
+    sampled, logps = sampled
     seqs, masks, texts, rlen, done = [], [], [], [], []
     for row, toks in enumerate(sampled):
         cut = next((j for j, t in enumerate(toks) if t in eos), None)
@@ -134,9 +171,14 @@ def _rollout_batch(tok, prompts: list[list[int]], sampled: list[list[int]], G: i
     for i, (s, m) in enumerate(zip(seqs, masks)):
         ids[i, : len(s)] = torch.tensor(s)
         loss_mask[i, : len(s)] = torch.tensor(m)
+    logprobs = torch.zeros((len(seqs), L), dtype=torch.float32)
+    for i, n in enumerate(rlen):
+        start = len(prompts[i // G]) - 1  # position t holds log p(token t+1): the first response token
+        logprobs[i, start:start + n] = torch.tensor(logps[i][:n])
     batch = TokenBatch(ids, torch.tensor([len(s) for s in seqs]), loss_mask)
     P = len(prompts)
-    return Rollouts(batch, texts, torch.arange(P).repeat_interleave(G), torch.tensor(rlen), torch.tensor(done))
+    return Rollouts(batch, texts, torch.arange(P).repeat_interleave(G), torch.tensor(rlen), torch.tensor(done),
+                    logprobs)
 
 
 def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

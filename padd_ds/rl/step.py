@@ -42,6 +42,9 @@ class StepResult:
     adv_count: torch.Tensor      # [L, N] how many response-token assignments that sum covers
     drift: torch.Tensor          # [response tokens] router drift Gamma
     stats: dict[str, float] = field(default_factory=dict)  # sums, for exact global means
+    # |log pi_trainer - log pi_rollout| of the sampled tokens under the sampling policy (first
+    # update): sum and max over this rank's response tokens; empty when the rollouts carry none
+    mismatch: dict[str, float] = field(default_factory=dict)
 
 
 def policy_config(s3: Stage3Config) -> Stage3Config:
@@ -63,6 +66,7 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     n_updates = pcfg.updates_per_batch
     # The sampling policy's log-probs: every update's ratio is against them (one update: the current policy).
     old = _sampling_logprobs(engine, parts) if n_updates > 1 else [None] * len(parts)
+    rollout_logp = _rollout_logprobs(rb, parts, mbs)
     targets: list = [None] * len(parts)
 
     def target(i: int):
@@ -70,18 +74,30 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
             targets[i] = teacher_logits(i)
         return targets[i]
 
-    stats, sampled = {}, []
+    stats, sampled, mismatch = {}, [], {}
     for update in range(n_updates):
         for i, (mb, adv) in enumerate(zip(parts, advs)):
-            part, sel, drift = _micro_update(engine, _MicroBatch(mb, adv, old[i], denom, kd_denom, len(parts)),
-                                             prev_routers, cfg, None if teacher_logits is None else lambda: target(i),
-                                             guard, step)
+            m = _MicroBatch(mb, adv, old[i], denom, kd_denom, len(parts), rollout_logp[i])
+            part, sel, drift = _micro_update(engine, m, prev_routers, cfg,
+                                             None if teacher_logits is None else lambda: target(i), guard, step)
+            diff_sum, diff_max = part.pop("logp_diff_sum", None), part.pop("logp_diff_max", None)
             for key, value in part.items():  # the batch's statistics: the mean over its updates
                 stats[key] = stats.get(key, 0.0) + value / n_updates
-            if update == 0:  # Stage IV counts and the drift log: the routes of the sampling policy
+            if update == 0:  # Stage IV counts, the drift log, the mismatch: the sampling policy's
                 sampled.append(_expert_stats(mb, adv, sel, drift, routers(engine.module)[0].num_experts))
+                if diff_sum is not None:
+                    mismatch = {"logp_diff_sum": mismatch.get("logp_diff_sum", 0.0) + diff_sum,
+                                "logp_diff_max": max(mismatch.get("logp_diff_max", 0.0), diff_max)}
     return StepResult(sum(r.counts for r in sampled), sum(r.adv_sum for r in sampled),
-                      sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats)
+                      sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats, mismatch)
+
+
+def _rollout_logprobs(rb: RolloutBatch, parts: list[TokenBatch], mbs: int) -> list[torch.Tensor | None]:
+    """The rollout engine's log-probs cut like `parts` (each micro-batch to its own length)."""
+    lp = rb.rollouts.logprobs
+    if lp is None:
+        return [None] * len(parts)
+    return [lp[i * mbs:(i + 1) * mbs, :p.ids.shape[1]] for i, p in enumerate(parts)]
 
 
 def _check_accumulation(engine, n_parts: int, rows: int, mbs: int) -> None:
@@ -104,6 +120,7 @@ class _MicroBatch:
     denom: float                     # policy-loss units of the whole step over all ranks, per rank
     kd_denom: float                  # response tokens of the whole step over all ranks, per rank
     n_micro: int                     # micro-batches in the step
+    rollout_logp: torch.Tensor | None = None  # the rollout engine's log-probs of the sampled tokens
 
 
 def _normalisers(batch: TokenBatch, pcfg: Stage3Config) -> tuple[float, float]:
@@ -137,11 +154,18 @@ def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg:
         new_logp = token_logprobs(logits, batch)
         drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [b, S]
         old_logp = new_logp.detach() if m.old_logp is None else m.old_logp
-        loss, pstats = policy_loss(PolicyInputs(new_logp, old_logp, adv, batch.loss_mask, drift=drift), pcfg,
-                                   denom=m.denom)
+        rollout_logp = None if m.rollout_logp is None else m.rollout_logp.to(batch.ids.device)
+        loss, pstats = policy_loss(PolicyInputs(new_logp, old_logp, adv, batch.loss_mask, drift=drift,
+                                                rollout_logp=rollout_logp), pcfg, denom=m.denom)
         part = {"policy_loss": float(pstats["pg_loss"]) * m.denom,
                 "policy_units": aggregation_units(m.batch.loss_mask, policy_aggregation(pcfg)),
                 "clip_frac": float(pstats["clip_frac"]) * float(m.batch.loss_mask.sum())}
+        if "tis_mean" in pstats:
+            part["tis_weight"] = float(pstats["tis_mean"]) * float(m.batch.loss_mask.sum())
+        if rollout_logp is not None:  # how far the trainer's log-probs are from the sampler's
+            diff = (new_logp.detach() - rollout_logp).abs()[batch.loss_mask]
+            part["logp_diff_sum"] = float(diff.sum())
+            part["logp_diff_max"] = float(diff.max()) if diff.numel() else 0.0
         if target is not None:
             # Fetched once per micro-batch, after its first forward; it arrives on the host.
             kd, kstats = adaptive_kd_loss(logits, target().to(batch.ids.device), batch.loss_mask, adv, cfg.stage2,
