@@ -6,12 +6,18 @@
    logits: bytes per token of the top-k / sampled stream relative to full fp16 logits, and the
    relative error of the KD loss and of its gradient (w.r.t. the student logits) versus
    full-vocabulary KD. The baseline is full KD computed in the same process.
-2. Waiting: the real 3-process run (1 teacher rank, 2 ZeRO-3 + AutoEP student ranks, toy
+2. Host bytes: what the teacher copies from its device to the host per scored (real, non-padding)
+   token, counted from the tensors `TeacherModel.score` moves, on a padded batch of held-out toy
+   problems: for the toy teacher (V=1024) and for a one-layer model with Qwen's 152064-row
+   vocabulary (the cost depends on k, not on V: only sparse rows of real positions leave).
+3. Waiting: the real 3-process run (1 teacher rank, 2 ZeRO-3 + AutoEP student ranks, toy
    models), with prefetch off and on, in the same invocation: the fraction of student step time
    spent waiting for the teacher.
 
-Last line: TEACHER_STREAM bytes_ratio=<r> kd_grad_rel_err=<e> wait_fraction=<w> (152k top-k at
---k, prefetch on). Targets: bytes_ratio <= 0.005 with kd_grad_rel_err <= 0.02; wait_fraction <= 0.05.
+Last line: TEACHER_STREAM bytes_ratio=<r> kd_grad_rel_err=<e> wait_fraction=<w> host_bytes_per_token=<b>
+(152k top-k at --k, prefetch on). Targets: bytes_ratio <= 0.005 with kd_grad_rel_err <= 0.02;
+wait_fraction <= 0.05; host_bytes_per_token <= 2048 at k=128 with a 152k vocabulary (issue 16;
+full fp32 logits would be 608 KB).
 """
 
 from __future__ import annotations
@@ -90,6 +96,32 @@ def toy_logits(n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return t[m].unsqueeze(0), s[m].unsqueeze(0)
 
 
+def host_bytes_per_token(k: int, n_seqs: int) -> dict:
+    """Device-to-host bytes per real token of `TeacherModel.score` (top-k at `k`), as counted
+    from the tensors it copies, for the toy teacher and for a 152k-vocabulary model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from padd_ds.data.batch import encode_examples
+    from padd_ds.data.math import load_jsonl
+    from padd_ds.teacher.service import TeacherModel
+
+    root = Path(os.environ["PADD_TOY_DIR"])
+    batch = encode_examples(AutoTokenizer.from_pretrained(root / "teacher"),
+                            load_jsonl(root / "heldout.jsonl", limit=n_seqs), 96, 96)
+    torch.manual_seed(0)
+    big = Qwen2ForCausalLM(Qwen2Config(vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    toy = AutoModelForCausalLM.from_pretrained(root / "teacher")
+    out = {"tokens": int(batch.lengths.sum()), "positions": batch.ids.numel()}
+    for name, model, kk in (("toy", toy, 32), ("toy", toy, k), ("152k", big, k)):  # 32: the recipes' top-k
+        teacher = TeacherModel(model)
+        teacher.score(batch.ids, batch.lengths, kk)
+        vocab = model.config.vocab_size
+        out[f"{name}-k{kk}"] = {"vocab": vocab, "k": kk, "per_token": teacher.host_bytes / out["tokens"],
+                                "full_fp32_per_token": 4 * vocab}
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -149,8 +181,16 @@ def main() -> None:
               f"kd_grad_rel_err={r['topk']['kd_grad_rel_err']:.4f}")
     del t152, s152
 
-    print(f"== waiting for the teacher: 3-process toy run, {args.steps} steps (second-half window)")
+    print("== teacher device-to-host bytes per scored token (top-k; counted from the tensors copied)")
+    hb = host_bytes_per_token(args.k, 8 if args.quick else 32)
+    print(f"batch: {hb['tokens']} real tokens in {hb['positions']} padded positions")
+    for key, r in hb.items():
+        if isinstance(r, dict):
+            print(f"   {key:10s} V={r['vocab']:>6d} k={r['k']:<4d} host_bytes_per_token={r['per_token']:.1f} "
+                  f"(full fp32 logits: {r['full_fp32_per_token']})")
+
     steps = 10 if args.quick else args.steps
+    print(f"== waiting for the teacher: 3-process toy run, {steps} steps (second-half window)")
     w0 = wait_fraction(0, steps)
     w1 = wait_fraction(1, steps)
     print(f"prefetch=0 wait_fraction={w0:.4f}   prefetch=1 wait_fraction={w1:.4f}   "
@@ -158,7 +198,7 @@ def main() -> None:
     r = results["synthetic-152k"]["topk"]
     print(f"(final line: synthetic-152k, top-{args.k}; prefetch=1)")
     print(f"TEACHER_STREAM bytes_ratio={r['bytes_ratio']:.6f} kd_grad_rel_err={r['kd_grad_rel_err']:.4f} "
-          f"wait_fraction={w1:.4f}")
+          f"wait_fraction={w1:.4f} host_bytes_per_token={hb[f'152k-k{args.k}']['per_token']:.1f}")
 
 
 if __name__ == "__main__":

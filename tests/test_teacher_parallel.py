@@ -50,8 +50,16 @@ def _sharded_child(rank: int, port: int, q):
                 out.append((ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden))
             teacher.stop()
             q.put((rank, [tuple(t.numpy() for t in row) for row in out]))
-        else:
-            q.put((rank, teacher.member_loop()))
+        else:  # the forwards of this rank: (decoder tokens, LM head rows); the second batch gives it none
+            seen = []
+            hooks = [teacher.model.model.embed_tokens.register_forward_hook(
+                         lambda m, a, o: seen.append([a[0].numel()])),
+                     teacher.model.get_output_embeddings().register_forward_hook(
+                         lambda m, a, o: seen[-1].append(a[0].numel() // a[0].shape[-1]))]
+            n = teacher.member_loop()
+            for h in hooks:
+                h.remove()
+            q.put((rank, (n, seen)))
     except BaseException as e:  # noqa: BLE001
         q.put((rank, f"ERROR {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
     q.close()
@@ -71,7 +79,10 @@ def test_two_rank_sharded_teacher_equals_one_rank():
     got = dict(q.get(timeout=180) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    assert not isinstance(got[0], str) and got[1] == 2, got
+    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    # rank 1 scores row 2 (length 4) of the first batch; of the one-row batch it runs one
+    # token (ZeRO-3's gathers are collective) and its head sees no row
+    assert got[1] == (2, [[10, 4], [1, 0]]), got[1]
     from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
     from test_teacher_outputs import cluster_map
 

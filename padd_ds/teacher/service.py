@@ -10,6 +10,7 @@ student process (one-process runs, and the baseline for measuring the bridge).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -32,13 +33,43 @@ KINDS = {v: k for k, v in MODES.items()}
 
 
 def compress(logits: torch.Tensor, k: int, mode: str, seed: int) -> SparseLogits:
-    """Full logits -> the wire form, on the host. Sampling is seeded by the request, so it is
-    reproducible (per device type). Compressed where the logits are: copying [B, L, V] to the
-    host would cost more than the forward."""
+    """Logits [N, V] of the scored positions -> their sparse rows [1, N, k], where the logits
+    are (only these rows then leave the device, `to_host`). Sampling is seeded by the request,
+    so it is reproducible (per device type and per number of scored rows)."""
+    logits = logits.unsqueeze(0)
     if mode == "topk":
-        return encode_topk(logits, k).to("cpu")
+        return encode_topk(logits, k)
     gen = torch.Generator(device=logits.device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
-    return encode_sampled(logits, k, gen).to("cpu")
+    return encode_sampled(logits, k, gen)
+
+
+def real_positions(lengths: torch.Tensor, L: int) -> torch.Tensor:
+    """[B, L] bool: the non-padding positions of right-padded rows with true `lengths` [B]."""
+    return torch.arange(L).unsqueeze(0) < lengths.cpu().unsqueeze(1)
+
+
+def to_host(tensors: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], int]:
+    """The tensors on the host and the bytes that crossed from the device, counted from the
+    tensors themselves (on a CPU teacher: the bytes that would cross)."""
+    return [None if t is None else t.cpu() for t in tensors], sum(t.numel() * t.element_size()
+                                                                  for t in tensors if t is not None)
+
+
+def spread(rows: SparseLogits, keep: torch.Tensor) -> SparseLogits:
+    """Sparse rows [1, N, k] of the `keep` [B, L] positions -> the wire form [B, L, k], on the host.
+
+    A position not scored (padding) carries the uniform distribution over tokens 0..k-1
+    (values 0, lse log k, sampled weights 1/k): every consumer masks it out, some by
+    multiplying by 0, so it must be a finite, valid distribution."""
+    B, L, k = *keep.shape, rows.k
+    values = torch.zeros((B, L, k), dtype=torch.float32)
+    indices = torch.arange(k, dtype=torch.int32).expand(B, L, k).contiguous()
+    lse = torch.full((B, L), math.log(k), dtype=torch.float32)
+    weights = None if rows.weights is None else torch.full((B, L, k), 1.0 / k, dtype=torch.float32)
+    out = SparseLogits(values, indices, lse, weights)
+    for full, part in zip(out.tensors(), rows.tensors()):
+        full[keep] = part[0]
+    return out
 
 
 @dataclass
@@ -60,10 +91,14 @@ class TeacherOutput:
 
 
 def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, outputs: int,
-                    cluster_map: ClusterMap | None, vocab_limit: int | None = None):
-    """One teacher forward -> (logits, cluster activations, final hidden, cluster gate); the
-    last three are None unless requested, and on the host; the logits stay on the model's
-    device for `compress`.
+                    cluster_map: ClusterMap | None, vocab_limit: int | None = None,
+                    keep: torch.Tensor | None = None):
+    """One teacher forward -> (logits, cluster activations, final hidden, cluster gate), all on
+    the model's device; the last three are None unless requested.
+
+    The logits are [N, V] fp32 for the N positions of `keep` [B, L] (default: the attended
+    positions of `mask`), in row-major order: the LM head, the upcast and the compression run
+    on those rows only (`head_only_on`). No KV cache is allocated: a scoring pass is one forward.
 
     `vocab_limit` (the student's vocab_size) drops the teacher's logit columns past it: when
     the tables differ only by padding (Qwen2.5 152064 rows vs Qwen3 151936, checked by
@@ -78,6 +113,7 @@ def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     centroids (mean gate rows) gives this token - the Stage I router-fit target."""
     acts: dict[int, torch.Tensor] = {}
     gates: dict[int, torch.Tensor] = {}
+    keep = mask.bool() if keep is None else keep.to(mask.device)
     hooks = []
     if outputs & (OUT_CLUSTER_ACTS | OUT_CLUSTER_GATE):
         if cluster_map is None:
@@ -92,23 +128,45 @@ def forward_outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
             if outputs & OUT_CLUSTER_GATE:
                 hooks.append(mlp.gate_proj.register_forward_hook(
                     lambda m, a, o, i=i: gates.__setitem__(i, o.detach())))
+    hooks.append(head_only_on(model, keep))
     try:
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(outputs & OUT_HIDDEN))
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                    output_hidden_states=bool(outputs & OUT_HIDDEN))
     finally:
         for h in hooks:
             h.remove()
 
     def pooled(values: dict[int, torch.Tensor]) -> torch.Tensor:
         pool = cluster_map.pooling().to(values[0].device)
-        return torch.stack([values[i].float() @ pool[i] for i in range(len(cluster_map.layers))], dim=2).cpu()
+        return torch.stack([values[i].float() @ pool[i] for i in range(len(cluster_map.layers))], dim=2)
 
     cluster = pooled(acts) if outputs & OUT_CLUSTER_ACTS else None
     gate = pooled(gates) if outputs & OUT_CLUSTER_GATE else None
-    hidden = out.hidden_states[-1].float().cpu() if outputs & OUT_HIDDEN else None
+    hidden = out.hidden_states[-1].float() if outputs & OUT_HIDDEN else None
     logits = out.logits
     if vocab_limit is not None and logits.shape[-1] > vocab_limit:
         logits = logits[..., :vocab_limit]
     return logits.float(), cluster, hidden, gate
+
+
+def head_only_on(model: torch.nn.Module, keep: torch.Tensor):
+    """Make the model's LM head (its output embeddings, tied or not) see only the `keep` [B, L]
+    rows of the final hidden states, [N, H]; returns the hook handle.
+
+    A pre-hook rather than calling the decoder and the head ourselves: the model's own forward
+    still runs end to end (a ZeRO-3 engine's gathers and hooks see the usual module order, and
+    whatever a model applies after its head, e.g. a logit scale, still applies, per row).
+    transformers' `logits_to_keep` keeps the same columns in every row, so it cannot drop
+    right padding that differs per row."""
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def rows(module, args):
+        h = args[0]
+        if h.shape[:2] != keep.shape:
+            raise RuntimeError(f"the LM head got hidden states {tuple(h.shape)}, expected [B, L] = "
+                               f"{tuple(keep.shape)}: this model does not apply its head to the final hidden states")
+        return (h[keep], *args[1:])
+    return head.register_forward_pre_hook(rows)
 
 
 class TeacherModel:
@@ -121,16 +179,22 @@ class TeacherModel:
         self.device = next(model.parameters()).device
         self.cluster_map = cluster_map
         self.vocab_limit = vocab_limit  # the student's vocab_size (see forward_outputs)
+        self.host_bytes = 0  # copied from the device to the host by `score`, all requests
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
               seed: int = 0, outputs: int = OUT_LOGITS) -> TeacherOutput:
-        """Right-padded ids [B, L] with true `lengths` [B] -> the requested outputs at every position."""
-        L = ids.shape[1]
-        mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), mask.to(self.device),
+        """Right-padded ids [B, L] with true `lengths` [B] -> the requested outputs at every position
+        (logits scored at the real positions only: see `spread` for the padding rows)."""
+        keep = real_positions(lengths, ids.shape[1])
+        # The head runs on every real position, not only the loss-mask ones: a request carries
+        # ids and lengths only, and every consumer's mask lies inside them (data/batch.py).
+        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), keep.long().to(self.device),
                                                         outputs, self.cluster_map, self.vocab_limit)
-        return TeacherOutput(compress(logits, k, mode, seed), cluster, hidden, gate)
+        (*sparse, cluster, hidden, gate), n_bytes = to_host(compress(logits, k, mode, seed).tensors()
+                                                            + [cluster, hidden, gate])
+        self.host_bytes += n_bytes
+        return TeacherOutput(spread(SparseLogits.from_tensors(sparse), keep), cluster, hidden, gate)
 
 
 @dataclass

@@ -4,7 +4,8 @@ The teacher ranks form their own torch.distributed world (never the students'). 
 (teacher rank 0) talks to the students over the bridge. For each batch it broadcasts the
 token ids to the group. Every rank scores a contiguous slice of rows; ZeRO-3 gathers each
 layer's weights just in time, so no rank ever holds the whole model. The leader then
-gathers the top-k slices. Members run `member_loop()` until the leader's `stop()`.
+gathers the top-k slices. A rank whose slice is empty (fewer rows than ranks) still joins
+each forward on a single token (see `_forward`). Members run `member_loop()` until the leader's `stop()`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from padd_ds.launch.comm import broadcast_, gather
 from padd_ds.launch.device import rank_device
-from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs
+from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE, OUT_HIDDEN
+from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs, real_positions, spread, to_host
 from padd_ds.teacher.sparse import SparseLogits
 
 _STOP = 0
@@ -37,6 +39,7 @@ class ShardedTeacher:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.cluster_map = cluster_map
         self.vocab_limit = vocab_limit  # the student's vocab_size (service.forward_outputs)
+        self.host_bytes = 0  # this rank's device-to-host copies (service.TeacherModel.host_bytes)
 
     # -- leader -----------------------------------------------------------------------------
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
@@ -76,30 +79,47 @@ class ShardedTeacher:
         B, L = ids.shape
         chunk = math.ceil(B / self.size)
         lo, hi = min(self.rank * chunk, B), min((self.rank + 1) * chunk, B)
-        # Every rank must run the forward (ZeRO-3 gathers are collective); a rank without
-        # rows scores row 0 and throws the result away.
-        rows = slice(lo, hi) if hi > lo else slice(0, 1)
-        mask = (torch.arange(L).unsqueeze(0) < lengths[rows].unsqueeze(1)).long()
-        dev = rank_device()
-        logits, cluster, hidden, gate = forward_outputs(self.engine, ids[rows].to(dev), mask.to(dev), outputs,
-                                                        self.cluster_map, self.vocab_limit)
-        sl = compress(logits, k, mode, seed * 1009 + self.rank)  # each slice its own draws
-        mine = sl.tensors() + [t for t in (cluster, hidden, gate) if t is not None]
-        n_mine = hi - lo
+        mine = self._forward(ids[lo:hi], lengths[lo:hi], k, mode, seed, outputs)
         parts = []
-        for t in mine:
-            pad = torch.zeros((chunk, *t.shape[1:]), dtype=t.dtype)
-            pad[:n_mine] = t[:n_mine]
+        for t in mine:  # every rank sends [chunk, L, ...]: a rank without rows sends zeros
+            pad = torch.zeros((chunk, L, *t.shape[2:]), dtype=t.dtype)
+            pad[:hi - lo] = t[:hi - lo]
             parts.append(gather(pad, dst=0))
         if self.rank != 0:
             return None
         full = [torch.cat(p, 0)[:B].contiguous() for p in parts]
-        n_logit = len(sl.tensors())
+        n_logit = len(SparseLogits.specs(B, L, k, mode == "sampled"))
         extra = iter(full[n_logit:])
         return TeacherOutput(SparseLogits.from_tensors(full[:n_logit]),
-                             next(extra) if cluster is not None else None,
-                             next(extra) if hidden is not None else None,
-                             next(extra) if gate is not None else None)
+                             next(extra) if outputs & OUT_CLUSTER_ACTS else None,
+                             next(extra) if outputs & OUT_HIDDEN else None,
+                             next(extra) if outputs & OUT_CLUSTER_GATE else None)
+
+    def _forward(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int,
+                 outputs: int) -> list[torch.Tensor]:
+        """This rank's rows -> its wire tensors on the host ([rows, L, ...]; see _score).
+
+        A rank without rows still runs the forward, since ZeRO-3's parameter gathers are
+        collective, but on one token, with its head on zero rows and nothing compressed:
+        transformers cannot run a batch of zero rows (attention reshapes [0, L, -1, d])."""
+        dev, dummy = rank_device(), ids.shape[0] == 0
+        if dummy:
+            ids, keep = torch.zeros((1, 1), dtype=torch.int64), torch.zeros((1, 1), dtype=torch.bool)
+            mask = torch.ones((1, 1), dtype=torch.int64)
+        else:
+            keep = real_positions(lengths, ids.shape[1])
+            mask = keep.long()
+        logits, *extras = forward_outputs(self.engine, ids.to(dev), mask.to(dev), outputs,
+                                          self.cluster_map, self.vocab_limit, keep=keep)
+        # each slice its own draws; only the scored rows leave the device
+        sparse = [] if dummy else compress(logits, k, mode, seed * 1009 + self.rank).tensors()
+        host, n_bytes = to_host(sparse + [t for t in extras if t is not None])
+        self.host_bytes += n_bytes
+        sparse, extras = host[:len(sparse)], host[len(sparse):]
+        if dummy:  # zero rows of each wire tensor
+            return [torch.zeros(shape, dtype=dt) for shape, dt in SparseLogits.specs(0, 1, k, mode == "sampled")] \
+                + [t[:0] for t in extras]
+        return spread(SparseLogits.from_tensors(sparse), keep).tensors() + extras
 
 
 def partition_on_device(model: torch.nn.Module, ds: dict) -> None:
