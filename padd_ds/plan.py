@@ -5,6 +5,7 @@
     cluster = Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=80)
     plan = make_plan(cfg, cluster)         # arithmetic on model shapes: no weights, no network
     print(plan.report())                   # last line: PLAN fits=<true|false> peak_gpu_gb=<x>
+                                           #   [rollout_tok_s=<x> step_s=<y>] (train.mode=padd, GPUs)
 
 Model shapes come from a local model's config.json, else from the Hugging Face cache, else
 from KNOWN_CONFIGS below (the published config.json values of the models our recipes name).
@@ -13,6 +14,18 @@ students train with DeepSpeed ZeRO (stage and offload from the DeepSpeed JSON) a
 with or without activation checkpointing (train.activation_checkpointing); teachers score
 full sequences with the KV cache on and return full-vocabulary logits before compressing them.
 GB means 10^9 bytes throughout.
+
+Speed: training from FLOPs at an MFU; in train.mode=padd the rollout phase from a decode model
+per rollout.backend (`decode_hf`, `decode_gathered`, and `decode_vllm` for a vLLM backend that
+is not implemented, issue 16). Decoding is memory-bound: a step reads the weights it uses (an
+MoE batch of n tokens touches E(1 - (1 - k/E)^n) experts per layer, uniform routing) and the KV
+cache (at the mean context) over HBM; `hf` adds the per-step ZeRO-3 gather over the links and
+its collectives, `hf_gathered` one gather per phase, vllm a weight sync. A phase is
+data.max_response_tokens steps (the worst case). Spec-sheet rates, no efficiency factor and no
+kernel-launch or Python overhead: the times are lower bounds. The report's last line then gains
+`rollout_tok_s=<x> step_s=<y>` for the configured backend. An hf_gathered plan must also hold
+the whole student and its rollout KV cache beside the training state. docs/cluster.md has the
+assumptions and the 72B recipe's numbers.
 
 `train.py` runs `plan_for_launch` on every rank before any process group exists and refuses
 a plan that cannot fit (on CPU the "device" is this host's RAM, shared by its processes).
