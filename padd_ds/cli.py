@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import subprocess
@@ -69,6 +70,10 @@ def cmd_plan(args) -> int:
         else:
             nodes, per_node, world = args.nodes, args.gpus_per_node, args.nodes * args.gpus_per_node
         cluster = resolve_cluster(nodes, per_node, world, args.gpu_mem_gb, args.host_mem_gb, args.gpu_tflops, args.mfu)
+        if args.hbm_tbps is not None:
+            if args.hbm_tbps <= 0:
+                raise ConfigError(f"--hbm-tbps must be > 0, got {args.hbm_tbps}")
+            cluster = dataclasses.replace(cluster, hbm_tbps=args.hbm_tbps)
         plan = make_plan(cfg, cluster, args.recipe or "")
     except ConfigError as e:
         print(f"padd-ds: config error: {e}", file=sys.stderr)
@@ -201,6 +206,9 @@ def main(argv=None) -> int:
     pl.add_argument("--host-mem-gb", type=float, default=None, help="RAM per node in GB (default: not checked)")
     pl.add_argument("--gpu-tflops", type=float, default=None, help="peak dense bf16 TFLOPs per GPU (default 989, H100)")
     pl.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilization for the speed estimate (default 0.30)")
+    pl.add_argument("--hbm-tbps", type=float, default=None,
+                    help="GPU memory bandwidth in TB/s for the rollout decode model (default: H100 SXM 3.35, H200 4.8 "
+                         "above 100 GB)")
     pl.add_argument("--slurm", action="store_true", help="take nodes and tasks per node from this SLURM allocation")
     pl.set_defaults(fn=cmd_plan)
 

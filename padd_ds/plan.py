@@ -5,6 +5,7 @@
     cluster = Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=80)
     plan = make_plan(cfg, cluster)         # arithmetic on model shapes: no weights, no network
     print(plan.report())                   # last line: PLAN fits=<true|false> peak_gpu_gb=<x>
+                                           #   [rollout_tok_s=<x> step_s=<y>] (train.mode=padd, GPUs)
 
 Model shapes come from a local model's config.json, else from the Hugging Face cache, else
 from KNOWN_CONFIGS below (the published config.json values of the models our recipes name).
@@ -13,6 +14,18 @@ students train with DeepSpeed ZeRO (stage and offload from the DeepSpeed JSON) a
 with or without activation checkpointing (train.activation_checkpointing); teachers score
 full sequences with the KV cache on and return full-vocabulary logits before compressing them.
 GB means 10^9 bytes throughout.
+
+Speed: training from FLOPs at an MFU; in train.mode=padd the rollout phase from a decode model
+per rollout.backend (`decode_hf`, `decode_gathered`, and `decode_vllm` for a vLLM backend that
+is not implemented, issue 16). Decoding is memory-bound: a step reads the weights it uses (an
+MoE batch of n tokens touches E(1 - (1 - k/E)^n) experts per layer, uniform routing) and the KV
+cache (at the mean context) over HBM; `hf` adds the per-step ZeRO-3 gather over the links and
+its collectives, `hf_gathered` one gather per phase, vllm a weight sync. A phase is
+data.max_response_tokens steps (the worst case). Spec-sheet rates, no efficiency factor and no
+kernel-launch or Python overhead: the times are lower bounds. The report's last line then gains
+`rollout_tok_s=<x> step_s=<y>` for the configured backend. An hf_gathered plan must also hold
+the whole student and its rollout KV cache beside the training state. docs/cluster.md has the
+assumptions and the 72B recipe's numbers.
 
 `train.py` runs `plan_for_launch` on every rank before any process group exists and refuses
 a plan that cannot fit (on CPU the "device" is this host's RAM, shared by its processes).
@@ -261,6 +274,24 @@ class Arch:
         the decompressed per-head K and V, not the latent)."""
         return float(self.layers * (self.k_dim + self.v_dim) * elem)
 
+    # -- decoding ------------------------------------------------------------------------------
+    def touched_expert_fraction(self, tokens: int) -> float:
+        """Expected share of one MoE layer's experts that `tokens` tokens route to, each choosing
+        top_k of E uniformly (what Stage IV's balancing aims for; skewed routing touches fewer):
+        1 - (1 - k/E)^tokens. One token reads k/E of them; a large batch approaches all."""
+        if not self.is_moe or tokens <= 0:
+            return 0.0
+        return 1.0 - max(0.0, 1.0 - self.top_k / self.experts) ** tokens
+
+    def decode_read_params(self, tokens: int, expert_share: float = 1.0) -> float:
+        """Parameters one decode step reads for `tokens` sequences on a device that holds
+        `expert_share` of each layer's experts: everything but the routed experts (the input
+        embedding only when tied, as the LM head; a lookup reads a few rows), plus the held
+        experts the batch touches."""
+        non_expert = self.total_params() - self.routed_expert_params() - (
+            0 if self.tied_embeddings else self.embedding_params())
+        return non_expert + self.routed_expert_params() * expert_share * self.touched_expert_fraction(tokens)
+
     def inference_transient_bytes_per_token(self, elem: int) -> float:
         """The largest per-layer temporaries of a no-grad forward: the FFN's gate, up and
         product (3 widths; top-k experts and the shared one in an MoE) plus q, k, v, output."""
@@ -372,9 +403,33 @@ CPU_PROCESS_GB = 1.0
 # H100 SXM dense bf16 peak, the usual 80 GB training GPU; A100 is 312.
 DEFAULT_PEAK_TFLOPS = 989.0
 # Model-FLOPs utilization for the speed estimate: mid-range for bf16 MoE training with
-# ZeRO-3 gathers and all-to-all. Rollout decoding usually runs far below it, so the
-# student's rate is an upper bound. Measure yours and pass --mfu.
+# ZeRO-3 gathers and all-to-all. It prices training only: rollouts decode, which is bound by
+# bytes, not FLOPs (the decode model below). Measure yours and pass --mfu.
 DEFAULT_MFU = 0.30
+# Decoding is bound by memory and links, not FLOPs (one token per sequence per step): the
+# rollout model reads bytes at these spec-sheet rates, per GPU and direction. No efficiency
+# factor is applied, so every rollout time is a lower bound.
+H100_HBM_TBPS = 3.35      # H100 SXM5 80 GB: HBM3, 3.35 TB/s
+H200_HBM_TBPS = 4.8       # H200 141 GB: HBM3e, 4.8 TB/s (picked for GPUs of more than 100 GB)
+NVLINK_GBPS = 450.0       # NVLink 4 (H100/H200 SXM): 900 GB/s per GPU both ways together, 450 each way
+IB_GBPS = 50.0            # one 400 Gb/s NDR InfiniBand HCA per GPU (DGX/HGX H100, H200): 50 GB/s each way
+# One small NCCL collective (a module's all-gather, an all-to-all of a few tokens): ~10 us within
+# a node, tens of us across nodes.
+COLLECTIVE_LATENCY_S = 30e-6
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Per-GPU rates the decode model reads bytes at (bytes per second, one direction)."""
+    name: str
+    hbm: float
+    nvlink: float            # to a GPU of the same node
+    ib: float                # to a GPU of another node
+    latency_s: float         # one small collective
+
+    def describe(self) -> str:
+        return (f"{self.name}: HBM {self.hbm / 1e12:g} TB/s, NVLink {self.nvlink / 1e9:g} GB/s, "
+                f"InfiniBand {self.ib / 1e9:g} GB/s per GPU, {self.latency_s * 1e6:g} us per collective")
 
 
 @dataclass(frozen=True)
@@ -387,6 +442,7 @@ class Cluster:
     host_memory_gb: float | None = None  # RAM per node; None = unknown, not checked
     peak_tflops: float | None = DEFAULT_PEAK_TFLOPS
     mfu: float = DEFAULT_MFU
+    hbm_tbps: float | None = None      # None: H200's above 100 GB of device memory, else H100's
 
     @property
     def world(self) -> int:
@@ -397,6 +453,15 @@ class Cluster:
         if self.device == "gpu":
             return self.gpu_memory_gb - GPU_RESERVE_GB
         return self.gpu_memory_gb - CPU_PROCESS_GB
+
+    def hardware(self) -> Hardware | None:
+        """Bandwidths for the decode model; None on CPU (not estimated)."""
+        if self.device != "gpu":
+            return None
+        name, tbps = ("H200", H200_HBM_TBPS) if self.gpu_memory_gb > 100 else ("H100 SXM", H100_HBM_TBPS)
+        if self.hbm_tbps:
+            name, tbps = "GPU (--hbm-tbps)", self.hbm_tbps
+        return Hardware(name, tbps * 1e12, NVLINK_GBPS * 1e9, IB_GBPS * 1e9, COLLECTIVE_LATENCY_S)
 
     def describe(self) -> str:
         shape = f"{self.nodes} node{'s' if self.nodes != 1 else ''} x {self.gpus_per_node}"
@@ -463,6 +528,8 @@ class Plan:
     teacher_peak_gb: float
     host_gb: float = 0.0        # RAM per node while loading (plus CPU offload)
     fixes: list[Fix] = field(default_factory=list)
+    rollout_tok_s: float | None = None  # train.mode=padd on GPUs: the configured backend's generated tok/s
+    step_s: float | None = None         # its seconds per RL step: rollout phase + training
 
     @property
     def peak_gb(self) -> float:
@@ -503,7 +570,10 @@ class Plan:
                 out += [f"  {f.what:<56} {f.why}" for f in self.fixes]
             else:
                 out.append("fixes    no single change found; use more or larger GPUs, or a smaller model")
-        out.append(f"PLAN fits={'true' if self.fits else 'false'} peak_gpu_gb={self.peak_gb:.1f}")
+        last = f"PLAN fits={'true' if self.fits else 'false'} peak_gpu_gb={self.peak_gb:.1f}"
+        if self.rollout_tok_s is not None and self.step_s is not None:
+            last += f" rollout_tok_s={self.rollout_tok_s:.0f} step_s={self.step_s:.1f}"
+        out.append(last)
         return "\n".join(out)
 
     def refusal(self) -> str:
@@ -570,6 +640,7 @@ class _Shape:
     local_experts: int
     elem: int                # bytes per parameter/activation element (bf16 2, fp32 4)
     seq: int                 # prompt + response tokens
+    response: int            # data.max_response_tokens: a rollout phase's decode steps
     mbs: int                 # sequences per student rank per micro-step
     tokens: int              # mbs * seq, right-padded to the longest sequence
     gas: int                 # micro-steps per optimiser step (padd: the rollout batch's micro-batches)
@@ -595,7 +666,7 @@ def _shape(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> _Shape:
                   n_student=n_student,
                   parallel=cfg.teacher.parallel if n_teacher > 1 else "replicas", ep=ep, local_experts=local,
                   elem=2 if uses_bf16(cfg.models.dtype, cluster.device == "gpu") else 4,
-                  seq=seq, mbs=mbs, tokens=mbs * seq,
+                  seq=seq, response=cfg.data.max_response_tokens, mbs=mbs, tokens=mbs * seq,
                   gas=accumulation_steps(cfg, n_student) if splits else cfg.train.grad_accum,
                   rollout=max(1, rollout_batch_size(cfg, n_student)) if padd else 0)
 
@@ -670,6 +741,8 @@ class _Memory:
     items: list[Item]
     peak: float
     offload: float = 0.0
+    gathered_gb: float = 0.0   # padd: a rank's peak during an hf_gathered rollout phase (any backend)
+    note: str = ""             # what makes the peak, when a refusal should name it
 
 
 def _student_state(sh: _Shape, S: Arch, zero: Mapping) -> tuple[list[Item], float]:
@@ -722,14 +795,32 @@ def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     logits = sh.tokens * S.vocab * (sh.elem + 16) / GB
     items.append(Item(f"logits + loss ({sh.mbs} x {sh.seq} x vocab {S.vocab}, {sh.elem + 16} B each)", logits))
     train_peak = sum(it.gb for it in items)
-    peak = train_peak
-    if cfg.train.mode == "padd":
-        # The rollout phase samples the whole rollout batch at once; its KV cache is not live
-        # during the update and replaces the training activations and logits.
-        kv = sh.rollout * sh.seq * S.kv_cache_bytes_per_token(sh.elem) / GB
-        items.append(Item(f"(rollouts instead of activations: KV cache {sh.rollout} x {sh.seq} tokens)", kv))
-        peak = max(train_peak, train_peak - act - logits + kv)
-    return _Memory(items, peak, offload)
+    if cfg.train.mode != "padd":
+        return _Memory(items, train_peak, offload)
+    # The rollout phase samples the whole rollout batch at once; its KV cache is not live
+    # during the update and replaces the training activations and logits.
+    kv = sh.rollout * sh.seq * S.kv_cache_bytes_per_token(sh.elem) / GB
+    held = train_peak - act - logits  # ZeRO partitions, optimizer state, buffers: kept through rollouts
+    gathered, detail = _gathered_rollout(sh, S, kv)
+    if cfg.rollout.backend == "hf_gathered":
+        items.append(Item(f"(rollouts instead of activations, hf_gathered: {detail})", gathered))
+        note = (f"rollout.backend=hf_gathered: {detail} = {gathered:.1f} GB beside {held:.1f} GB of training "
+                f"state; use rollout.backend=hf or shorter data.max_response_tokens")
+        return _Memory(items, max(train_peak, held + gathered), offload, held + gathered,
+                       note if held + gathered > train_peak else "")
+    items.append(Item(f"(rollouts instead of activations: KV cache {sh.rollout} x {sh.seq} tokens)", kv))
+    return _Memory(items, max(train_peak, held + kv), offload, held + gathered)
+
+
+def _gathered_rollout(sh: _Shape, S: Arch, kv_gb: float) -> tuple[float, str]:
+    """GB an hf_gathered rollout phase adds to a rank (models/gathered.py): the whole student in
+    the engine dtype, the KV cache of its rollout batch at full length, and the prefill's layer
+    temporaries over the batch's prompts (generate keeps only the last position's logits)."""
+    weights = S.total_params() * sh.elem / GB
+    prefill = sh.rollout * (sh.seq - sh.response) * S.inference_transient_bytes_per_token(sh.elem) / GB
+    detail = (f"the gathered student {weights:.1f} GB ({sh.elem} B x {_count(S.total_params())}) + KV cache "
+              f"{sh.rollout} x {sh.seq} tokens {kv_gb:.1f} GB + prefill temporaries {prefill:.1f} GB")
+    return weights + kv_gb + prefill, detail
 
 
 def _teacher_memory(sh: _Shape, T: Arch) -> _Memory:
@@ -760,8 +851,9 @@ def _place(sh: _Shape, student: _Memory, teacher: _Memory) -> tuple[_Memory, _Me
     """What each device really holds: a colocated teacher lives in the student's process; a
     role with no ranks holds nothing."""
     if sh.colocated:
-        student = _Memory(student.items + [Item("colocated teacher (everything above under 'teacher')", teacher.peak)],
-                          student.peak + teacher.peak, student.offload)
+        student = dataclasses.replace(
+            student, items=student.items + [Item("colocated teacher (everything above under 'teacher')", teacher.peak)],
+            peak=student.peak + teacher.peak, gathered_gb=student.gathered_gb + teacher.peak)
         teacher = _Memory([], 0.0)
     if sh.n_student < 1:
         student = _Memory([], 0.0, student.offload)
@@ -807,8 +899,9 @@ def _fit_checks(sh: _Shape, cluster: Cluster, inp: _Inputs, student: _Memory, te
     where = "GPU" if cluster.device == "gpu" else "process"
     checks: list[Check] = []
     if student.items:
+        why = f" ({student.note})" if student.note else ""
         checks.append(_check(student.peak <= usable, f"student peak {student.peak:.1f} GB within {usable:.1f} GB usable",
-                             f"student needs {student.peak:.1f} GB per {where}, {usable:.1f} GB usable"))
+                             f"student needs {student.peak:.1f} GB per {where}, {usable:.1f} GB usable{why}"))
     if teacher.items:
         weights = sh.elem * inp.teacher.total_params() / GB
         hint = ("" if sh.parallel == "zero3" or weights <= usable else
@@ -819,18 +912,19 @@ def _fit_checks(sh: _Shape, cluster: Cluster, inp: _Inputs, student: _Memory, te
     return checks
 
 
-def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> list[str]:
-    """Tokens per second from FLOPs at the given MFU, and which role bounds the step."""
+def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> tuple[list[str], float | None]:
+    """Training tokens per second from FLOPs at the given MFU, which role bounds the step, and
+    the step's training seconds (an RL step's rollout phase is the decode model's, below)."""
     if sh.n_student < 1:
-        return []
+        return [], None
     if not cluster.peak_tflops:
-        return ["not estimated (no peak TFLOPs for this device; pass --gpu-tflops)"]
+        return ["not estimated (no peak TFLOPs for this device; pass --gpu-tflops)"], None
     rate = cluster.peak_tflops * 1e12 * cluster.mfu
     ctx = sh.seq / 2  # causal attention: a token sees half the sequence on average
     # per update: fwd + bwd (2x) [+ the checkpoint's recompute forward]; an RL step makes
-    # stage3.updates_per_batch updates on one rollout batch, sampled once (one more forward)
+    # stage3.updates_per_batch updates on one rollout batch
     update = 3 + (1 if cfg.train.activation_checkpointing else 0)
-    passes = 1 + cfg.stage3.updates_per_batch * update if cfg.train.mode == "padd" else update
+    passes = cfg.stage3.updates_per_batch * update if cfg.train.mode == "padd" else update
     s_flops = passes * inp.student.forward_flops_per_token(ctx)
     t_flops = inp.teacher.forward_flops_per_token(ctx)
     student_tps = sh.n_student * rate / s_flops
@@ -846,11 +940,162 @@ def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> list[
     advice = (f"; the sharded teacher splits each request's {sh.mbs} sequence(s) over {sh.n_teacher} ranks, "
               f"so raise train.micro_batch_size or add teacher ranks"
               if bound == "teacher" and zero3 and busy < sh.n_teacher else "")
-    return [f"at MFU {cluster.mfu:.2f} of {cluster.peak_tflops:g} TFLOPs: student {student_tps:,.0f} tok/s "
-            f"({s_flops / 1e9:.1f} GFLOP/token over {passes} passes), teacher {teacher_tps:,.0f} tok/s "
-            f"({t_flops / 1e9:.1f} GFLOP/token{busy_note})",
-            f"{bound}-bound: ~{tps:,.0f} tok/s, {step_tokens:,} tokens per step -> ~{step_tokens / tps:.1f} s/step"
-            + advice]
+    what = " (training; the rollout phase is below)" if cfg.train.mode == "padd" else ""
+    return ([f"at MFU {cluster.mfu:.2f} of {cluster.peak_tflops:g} TFLOPs: student {student_tps:,.0f} tok/s "
+             f"({s_flops / 1e9:.1f} GFLOP/token over {passes} passes), teacher {teacher_tps:,.0f} tok/s "
+             f"({t_flops / 1e9:.1f} GFLOP/token{busy_note})",
+             f"{bound}-bound: ~{tps:,.0f} tok/s, {step_tokens:,} tokens per step -> ~{step_tokens / tps:.1f} s/step"
+             + what + advice], step_tokens / tps)
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts: decoding per backend
+# --------------------------------------------------------------------------------------
+# A decode step makes one token per sequence: it reads the weights it uses and the KV cache
+# once (memory-bound; FLOPs are negligible at these batch sizes) and, for `hf`, first gathers
+# the ZeRO-3 partitions over the links. Worst case throughout: every response runs the whole
+# data.max_response_tokens, so a phase is that many decode steps.
+
+@dataclass(frozen=True)
+class RolloutLayout:
+    """A rollout phase's shape, all the decode model needs besides the model and the GPU."""
+    students: int            # student ranks
+    per_node: int            # ranks per node
+    ep: int                  # expert-parallel size
+    batch: int               # sequences a student rank samples per phase (prompts x G)
+    prompt: int              # prompt tokens (left-padded to data.max_prompt_tokens)
+    response: int            # decode steps per phase: data.max_response_tokens
+    elem: int                # bytes per weight and KV element (bf16 2)
+
+    @property
+    def kv_context(self) -> float:
+        """Mean tokens a decode step attends to over the phase."""
+        return self.prompt + self.response / 2
+
+    def kv_read(self, S: Arch, sequences: int) -> float:
+        return sequences * self.kv_context * S.kv_cache_bytes_per_token(self.elem)
+
+    def links(self, hw: Hardware) -> tuple[float, float]:
+        """(ZeRO-3 group link, expert-parallel group link): InfiniBand once the student ranks
+        span nodes; an expert-parallel group of consecutive ranks inside a node uses NVLink."""
+        zero = hw.ib if self.students > self.per_node else hw.nvlink
+        ep = hw.nvlink if self.per_node % self.ep == 0 else hw.ib
+        return zero, ep
+
+    def partition_gather_bytes(self, S: Arch) -> float:
+        """Bytes a rank receives to hold every non-expert parameter and its expert-parallel
+        slice of the experts, from the ZeRO-3 partitions (1/students of everything) of the others."""
+        P, X = S.total_params(), S.routed_expert_params()
+        return self.elem * ((P - X) + X / self.ep - P / self.students)
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One backend's rollout phase: `setup_s` once, then `layout.response` steps of `step_s`."""
+    backend: str
+    layout: RolloutLayout
+    setup_s: float
+    step_s: float
+    terms: str               # what the step time is made of
+
+    @property
+    def phase_s(self) -> float:
+        return self.setup_s + self.layout.response * self.step_s
+
+    @property
+    def tok_s(self) -> float:
+        """Generated tokens per second over the whole cluster."""
+        lay = self.layout
+        return lay.students * lay.batch * lay.response / self.phase_s
+
+
+def decode_hf(S: Arch, lay: RolloutLayout, hw: Hardware) -> Decode:
+    """`generate` on the ZeRO-3 + AutoEP engine: every step each rank gathers all non-resident
+    parameters of its view (every non-expert one, its expert slice), reads them and the KV cache,
+    and runs two all-to-alls per MoE layer (the tokens of its expert-parallel group reach its
+    experts). Collectives per step: one per attention and per FFN block, the embedding and the
+    head, and per MoE layer the expert gather plus two all-to-alls (a lower bound: ZeRO-3
+    fetches module by module). Gathers and compute are added, not overlapped."""
+    zero_link, ep_link = lay.links(hw)
+    gather = lay.partition_gather_bytes(S)
+    hbm = lay.elem * S.decode_read_params(lay.batch * lay.ep, 1 / lay.ep) + lay.kv_read(S, lay.batch)
+    a2a = 2 * S.moe_layers * lay.batch * S.top_k * S.hidden * lay.elem * (lay.ep - 1) / lay.ep
+    n = (2 * S.layers + 2 + S.moe_layers * (1 + 2 * (lay.ep > 1))) if lay.students > 1 else 0
+    step = hbm / hw.hbm + gather / zero_link + a2a / ep_link + n * hw.latency_s
+    terms = (f"HBM {hbm / GB:.2f} GB {1e3 * hbm / hw.hbm:.1f} ms + ZeRO-3 gather {gather / GB:.2f} GB "
+             f"{1e3 * gather / zero_link:.1f} ms + all-to-alls {a2a / GB:.3f} GB + {n} collectives "
+             f"{1e3 * n * hw.latency_s:.1f} ms")
+    return Decode("hf", lay, 0.0, step, terms)
+
+
+def decode_gathered(S: Arch, lay: RolloutLayout, hw: Hardware) -> Decode:
+    """`hf_gathered`: once per phase the ZeRO-3 gather of the rank's view, then the
+    expert-parallel all-gather of the other experts; each step reads the non-expert weights,
+    the experts its own batch touches and its KV cache, with no collective."""
+    zero_link, ep_link = lay.links(hw)
+    others = lay.elem * S.routed_expert_params() * (lay.ep - 1) / lay.ep
+    setup = lay.partition_gather_bytes(S) / zero_link + others / ep_link
+    hbm = lay.elem * S.decode_read_params(lay.batch) + lay.kv_read(S, lay.batch)
+    experts = f": {S.experts * S.touched_expert_fraction(lay.batch):.1f} of {S.experts} experts per layer" if S.is_moe else ""
+    return Decode("hf_gathered", lay, setup, hbm / hw.hbm, f"HBM {hbm / GB:.2f} GB{experts}")
+
+
+def decode_vllm(S: Arch, lay: RolloutLayout, hw: Hardware) -> Decode:
+    """A hypothetical vLLM backend (not implemented, issue 16): one engine per node over its g
+    student GPUs (g = gcd(students, ranks per node)), weights and KV cache split evenly over
+    them, decoding their g x batch sequences as one continuous batch; two collectives per layer
+    (tensor/expert parallel). Before each phase a weight sync streams the whole model into each
+    engine over one link. Continuous batching refills early-finished rows: nothing to refill in
+    this worst case."""
+    g = math.gcd(lay.students, lay.per_node)
+    setup = lay.elem * S.total_params() / lay.links(hw)[0]
+    hbm = (lay.elem * S.decode_read_params(g * lay.batch) + lay.kv_read(S, g * lay.batch)) / g
+    n = 2 * S.layers if g > 1 else 0
+    experts = (f", {S.experts * S.touched_expert_fraction(g * lay.batch):.1f} of {S.experts} experts per layer"
+               if S.is_moe else "")
+    terms = (f"HBM {hbm / GB:.2f} GB per GPU ({g} GPUs, {g * lay.batch} sequences{experts}) + {n} collectives "
+             f"{1e3 * n * hw.latency_s:.1f} ms")
+    return Decode("vllm", lay, setup, hbm / hw.hbm + n * hw.latency_s, terms)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:,.0f} s" + (f" ({seconds / 3600:.2f} h)" if seconds >= 3600 else
+                                  f" ({seconds / 60:.1f} min)" if seconds >= 60 else "")
+
+
+def _rollout_speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs, train_s: float | None,
+                   student: _Memory) -> tuple[list[str], Decode | None]:
+    """The `speed rollout` lines, one per backend (the configured one marked), and its Decode."""
+    hw = cluster.hardware()
+    if cfg.train.mode != "padd" or sh.n_student < 1:
+        return [], None
+    if hw is None:
+        return ["rollout not estimated (the decode model needs GPU bandwidths)"], None
+    lay = RolloutLayout(sh.n_student, sh.gpn, max(1, sh.ep), sh.rollout, sh.seq - sh.response, sh.response, sh.elem)
+    S = inp.student
+    lines = [f"rollout model: {hw.describe()} (spec rates: times are lower bounds); a decode step reads the "
+             f"weights it uses and the KV cache once (mean context prompt + response/2 = {lay.kv_context:g} tokens); "
+             f"{lay.response} decode steps per phase (data.max_response_tokens, worst case: no response ends early), "
+             f"{lay.batch} sequences per student rank",
+             "rollout model: an MoE batch of n tokens reads E(1 - (1 - k/E)^n) experts per layer (uniform routing); "
+             "prefill, kernel launches and Python are not counted"]
+    configured = None
+    usable = cluster.usable_gb
+    for d in (decode_hf(S, lay, hw), decode_gathered(S, lay, hw), decode_vllm(S, lay, hw)):
+        mark = " (configured)" if d.backend == cfg.rollout.backend else ""
+        if d.backend == "vllm":
+            mark = " (not implemented, issue 16)"
+        setup = {"hf": "", "hf_gathered": f"gather {d.setup_s:.2f} s once + ",
+                 "vllm": f"weight sync {d.setup_s:.2f} s + "}[d.backend]
+        step = f"; step_s={_duration(d.phase_s + train_s)}" if train_s is not None else ""
+        fit = ""
+        if d.backend == "hf_gathered":
+            ok = student.gathered_gb <= usable
+            fit = f"; needs {student.gathered_gb:.1f} GB of {usable:.1f} usable{'' if ok else ': does NOT fit'}"
+        lines.append(f"rollout {d.backend}{mark}: {setup}{1e3 * d.step_s:.1f} ms/step ({d.terms}) -> "
+                     f"{_duration(d.phase_s)} per phase; rollout_tok_s={d.tok_s:,.0f}{step}{fit}")
+        configured = d if d.backend == cfg.rollout.backend else configured
+    return lines, configured
 
 
 def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fixes: bool = True,
@@ -860,8 +1105,12 @@ def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fix
     student, teacher = _place(sh, _student_memory(cfg, sh, inp), _teacher_memory(sh, inp.teacher))
     host = _host_memory(sh, cluster, inp, student, teacher)
     checks = _layout_checks(cfg, sh, inp) + host.checks + _fit_checks(sh, cluster, inp, student, teacher)
+    speed, train_s = _speed(cfg, cluster, sh, inp)
+    rollout_lines, decode = _rollout_speed(cfg, cluster, sh, inp, train_s, student)
     plan = Plan(recipe or "(defaults)", cluster, _layout(sh, inp), student.items, teacher.items, checks,
-                _speed(cfg, cluster, sh, inp), host.lines, student.peak, teacher.peak, host.need_gb)
+                speed + rollout_lines, host.lines, student.peak, teacher.peak, host.need_gb)
+    if decode is not None and train_s is not None:
+        plan.rollout_tok_s, plan.step_s = decode.tok_s, decode.phase_s + train_s
     if search_fixes and not plan.fits:
         plan.fixes = find_fixes(cfg, cluster, inp)
     return plan
@@ -916,6 +1165,9 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
                 change["teacher.parallel"] = par
             if attempt(Fix("", change)):
                 break
+    # Rollouts on the engine itself: no whole-student copy per rank, but hours of decoding.
+    if cfg.train.mode == "padd" and cfg.rollout.backend == "hf_gathered":
+        attempt(Fix("decodes far slower, see speed", {"rollout.backend": "hf"}))
     # Activation checkpointing: one more student forward instead of every layer's activations.
     if not cfg.train.activation_checkpointing:
         attempt(Fix("one more forward per step", {"train.activation_checkpointing": True}))

@@ -18,8 +18,8 @@ import torch
 from conftest import REPO
 from padd_ds.config import ConfigError
 from padd_ds.recipe import load_config
-from padd_ds.plan import (GPU_RESERVE_GB, KNOWN_CONFIGS, Cluster, arch_from_config, make_plan, min_shards,
-                          slurm_shape)
+from padd_ds.plan import (GPU_RESERVE_GB, KNOWN_CONFIGS, Arch, Cluster, Hardware, RolloutLayout, arch_from_config,
+                          decode_gathered, decode_hf, decode_vllm, make_plan, min_shards, slurm_shape)
 from padd_ds.validate import validate
 
 RECIPE_70B = str(REPO / "recipes" / "qwen25_72b_to_qwen3_30b_a3b.yaml")
@@ -251,16 +251,139 @@ def test_speed_estimate_from_flops():
 
 
 def test_speed_counts_every_update_on_a_rollout_batch():
-    """An RL step samples its rollout batch once (one forward) and makes
-    stage3.updates_per_batch updates on it, each fwd + bwd + the checkpoint's recompute."""
+    """An RL step makes stage3.updates_per_batch updates on its rollout batch, each fwd + bwd +
+    the checkpoint's recompute (the rollout phase is the decode model's, not a forward)."""
     cluster = Cluster(nodes=8, **H100, peak_tflops=1000.0, mfu=0.5)
     speeds = {}
     for u in (1, 2):
         plan = make_plan(load_config(RECIPE_70B, [f"stage3.updates_per_batch={u}"]), cluster)
         passes, student = re.search(r"student ([\d,]+) tok/s \([\d.]+ GFLOP/token over (\d+) passes", plan.speed[0]).group(2, 1)
         speeds[u] = (int(passes), float(student.replace(",", "")))
-    assert speeds[1][0] == 1 + 4 and speeds[2][0] == 1 + 2 * 4
-    assert speeds[2][1] / speeds[1][1] == pytest.approx(5 / 9, rel=1e-3)
+    assert speeds[1][0] == 4 and speeds[2][0] == 2 * 4
+    assert speeds[2][1] / speeds[1][1] == pytest.approx(1 / 2, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts: the decode model per backend, against hand arithmetic
+# --------------------------------------------------------------------------------------
+
+# One MoE layer, hidden 10, one head of 10, 4 experts of width 10, top-2, vocab 100:
+#   attention 10 x (10 + 2 x 10) + 10 x 10 = 400; two RMSNorms 20; router 10 x 4 = 40;
+#   routed experts 4 x 3 x 10 x 10 = 1200; embedding 1000; LM head 1000; final norm 10;
+#   total 3670; read by a decode step besides the experts: 3670 - 1200 - 1000 (input embedding) = 1470.
+#   KV cache: 1 layer x (10 + 10) x 2 B = 40 B per token.
+TOY_MOE = Arch(name="toy", model_type="qwen3_moe", layers=1, hidden=10, vocab=100, heads=1, kv_heads=1, head_dim=10,
+               intermediate=0, experts=4, top_k=2, expert_intermediate=10, moe_layers=1)
+# 4 student ranks, 2 per node (so ZeRO-3 gathers cross nodes), EP 2 (inside a node), 2 sequences
+# per rank, 4 prompt + 8 response tokens (mean context 4 + 8/2 = 8), bf16.
+TOY_LAYOUT = RolloutLayout(students=4, per_node=2, ep=2, batch=2, prompt=4, response=8, elem=2)
+# Round rates in bytes/s: HBM 1000, NVLink 100, InfiniBand 10, 1 s per collective.
+TOY_HW = Hardware("toy", hbm=1000.0, nvlink=100.0, ib=10.0, latency_s=1.0)
+ROLLOUT_NAMES = ("hf", "hf_gathered", "vllm")  # the last is the planner's hypothetical (issue 16)
+
+
+def test_toy_moe_shapes_for_the_decode_model():
+    assert TOY_MOE.total_params() == 3670 and TOY_MOE.routed_expert_params() == 1200
+    assert TOY_MOE.kv_cache_bytes_per_token(2) == 40
+    # a batch of n tokens touches 1 - (1 - k/E)^n = 1 - (1/2)^n of the experts
+    assert TOY_MOE.touched_expert_fraction(1) == 0.5 and TOY_MOE.touched_expert_fraction(4) == 15 / 16
+    assert TOY_MOE.decode_read_params(1) == 1470 + 600           # one token: k/E of the experts
+    assert TOY_MOE.decode_read_params(200) == pytest.approx(1470 + 1200)  # a large batch: all of them
+
+
+def test_decode_hf_by_hand():
+    """Per step and rank: gather every non-expert parameter and its EP half of the experts,
+    less its own 1/4 of everything, over InfiniBand: 2 B x (2470 + 600 - 917.5) = 4305 B, 430.5 s.
+    HBM: 1470 + its 2 experts x 300 touched by the 2 x 2 = 4 tokens of its EP group (15/16):
+    2 x (1470 + 600 x 15/16) = 4065 B, plus KV 2 seqs x 8 x 40 = 640 B -> 4.705 s.
+    All-to-alls: 2 x 1 layer x 2 seqs x top-2 x 10 x 2 B x 1/2 = 80 B over NVLink, 0.8 s.
+    Collectives: 2 x 1 layer + 2 + 1 MoE layer x 3 = 7, 7 s. Step 443.005 s, 8 steps a phase."""
+    d = decode_hf(TOY_MOE, TOY_LAYOUT, TOY_HW)
+    assert d.setup_s == 0 and d.step_s == pytest.approx(430.5 + 4.705 + 0.8 + 7)
+    assert d.phase_s == pytest.approx(8 * 443.005)
+    assert d.tok_s == pytest.approx(4 * 2 * 8 / (8 * 443.005))  # 4 ranks x 2 sequences x 8 tokens
+
+
+def test_decode_hf_gathered_by_hand():
+    """Once a phase: the same ZeRO-3 gather (430.5 s over InfiniBand), then the other EP half
+    of the experts over NVLink: 2 B x 600 / 100 = 12 s. Each step reads the non-expert weights
+    and the experts its own 2 tokens touch (3/4): 2 x (1470 + 900) = 4740 B, plus KV 640 B:
+    5.38 s, no collective."""
+    d = decode_gathered(TOY_MOE, TOY_LAYOUT, TOY_HW)
+    assert d.setup_s == pytest.approx(442.5) and d.step_s == pytest.approx(5.38)
+    assert d.phase_s == pytest.approx(442.5 + 8 * 5.38)
+
+
+def test_decode_vllm_by_hand():
+    """One engine over gcd(4, 2) = 2 GPUs serving 4 sequences: weight sync 2 B x 3670 over
+    InfiniBand = 734 s; each step reads (2 x (1470 + 1200 x 15/16) + 4 x 8 x 40) / 2 = 3235 B per GPU,
+    3.235 s, plus 2 collectives (one layer), 2 s."""
+    d = decode_vllm(TOY_MOE, TOY_LAYOUT, TOY_HW)
+    assert d.setup_s == pytest.approx(734) and d.step_s == pytest.approx(5.235)
+    assert d.phase_s == pytest.approx(734 + 8 * 5.235)
+
+
+def test_one_student_rank_decodes_with_no_collective():
+    solo = RolloutLayout(students=1, per_node=8, ep=1, batch=2, prompt=4, response=8, elem=2)
+    d = decode_hf(TOY_MOE, solo, TOY_HW)
+    # nothing to gather (the rank holds everything), no all-to-all: HBM 2 x (1470 + 1200 x 3/4) + 640 B
+    assert d.step_s == pytest.approx((2 * 2370 + 640) / 1000)
+
+
+def _rollout_lines(plan) -> dict[str, str]:
+    return {m.group(1): line for line in plan.speed if (m := re.match(r"rollout (\w+)[ :]", line))}
+
+
+def test_72b_rollouts_take_hours_on_the_engine_and_minutes_gathered():
+    """The recipe's layout on H100s: 56 ranks x 8 sequences x 15872 decode steps. `hf` gathers
+    9.2 GB per rank and step over InfiniBand (~0.2 s a step, most of an hour a phase); the
+    gathered copy and a vLLM engine read their weights and KV cache from HBM (~10 ms a step)."""
+    plan = make_plan(load_config(RECIPE_70B), Cluster(nodes=8, **H100))
+    lines = _rollout_lines(plan)
+    assert set(lines) >= {"hf", "hf_gathered", "vllm"}
+    assert lines["hf"].startswith("rollout hf (configured):")
+    assert lines["vllm"].startswith("rollout vllm (not implemented, issue 16):")
+    phase = {k: float(re.search(r"-> ([\d,]+) s", v).group(1).replace(",", "")) for k, v in lines.items()
+             if k in ROLLOUT_NAMES}
+    assert phase["hf"] > 2500 and plan.step_s > 3600  # hours per RL step
+    assert phase["hf_gathered"] < 300 and phase["vllm"] < 300 and phase["hf"] > 10 * phase["hf_gathered"]
+    assert "needs 84.5 GB of 76.0 usable: does NOT fit" in lines["hf_gathered"]  # see the refusal below
+    assert plan.rollout_tok_s == pytest.approx(56 * 8 * 15872 / phase["hf"], rel=1e-3)
+    assert any("worst case: no response ends early" in line for line in plan.speed)
+
+
+def test_hf_gathered_that_cannot_hold_the_student_and_its_kv_cache_is_refused():
+    """Each rank keeps its training state (params 1.09 + grads and Adam 7.63 + ZeRO-3 gather
+    buffers 1.34 = 10.06 GB) and adds the whole bf16 student (2 x 30,532,122,624 B = 61.06 GB),
+    the KV cache of its 8 rollouts at 16384 tokens (48 layers x (512 + 512) x 2 B = 98,304 B a
+    token: 12.88 GB) and the prefill's temporaries: 84.5 GB, over 76 usable on 80 GB. A 141 GB
+    H200 holds it."""
+    cfg = load_config(RECIPE_70B, ["rollout.backend=hf_gathered"])
+    plan = make_plan(cfg, Cluster(nodes=8, **H100))
+    assert 2 * 30_532_122_624 / 1e9 == pytest.approx(61.06, abs=0.005)
+    assert 8 * 16384 * 48 * 1024 * 2 / 1e9 == pytest.approx(12.88, abs=0.005)
+    assert not plan.fits and plan.student_peak_gb == pytest.approx(84.5, abs=0.05)
+    [problem] = plan.problems
+    assert problem.startswith("student needs 84.5 GB per GPU, 76.0 GB usable (rollout.backend=hf_gathered: "
+                              "the gathered student 61.1 GB (2 B x 30.53B) + KV cache 8 x 16384 tokens 12.9 GB"), problem
+    assert "--set rollout.backend=hf" in [f.what for f in plan.fixes]
+    assert make_plan(cfg, Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=141.0)).fits
+    assert make_plan(load_config(RECIPE_70B), Cluster(nodes=8, **H100)).fits  # hf holds no copy
+
+
+def test_plan_last_line_gains_the_configured_rollout_backend():
+    for backend in ROLLOUT_NAMES[:2]:
+        plan = make_plan(load_config(RECIPE_70B, [f"rollout.backend={backend}"]),
+                         Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=141.0))
+        last = plan.report().splitlines()[-1]
+        assert re.fullmatch(r"PLAN fits=true peak_gpu_gb=\d+\.\d rollout_tok_s=\d+ step_s=\d+\.\d", last), last
+        line = _rollout_lines(plan)[backend]
+        assert line.startswith(f"rollout {backend} (configured):")
+        assert f"rollout_tok_s={plan.rollout_tok_s:,.0f}" in line
+    distill = make_plan(load_config(RECIPE_70B, ["train.mode=distill", "train.grad_accum=1"]), Cluster(nodes=8, **H100))
+    assert re.fullmatch(r"PLAN fits=\w+ peak_gpu_gb=\d+\.\d", distill.report().splitlines()[-1])
+    cpu = make_plan(load_config(RECIPE_70B), Cluster(nodes=8, gpus_per_node=8, gpu_memory_gb=500.0, device="cpu"))
+    assert "rollout not estimated (the decode model needs GPU bandwidths)" in cpu.speed
 
 
 def test_slurm_shape():
@@ -288,12 +411,23 @@ def test_padd_plan_validates_first_with_the_trainers_words():
 
 
 def test_padd_plan_70b_on_8_nodes_fits():
-    p = padd_plan("--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    """The cluster of slurm/padd_70b.sbatch: the plan fits, and the configured `hf` rollouts
+    make an RL step take hours where hf_gathered and vllm decode a phase in minutes."""
+    sbatch = (REPO / "slurm" / "padd_70b.sbatch").read_text()
+    nodes = re.search(r"^#SBATCH --nodes=(\d+)$", sbatch, re.M).group(1)
+    per_node = re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", sbatch, re.M).group(1)
+    p = padd_plan("--nodes", nodes, "--gpus-per-node", per_node, "--gpu-mem-gb", "80")
     assert p.returncode == 0, p.stdout + p.stderr
     last = p.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"PLAN fits=true peak_gpu_gb=\d+\.\d", last), last
-    assert float(last.rsplit("=", 1)[1]) <= 80 - GPU_RESERVE_GB
+    m = re.fullmatch(r"PLAN fits=true peak_gpu_gb=(\d+\.\d) rollout_tok_s=(\d+) step_s=(\d+\.\d)", last)
+    assert m, last
+    assert float(m.group(1)) <= 80 - GPU_RESERVE_GB
+    assert float(m.group(3)) > 3600  # hf: hours per RL step
     assert "students 0-55 (nodes 0-6), teacher 56-63 (node 7)" in p.stdout
+    per_phase = dict(re.findall(r"speed    rollout (\w+).*-> [\d,]+ s \(([\d.]+ (?:h|min))\) per phase", p.stdout))
+    print(last, per_phase)
+    assert per_phase["hf"].endswith("min") and float(per_phase["hf"].split()[0]) > 45
+    assert all(per_phase[k].endswith("min") and float(per_phase[k].split()[0]) < 5 for k in ("hf_gathered", "vllm"))
 
 
 def test_padd_plan_70b_on_one_node_refuses_clearly():
