@@ -12,7 +12,8 @@ from KNOWN_CONFIGS below (the published config.json values of the models our rec
 The memory model follows what this code base actually runs (see each term's comment):
 students train with DeepSpeed ZeRO (stage and offload from the DeepSpeed JSON) and AutoEP,
 with or without activation checkpointing (train.activation_checkpointing); teachers score
-full sequences with the KV cache on and return full-vocabulary logits before compressing them.
+full sequences in one forward without a KV cache, with full-vocabulary logits at every real
+position before compressing them.
 GB means 10^9 bytes throughout.
 
 Speed: training from FLOPs at an MFU; in train.mode=padd the rollout phase from a decode model
@@ -838,10 +839,10 @@ def _teacher_memory(sh: _Shape, T: Arch) -> _Memory:
         share = sh.mbs
         items.append(Item(f"weights {elem} B x {_count(PT)} (full replica)", elem * PT / GB))
     t_tokens = share * sh.seq
-    items.append(Item(f"KV cache while scoring ({share} x {sh.seq} tokens)",
-                      t_tokens * T.kv_cache_bytes_per_token(elem) / GB))
+    # No KV cache: a scoring pass is one forward with use_cache=False (teacher/service.py).
     items.append(Item("layer temporaries (FFN widths, q/k/v)", t_tokens * T.inference_transient_bytes_per_token(elem) / GB))
-    # Full-vocabulary logits, then their fp32 copy before compression (teacher/service.py).
+    # The head runs on the real positions only, then their fp32 copy before compression; a
+    # full-length request's positions are all real.
     items.append(Item(f"logits ({share} x {sh.seq} x vocab {T.vocab}, {elem} B + fp32 copy)",
                       t_tokens * T.vocab * (elem + 4) / GB))
     return _Memory(items, sum(it.gb for it in items))
