@@ -7,7 +7,7 @@ import torch
 
 from padd_ds.config import PaddConfig
 from padd_ds.engine.ds_config import build_ds_config
-from padd_ds.launch.device import on_gpu
+from padd_ds.launch.device import on_gpu, release_device_memory
 from padd_ds.models.router import padd_router_installed
 
 
@@ -55,4 +55,4 @@ def park_training_state(engine) -> None:
         print(f"padd-ds: warning: the training state stays on the device during the export's checks and the "
               f"evaluation ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         return
-    torch.cuda.empty_cache()
+    release_device_memory()

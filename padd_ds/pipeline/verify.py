@@ -8,11 +8,8 @@ too. DeepSeek-V3 takes the bias exactly in its selection-bias slot.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -20,7 +17,7 @@ from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch, encode_examples
 from padd_ds.engine import checkpoint as ckpt
 from padd_ds.engine.build import park_training_state
-from padd_ds.launch.device import rank_device
+from padd_ds.launch.device import rank_device, release_device_memory
 from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_engine, fold_router_bias, has_bias_slot,
                                    load_exact_routing, routing_fidelity)
 from padd_ds.models.loading import load_causal_lm
@@ -55,37 +52,25 @@ def export_and_verify(ctx: RunContext, evaluate: Callable[[torch.nn.Module], dic
         return None
     park_training_state(engine)  # the engine's work is done: the device is the export copy's
 
-    def check(model, evaluated: bool) -> tuple[float, float, dict | None]:
-        return (max_logit_diff(model, probe, engine_logits), routing_fidelity(model, fidelity_batches, engine_choices),
-                evaluate(model) if evaluate is not None and evaluated else None)
+    def check(exact_routing: bool, evaluated: bool) -> tuple[float, float, dict | None]:
+        """Load one exported copy, check and evaluate it, drop it: two copies of a paper-scale
+        student (61 GB each in bf16) fit no GPU."""
+        model = load_causal_lm(str(export_dir), cfg.models.dtype)  # bf16 on a GPU: 30B in fp32 fits none
+        if exact_routing:
+            model = load_exact_routing(model, export_dir)
+        out = (max_logit_diff(model, probe, engine_logits), routing_fidelity(model, fidelity_batches, engine_choices),
+               evaluate(model) if evaluate is not None and evaluated else None)
+        del model
+        release_device_memory()
+        return out
 
-    # One exported copy on the device at a time, beside this rank's training state: two copies
-    # of a paper-scale student (61 GB each in bf16) fit no GPU.
-    with exported(export_dir, cfg.models.dtype) as model:
-        diff, fidelity, after = check(model, True)
+    diff, fidelity, after = check(False, True)
     exact = None
     if folded is not None:
-        with exported(export_dir, cfg.models.dtype, exact_routing=True) as model:
-            ex_diff, ex_fidelity, ex_after = check(model, cfg.eval.exact_routing)
+        ex_diff, ex_fidelity, ex_after = check(True, cfg.eval.exact_routing)
         exact = {"max_abs_logit_diff": ex_diff, "routing_fidelity": ex_fidelity, "student_after": ex_after}
     report = ExportReport(diff, fidelity, folded is not None, exact_bias, exact, str(checkpoint), str(export_dir))
     return VerifiedExport(report, after)
-
-
-@contextlib.contextmanager
-def exported(export_dir: Path, dtype: str, exact_routing: bool = False) -> Iterator[torch.nn.Module]:
-    """The exported student loaded on this rank's device in the run's dtype (bf16 on a GPU: a
-    30B student in fp32 fits no GPU), with its exact routing restored when asked; freed on exit."""
-    model = load_causal_lm(str(export_dir), dtype)
-    if exact_routing:
-        model = load_exact_routing(model, export_dir)
-    try:
-        yield model
-    finally:
-        del model
-        gc.collect()
-        if rank_device().type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def heldout_batches(ctx: RunContext) -> list[TokenBatch]:
