@@ -15,7 +15,7 @@ prompts, the same G, the same token budget and the same sampling seeds per phase
    Per phase: the generated tokens of both ranks (sampled response tokens, EOS included) over
    the slowest rank's wall time; the median over phases is reported.
 2. Weight sync. One optimizer step (`rl.step.update_on_rollouts`, PR-GRPO on rewarded rollouts,
-   no teacher) changes the student; then an hf_gathered phase re-gathers it and its recorded
+   no teacher; seeded advantages if every group's rewards tie) changes the student; then an hf_gathered phase re-gathers it and its recorded
    `Rollouts.logprobs` are compared with the trainer engine's `token_logprobs` (fp32) of the
    same rows on the loss-mask positions: the max |difference| over both ranks.
 
@@ -118,8 +118,10 @@ def report(args: argparse.Namespace, s: dict) -> None:
         print(f"  {b:12s} tok/s per phase {[round(x, 1) for x in ph['tok_s']]}  tokens {ph['tokens']}  "
               f"seconds {[round(x, 3) for x in ph['seconds']]}" + (
                   f"  (gather + free {statistics.median(ph['setup_s']):.3f} s)" if b == "hf_gathered" else ""))
-    print(f"Stage IV bias: |b| max {s['bias_max']:.3f}; optimizer step: {s['step_nonzero_adv']} of {rows} rows with a "
-          f"non-zero advantage, trainer log-probs moved by max {s['step_moved']:.4g} on the rollout batch")
+    adv = (f"{s['step_rewarded_rows']} of {rows} rows with a non-zero group-relative advantage"
+           if s["step_rewarded_rows"] else "every group's rewards tied, so seeded N(0, 1) advantages")
+    print(f"Stage IV bias: |b| max {s['bias_max']:.3f}; optimizer step (update_on_rollouts, lr {s['lr']:g}): {adv}; "
+          f"trainer log-probs moved by max {s['step_moved']:.4g} on its rollout batch")
     print(f"after the step: hf_gathered phase of {s['sync_tokens']} tokens, |log pi_rollout - log pi_trainer| "
           f"max {s['logprob_max_abs_diff']:.3g}, mean {s['logprob_mean_abs_diff']:.3g}")
     print("route_agreement=n/a: Rollouts carry no routes (Rollouts.routes) in this checkout; vllm: no such backend")
@@ -248,6 +250,9 @@ def step_then_sync(cfg, engine, tok, problems, sampling) -> dict:
     ro, _, _ = rollout_phase(engine, tok, problems, sampling, "hf_gathered", seed=7 + rank)
     rewards = torch.tensor([reward(r, problems[i // G]["answer"], cfg.stage3)[0] for i, r in enumerate(ro.responses)])
     adv = group_advantages(rewards.view(-1, G))[0].reshape(-1)
+    (rewarded,) = all_sum([float((adv != 0).sum())])
+    if rewarded == 0:  # every group tied (small G): seeded advantages, so that the step moves the weights
+        adv = torch.randn(adv.shape, generator=torch.Generator().manual_seed(5 + rank))
     before = trainer_logprobs(engine, ro.batch)
     update_on_rollouts(engine, RolloutBatch(ro, rewards.view(-1, G), adv), router_weights(engine.module), cfg)
     engine.eval()
@@ -255,11 +260,10 @@ def step_then_sync(cfg, engine, tok, problems, sampling) -> dict:
     synced, _, _ = rollout_phase(engine, tok, problems, sampling, "hf_gathered", seed=11 + rank)
     mask = synced.batch.loss_mask
     diff = (trainer_logprobs(engine, synced.batch) - synced.logprobs)[mask].abs()
-    n, total, nonzero, tokens = all_sum([float(diff.numel()), float(diff.sum()), float((adv != 0).sum()),
-                                         float(synced.response_lengths.sum())])
+    n, total, tokens = all_sum([float(diff.numel()), float(diff.sum()), float(synced.response_lengths.sum())])
     dmax, moved = all_max([float(diff.max()) if diff.numel() else 0.0, moved])
     return {"logprob_max_abs_diff": dmax, "logprob_mean_abs_diff": total / max(n, 1.0), "step_moved": moved,
-            "step_nonzero_adv": int(nonzero), "sync_tokens": int(tokens)}
+            "step_rewarded_rows": int(rewarded), "sync_tokens": int(tokens)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -276,7 +280,7 @@ def worker(args: argparse.Namespace) -> None:
     phases = throughput(args, engine, tok, problems, sampling)
     bias_max = max(float(r.padd_bias.abs().max()) for r in routers(engine.module))
     summary = {"phases": phases, "tok_s": {b: statistics.median(phases[b]["tok_s"]) for b in BACKENDS},
-               "device": rank_device().type, "bias_max": bias_max,
+               "device": rank_device().type, "bias_max": bias_max, "lr": cfg.train.lr,
                **step_then_sync(cfg, engine, tok, problems, sampling)}
     if dist.get_rank() == 0:
         Path(args.worker).write_text(json.dumps(summary))
