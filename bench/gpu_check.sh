@@ -27,7 +27,9 @@
 #   export     the exported transformers checkpoints reproduce their engines' logits (the PADD
 #              run's through its exact routing, the bias being folded) within the dtype's tolerance
 #   eval       `padd eval` on the PADD run's export, on the GPU
-#   colocated  topology.colocated=true: teacher and student in one process (train.mode=padd)
+#   colocated  topology.colocated=true: teacher and student in one process (train.mode=padd), its
+#              rollouts from a gathered copy of the student (rollout.backend=hf_gathered) replayed
+#              through the trainer's routers (rollout.route_replay); prints the sampler-trainer gaps
 #
 # S (GPU_CHECK_STUDENTS) is 1 on a 1-GPU node: NCCL refuses two ranks of one world on one GPU
 # ("Duplicate GPU detected"), so there the student world is 1 rank and AutoEP's all-to-all has
@@ -423,7 +425,8 @@ if [[ -n ${OK[toy_build]:-} && -n ${OK[fused_adam]:-} ]]; then
     MASTER_PORT=$PORT run_phase colocated 120 "${PADD[@]}" train --nproc 1 --recipe recipes/toy_padd.yaml \
         "${COMMON[@]}" --set run.output_dir="$RUN/colocated" --set train.resume=never --set train.steps=2 \
         --set topology.colocated=true --set deepspeed.expert_parallel_size=1 --set stage1.warmup_steps=2 \
-        --set stage3.prompts_per_step=2 --set train.micro_batch_size=4
+        --set stage3.prompts_per_step=2 --set train.micro_batch_size=4 \
+        --set rollout.backend=hf_gathered --set rollout.route_replay=true
     if [[ $RC == 0 ]] && detail=$(pycheck "$RUN/colocated" "$RUN/colocated.log" "$WANT_DEV" "$WANT_BACKEND" "$WANT_DTYPE" "$TOL" <<'PY'
 import json, math, re, sys
 run, log, dev, backend, dtype, tol = sys.argv[1:7]
@@ -436,7 +439,10 @@ exact = r.get("export_exact_routing")
 diff = exact["max_abs_logit_diff"] if exact else r["export_max_abs_logit_diff"]
 assert math.isfinite(diff) and diff <= float(tol), f"exported logits differ by {diff:.4g} > {tol}"
 assert len(r["history"]) == 2 and all(math.isfinite(x["train/kd_loss"]) for x in r["history"]), r["history"]
-print(f"one process on {m[2]} ({backend}, {dtype}), 2 PADD steps, teacher accuracy "
+gap, routes = r["history"][-1]["rollout/logprob_diff_max"], r["history"][-1]["rollout/route_agreement"]
+assert math.isfinite(gap) and 0 <= routes <= 1, (gap, routes)
+print(f"one process on {m[2]} ({backend}, {dtype}), 2 PADD steps with gathered rollouts, sampler-trainer log-prob "
+      f"gap max {gap:.3g}, own routes agreeing {routes:.4f}, teacher accuracy "
       f"{(r['teacher'] or {}).get('accuracy')}, export max logit diff {diff:.3g}{' (exact routing)' if exact else ''}")
 PY
 ); then

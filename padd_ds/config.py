@@ -340,6 +340,10 @@ class RolloutConfig:
     # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
     temperature: float = 1.0
     top_p: float = 1.0
+    # Routing replay: the trainer's forward on a rollout batch uses, token by token, the experts
+    # the rollout engine chose (its gate still weights them, so the router keeps its gradient).
+    # Off: the trainer routes by itself and rollout/route_agreement logs how often they agree.
+    route_replay: bool = False
 
     def check(self) -> None:
         require(self.temperature > 0, f"rollout.temperature must be > 0 (rollouts are sampled), got {self.temperature}")

@@ -795,22 +795,41 @@ def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     # loss's masked copy and its log-softmax, and one fp32 gradient in backward.
     logits = sh.tokens * S.vocab * (sh.elem + 16) / GB
     items.append(Item(f"logits + loss ({sh.mbs} x {sh.seq} x vocab {S.vocab}, {sh.elem + 16} B each)", logits))
-    train_peak = sum(it.gb for it in items)
+    training = sum(it.gb for it in items)
+    final, detail = _final_evaluation(cfg, S, sh.elem)
+    items.append(Item(f"(export check + evaluation instead, main rank, training state on the host: {detail})", final))
+    train_peak = max(training, final)
+    final_note = (f"the export check and evaluation on the main rank: {detail} = {final:.1f} GB; lower "
+                  "eval.batch_size or eval.max_new_tokens") if final > training else ""
     if cfg.train.mode != "padd":
-        return _Memory(items, train_peak, offload)
+        return _Memory(items, train_peak, offload, note=final_note)
     # The rollout phase samples the whole rollout batch at once; its KV cache is not live
     # during the update and replaces the training activations and logits.
     kv = sh.rollout * sh.seq * S.kv_cache_bytes_per_token(sh.elem) / GB
-    held = train_peak - act - logits  # ZeRO partitions, optimizer state, buffers: kept through rollouts
+    held = training - act - logits  # ZeRO partitions, optimizer state, buffers: kept through rollouts
     gathered, detail = _gathered_rollout(sh, S, kv)
     if cfg.rollout.backend == "hf_gathered":
         items.append(Item(f"(rollouts instead of activations, hf_gathered: {detail})", gathered))
         note = (f"rollout.backend=hf_gathered: {detail} = {gathered:.1f} GB beside {held:.1f} GB of training "
                 f"state; use rollout.backend=hf or shorter data.max_response_tokens")
         return _Memory(items, max(train_peak, held + gathered), offload, held + gathered,
-                       note if held + gathered > train_peak else "")
+                       note if held + gathered > train_peak else final_note)
     items.append(Item(f"(rollouts instead of activations: KV cache {sh.rollout} x {sh.seq} tokens)", kv))
-    return _Memory(items, max(train_peak, held + kv), offload, held + gathered)
+    return _Memory(items, max(train_peak, held + kv), offload, held + gathered,
+                   final_note if final >= held + kv else "")
+
+
+def _final_evaluation(cfg: PaddConfig, S: Arch, elem: int) -> tuple[float, str]:
+    """GB the main student rank holds while it checks the export and evaluates it
+    (pipeline/verify.py): one exported copy at a time in the run's dtype, its KV cache and
+    prefill temporaries for eval.batch_size prompts; the training state is parked on the host
+    (engine/build.park_training_state) and the other ranks hold nothing new."""
+    tokens = cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens
+    weights = S.total_params() * elem / GB
+    kv = cfg.eval.batch_size * tokens * S.kv_cache_bytes_per_token(elem) / GB
+    prefill = cfg.eval.batch_size * cfg.data.max_prompt_tokens * S.inference_transient_bytes_per_token(elem) / GB
+    return weights + kv + prefill, (f"the exported student {weights:.1f} GB + KV cache {cfg.eval.batch_size} x "
+                                    f"{tokens} tokens {kv:.1f} GB + prefill temporaries {prefill:.1f} GB")
 
 
 def _gathered_rollout(sh: _Shape, S: Arch, kv_gb: float) -> tuple[float, str]:
@@ -1189,6 +1208,9 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
     if offload.is_file() and not (inp.ds.get("zero_optimization") or {}).get("offload_optimizer"):
         attempt(Fix("needs {host:.0f} GB RAM per node", deepspeed="ds_configs/zero3_offload.json"),
                 dataclasses.replace(inp, ds=json.loads(offload.read_text())))
+    # A smaller evaluation batch: the main rank's export check and evaluation decode it whole.
+    any(attempt(Fix("evaluates more slowly", {"eval.batch_size": b}))
+        for b in sorted({cfg.eval.batch_size // d for d in (2, 4, 8, 16)} - {0}, reverse=True))
     # Shorter responses (multiples of 256 tokens).
     resp = cfg.data.max_response_tokens
     any(attempt(Fix("", {"data.max_response_tokens": r})) for r in range((resp - 1) // 256 * 256, 0, -256))

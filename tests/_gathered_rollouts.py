@@ -7,7 +7,10 @@ AutoEP (EP 2) with a non-zero Stage IV bias on every router. Each rank writes to
 - the collectives each backend issues for a sampled rollout phase (rollout_policy +
   sample_rollouts, as the trainer runs them) of 4 and of 12 new tokens, counted at
   torch.distributed's entry points;
-- the gathered copy's logits with the routers' bias zeroed, to show the bias is what moves them.
+- the gathered copy's logits with the routers' bias zeroed, to show the bias is what moves them;
+- routing replay: the engine without its bias, replaying the experts it chose with it;
+- the agreement of the gathered copy's captured rollout routes with the engine's own choices,
+  with PADD routing and with a stock model's (the bias hook removed).
 """
 
 import json
@@ -59,6 +62,53 @@ def collectives_of(engine, tok, backend: str, new_tokens: int) -> int:
     finally:
         count.close()
     return count.n
+
+
+def replay(engine, ids: torch.Tensor) -> dict:
+    """Routing replay: the engine with its bias at zero, routed through the experts it chose with
+    the bias, computes what it computed with the bias (the weights are the unbiased scores in
+    both); without the replay it does not."""
+    from padd_ds.models.router import replayed_routes, routers, routing_trace
+
+    mask = torch.ones_like(ids)
+    with routing_trace(engine.module) as trace:
+        biased = engine(input_ids=ids, attention_mask=mask).logits
+        chosen = [s.clone() for s in trace.selected()]
+    saved = [r.padd_bias.clone() for r in routers(engine.module)]
+    for r in routers(engine.module):
+        r.padd_bias.zero_()
+    with replayed_routes(engine.module, chosen):
+        replayed = engine(input_ids=ids, attention_mask=mask).logits
+    plain = engine(input_ids=ids, attention_mask=mask).logits
+    for r, b in zip(routers(engine.module), saved):
+        r.padd_bias.copy_(b)
+    return {"replay_max_diff": float((replayed - biased).abs().max()), "no_replay_diff": float((plain - biased).abs().max())}
+
+
+def route_agreements(engine, tok) -> dict:
+    """The gathered copy's captured rollout routes against the engine's own top-k on the same
+    rows, with the exact-routing hook (PADD routing) and with it removed (a stock model that
+    ignores the bias)."""
+    from padd_ds.models.gathered import gathered_student
+    from padd_ds.models.router import routing_trace
+    from padd_ds.rl.rollout import RolloutSampling, sample_rollouts
+    from padd_ds.rl.routes import route_agreement
+
+    sampling = RolloutSampling(group_size=2, temperature=1.0, top_p=1.0, max_new_tokens=12, max_prompt_tokens=96)
+    out = {}
+    for kind in ("padd", "stock"):
+        with gathered_student(engine) as model:
+            if kind == "stock":
+                for m in model.modules():
+                    m._forward_hooks.clear()
+            torch.manual_seed(5)
+            ro = sample_rollouts(model, tok, PROBLEMS, sampling, synced=False)
+        b = ro.batch
+        with routing_trace(engine.module) as trace:
+            engine(input_ids=b.ids, attention_mask=b.attention_mask)
+            agree, pairs = route_agreement(trace.own(), ro.routes, b.loss_mask)
+        out[f"agreement_{kind}"] = agree / pairs
+    return out
 
 
 def greedy(model, ids: torch.Tensor, synced: bool) -> list[list[int]]:
@@ -114,6 +164,8 @@ def main(out_path: str) -> None:
         out["bias_moves_logits"] = float((unbiased - gathered_logits).abs().max())
         for r, b in zip(routers(engine.module), biases):
             r.padd_bias.copy_(b)
+        out.update(replay(engine, ids))
+    out.update(route_agreements(engine, tok))
     for backend in ("hf", "hf_gathered"):
         out[backend] = [collectives_of(engine, tok, backend, n) for n in (4, 12)]
     with open(f"{out_path}.{rank}", "w") as f:

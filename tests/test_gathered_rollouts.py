@@ -29,6 +29,20 @@ def test_gathered_copy_computes_the_engines_logits_with_its_router_bias(ranks):
         assert r["bias_moves_logits"] > 1e-2, r  # the bias changes routes: the match above is not vacuous
 
 
+def test_routing_replay_makes_the_engine_compute_with_the_replayed_experts(ranks):
+    for r in ranks:
+        assert r["replay_max_diff"] == 0.0, r
+        assert r["no_replay_diff"] > 1e-2, r  # without the replay the unbiased engine routes otherwise
+
+
+def test_captured_routes_agree_with_the_engine_only_under_padd_routing(ranks):
+    """A gathered copy that routes like PaddRouter samples on the trainer's routes; one that
+    ignores the Stage IV bias (a stock transformers or vLLM MoE) does not."""
+    for r in ranks:
+        assert r["agreement_padd"] == 1.0, r
+        assert r["agreement_stock"] < 0.99, r
+
+
 def test_gathered_collectives_do_not_grow_with_generated_tokens(ranks):
     for r in ranks:
         hf4, hf12 = r["hf"]
@@ -52,13 +66,18 @@ def _padd_run(run_dir: Path, backend: str, *extra: str) -> list[dict]:
 def test_a_padd_run_with_gathered_rollouts_trains_exactly_like_one_with_engine_rollouts(toy_build, tmp_path):
     """The whole loop, 4 RL steps with a Stage IV bias moving every step: the gathered copy
     samples the same tokens from the same per-rank RNG, so every logged number agrees but timing
-    and the sampler-trainer log-prob gap, which each engine's decode rounds its own way (fp32: < 1e-4)."""
+    and the sampler-trainer log-prob gap, which each engine's decode rounds its own way (fp32:
+    < 1e-4); with routing replay on too."""
     timing = {"time", "train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction"}
     got, want = (_padd_run(tmp_path / b, b) for b in ("hf_gathered", "hf"))
+    replayed = _padd_run(tmp_path / "replay", "hf_gathered", "--set", "rollout.route_replay=true")
     assert len(got) == 4
     same = lambda h: {k: v for k, v in h.items() if k not in timing and not k.startswith("rollout/")}
     assert [same(h) for h in got] == [same(h) for h in want]
-    assert all(h["rollout/logprob_diff_max"] < 1e-4 for h in got + want), [h["rollout/logprob_diff_max"] for h in got]
+    # The routes agree everywhere, so replaying them changes nothing either.
+    assert [same(h) for h in replayed] == [same(h) for h in want]
+    for h in got + want + replayed:
+        assert h["rollout/logprob_diff_max"] < 1e-4 and h["rollout/route_agreement"] == 1.0, h
 
 
 def test_truncated_is_runs_on_the_samplers_log_probs(toy_build, tmp_path):

@@ -371,6 +371,23 @@ def test_hf_gathered_that_cannot_hold_the_student_and_its_kv_cache_is_refused():
     assert make_plan(load_config(RECIPE_70B), Cluster(nodes=8, **H100)).fits  # hf holds no copy
 
 
+def test_the_main_ranks_export_check_and_evaluation_must_fit_too():
+    """At the end the main rank loads the exported student in bf16 (61.06 GB) with its training
+    state parked on the host, and evaluates eval.batch_size prompts of 512 + eval.max_new_tokens
+    tokens: 16 x 4096 x 98,304 B = 6.44 GB of KV cache, plus the prefill's temporaries. At 64
+    prompts the KV cache alone is 25.8 GB: refused, naming the phase, with a smaller batch as a fix."""
+    plan = make_plan(load_config(RECIPE_70B), Cluster(nodes=8, **H100))
+    final = next(it for it in plan.student if it.label.startswith("(export check + evaluation"))
+    assert 16 * 4096 * 98_304 / 1e9 == pytest.approx(6.44, abs=0.005)
+    assert "the exported student 61.1 GB + KV cache 16 x 4096 tokens 6.4 GB" in final.label
+    assert plan.fits and plan.student_peak_gb == pytest.approx(final.gb) and 67.5 < final.gb < 76.0
+    big = make_plan(load_config(RECIPE_70B, ["eval.batch_size=64"]), Cluster(nodes=8, **H100))
+    [problem] = big.problems
+    assert "(the export check and evaluation on the main rank: the exported student 61.1 GB + KV cache 64 x 4096 " \
+           "tokens 25.8 GB" in problem and problem.endswith("lower eval.batch_size or eval.max_new_tokens)"), problem
+    assert "--set eval.batch_size=32" in [f.what for f in big.fixes]
+
+
 def test_plan_last_line_gains_the_configured_rollout_backend():
     for backend in ROLLOUT_NAMES[:2]:
         plan = make_plan(load_config(RECIPE_70B, [f"rollout.backend={backend}"]),

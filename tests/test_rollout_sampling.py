@@ -111,3 +111,26 @@ def test_rollouts_carry_the_samplers_log_probs_where_the_trainer_computes_its_ow
     assert ro.logprobs.shape == b.ids.shape
     assert (ro.logprobs[~b.loss_mask] == 0).all() and (ro.logprobs[b.loss_mask] < 0).all()
     torch.testing.assert_close(ro.logprobs, trainer, atol=1e-4, rtol=0)
+
+
+def test_rollouts_carry_the_routes_the_trainers_forward_takes(student, toy_build):
+    """The experts captured while generating (prefill + one decode step per token) equal, at
+    every loss position, those of one full forward over the trainer's rows."""
+    from padd_ds.rl.routes import RouteCapture, route_agreement
+
+    model, tok = student
+    problems = load_jsonl(toy_build.heldout_file, limit=3)
+    sampling = RolloutSampling(group_size=3, temperature=1.0, top_p=1.0, max_new_tokens=16, max_prompt_tokens=96)
+    torch.manual_seed(2)
+    ro = sample_rollouts(model, tok, problems, sampling, synced=False)
+    b = ro.batch
+    assert ro.routes is not None and ro.routes.shape[:2] == b.ids.shape
+    assert (ro.routes[b.loss_mask] >= 0).all()  # every loss position has its route
+    with torch.no_grad(), RouteCapture.of(model) as capture:
+        model(input_ids=b.ids, attention_mask=b.attention_mask)
+    own = capture.calls[0]
+    agree, pairs = route_agreement(own, ro.routes, b.loss_mask)
+    assert pairs == int(b.loss_mask.sum()) * len(own) and agree == pairs
+    shifted = ro.routes.clone()
+    shifted[ro.routes >= 0] = (shifted[ro.routes >= 0] + 1) % model.config.num_experts  # a wrong alignment fails
+    assert route_agreement(own, shifted, b.loss_mask)[0] < pairs

@@ -61,3 +61,13 @@ def check_ranks_fit_devices(ranks_on_node: int, device_count: int, world: str) -
 def on_gpu() -> bool:
     """True when this rank computes on a CUDA device: bf16 for `models.dtype: auto`, NCCL."""
     return rank_device().type == "cuda"
+
+
+def release_device_memory() -> None:
+    """Hand the memory of tensors just dropped (a whole model's) back to the device, for the
+    allocations of another phase and of other libraries (NCCL); nothing to do on the host."""
+    import gc
+
+    gc.collect()
+    if on_gpu():
+        torch.cuda.empty_cache()

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 from typing import Iterator
 
 import torch
 
-from padd_ds.launch.device import rank_device
+from padd_ds.launch.device import rank_device, release_device_memory
 from padd_ds.models.export import biased_selection, fit_layout, gather_full, hf_name_and_tensor, score_biases
 from padd_ds.models.router import PaddRouter, routers
 
@@ -38,10 +37,8 @@ def gathered_student(engine) -> Iterator[torch.nn.Module]:
     try:
         yield model
     finally:
-        del model
-        gc.collect()
-        if rank_device().type == "cuda":
-            torch.cuda.empty_cache()  # the copy is the size of the student: give it back before training
+        del model  # the caller's name for it goes with its frame; the memory is reused for training
+        release_device_memory()
 
 
 @torch.no_grad()

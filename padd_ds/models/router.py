@@ -92,7 +92,9 @@ class PaddRouter(TokenChoiceTopKRouter):
         self.mode: RoutingMode = "learned"
         self.record = False
         self.last_scores: torch.Tensor | None = None
-        self.last_selected: torch.Tensor | None = None  # [T, k] experts chosen (recorded with scores)
+        self.last_selected: torch.Tensor | None = None  # [T, k] experts used (recorded with scores)
+        self.last_own: torch.Tensor | None = None  # [T, k] its own top-k (differs from the above under replay)
+        self.replay: torch.Tensor | None = None  # [T, k] experts to use instead (routing replay); rows < 0: its own
         self.keep_input = False  # Stage I router fit, Stage III drift: keep the router's input [T, H]
         self.last_input: torch.Tensor | None = None
         self.register_buffer("padd_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
@@ -122,12 +124,23 @@ class PaddRouter(TokenChoiceTopKRouter):
             choice = choice + self.e_score_correction_bias.unsqueeze(0)
         if self.num_expert_groups is not None:
             choice = self._get_node_limited_routing_scores(choice)
-        selected = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices
+        own = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices
+        selected = own if self.replay is None else self._replayed(own)
         self.last_selected = selected if self.record else None
+        self.last_own = own if self.record else None
         top = scores.gather(1, selected)
         if self.route_norm:
             top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
         return top * self.route_scale, selected, count_tokens_per_expert(selected, N)
+
+    def _replayed(self, own: torch.Tensor) -> torch.Tensor:
+        """The experts the rollout engine chose where it gave some, this router's elsewhere; the
+        weights are still this router's scores of the experts used, so the gradient flows as usual."""
+        replay = self.replay.to(own.device)
+        if replay.shape != own.shape:
+            raise RuntimeError(f"routing replay: {tuple(replay.shape)} routes for a forward of {tuple(own.shape)} "
+                               "(tokens x top-k); replay routes must be cut like the micro-batch")
+        return torch.where(replay[:, :1] >= 0, replay.to(own.dtype), own)
 
     def _random_topk(self, T: int, N: int, device: torch.device) -> torch.Tensor:
         """k uniformly random experts per token. An activation-checkpoint recompute runs inside
@@ -197,6 +210,29 @@ class RoutingTrace:
 
     def selected(self) -> list[torch.Tensor]:
         return router_selected(self.module)
+
+    def own(self) -> list[torch.Tensor]:
+        """Each layer's own top-k of the last forward: what it chose, replayed routes or not."""
+        out = [r.last_own for r in routers(self.module)]
+        if any(x is None for x in out):
+            raise RuntimeError("no routing decisions recorded; set_routing(module, 'learned', record=True) first")
+        return out
+
+
+@contextlib.contextmanager
+def replayed_routes(module: torch.nn.Module, per_layer: list[torch.Tensor] | None) -> Iterator[None]:
+    """Route every forward inside the block (an activation-checkpoint recompute in its backward
+    included) through `per_layer` [T, k] experts, rows < 0 by the router itself; None: no replay."""
+    rs = routers(module)
+    if per_layer is not None and len(per_layer) != len(rs):
+        raise ValueError(f"routing replay: routes for {len(per_layer)} MoE layers, the model has {len(rs)}")
+    for r, x in zip(rs, per_layer or [None] * len(rs)):
+        r.replay = x
+    try:
+        yield
+    finally:
+        for r in rs:
+            r.replay = None
 
 
 @contextlib.contextmanager

@@ -153,9 +153,8 @@ class PaddLoop:
         m.add("gen_s", rb.seconds)
         for key, value in res.stats.items():
             m.add(key, value)
-        if res.mismatch:
-            m.add("logp_diff_sum", res.mismatch["logp_diff_sum"])
-            m.add_max("logp_diff_max", res.mismatch["logp_diff_max"])
+        for key, value in res.mismatch.items():
+            (m.add_max if key.endswith("_max") else m.add)(key, value)
         m.add("drift_sum", res.drift.sum())
         m.add("drift_p95", torch.quantile(res.drift, 0.95) if res.drift.numel() else 0.0)
         m.add("drift_n", res.drift.numel())
@@ -219,6 +218,8 @@ class PaddLoop:
         if "logp_diff_max" in tot:  # the rollout engine against the trainer, on the sampled tokens
             row["rollout/logprob_diff_mean"] = tot["logp_diff_sum"] / max(tot["resp_tokens"], 1)
             row["rollout/logprob_diff_max"] = tot["logp_diff_max"]
+        if "route_pairs" in tot:
+            row["rollout/route_agreement"] = tot["route_agree"] / max(tot["route_pairs"], 1)
         if "tis_weight" in tot:
             row["train/tis_weight"] = tot["tis_weight"] / max(tot["resp_tokens"], 1)
         if tot.get("folds"):  # Stage IV folds in this window: share of routes they kept

@@ -39,7 +39,7 @@ def run_student(cfg, world) -> RunResult | None:
     ctx.teacher.close()
     if trained.stopped_at is not None:  # preempted: the checkpoint is written; no export or evaluation
         return preempted(ctx, trained.stopped_at)
-    verified = export_and_verify(ctx)
+    verified = export_and_verify(ctx, lambda model: heldout_accuracy(model, ctx.tok, cfg))
     result = evaluate(ctx, prep, trained, verified, stage1) if world.is_main else None
     if result is not None:
         report(ctx, result)
@@ -78,13 +78,12 @@ def preempted(ctx: RunContext, step: int) -> dict:
 
 def evaluate(ctx: RunContext, prep: Prepared, trained: LoopResult, verified: VerifiedExport,
              stage1: dict | None) -> RunResult:
-    """Main rank: the exported student (and its exact routing, when asked) and the teacher's
-    reference accuracy, with the export's checks, as results.json."""
-    cfg, ex = ctx.cfg, verified.report
-    after = heldout_accuracy(verified.model, ctx.tok, cfg)
-    if ex.exact_routing is not None and cfg.eval.exact_routing:
-        ex.exact_routing["student_after"] = heldout_accuracy(verified.exact_model, ctx.tok, cfg)
-    return RunResult(teacher_reference(ctx), prep.student_before, after, trained.history, ctx.teacher.stats.wait_s,
+    """Main rank: the exported student's accuracy (and its exact routing's, when asked; both
+    measured by export_and_verify while each copy is loaded) and the teacher's reference
+    accuracy, with the export's checks, as results.json."""
+    ex = verified.report
+    return RunResult(teacher_reference(ctx), prep.student_before, verified.student_after, trained.history,
+                     ctx.teacher.stats.wait_s,
                      ex.max_abs_logit_diff, ex.routing_fidelity, ex.bias_folded, ex.bias_exact, ex.exact_routing,
                      stage1, ex.checkpoint, ex.export)
 

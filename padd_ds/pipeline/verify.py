@@ -9,13 +9,15 @@ too. DeepSeek-V3 takes the bias exactly in its selection-bias slot.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from padd_ds.config import PaddConfig
 from padd_ds.data.batch import TokenBatch, encode_examples
 from padd_ds.engine import checkpoint as ckpt
-from padd_ds.launch.device import rank_device
+from padd_ds.engine.build import park_training_state
+from padd_ds.launch.device import rank_device, release_device_memory
 from padd_ds.models.export import (EXACT_ROUTING_FILE, engine_routes, export_engine, fold_router_bias, has_bias_slot,
                                    load_exact_routing, routing_fidelity)
 from padd_ds.models.loading import load_causal_lm
@@ -25,15 +27,16 @@ from padd_ds.teacher.feed import BatchPlan
 
 @dataclass
 class VerifiedExport:
-    """The export's report, and the exported model(s) loaded on the main rank for evaluation."""
+    """The export's report, and the exported student's held-out accuracy on the main rank."""
 
     report: ExportReport
-    model: torch.nn.Module
-    exact_model: torch.nn.Module | None   # the folded export with its exact routing restored
+    student_after: dict | None
 
 
-def export_and_verify(ctx: RunContext) -> VerifiedExport | None:
-    """Collective over the student ranks; the main rank returns the verified export."""
+def export_and_verify(ctx: RunContext, evaluate: Callable[[torch.nn.Module], dict] | None = None
+                      ) -> VerifiedExport | None:
+    """Collective over the student ranks; the main rank returns the verified export, with
+    `evaluate(model)` of the exported student (and of its exact routing when `eval.exact_routing`)."""
     cfg, engine = ctx.cfg, ctx.engine
     held = heldout_batches(ctx)
     fit_batches, fidelity_batches = held[0::2], held[1::2]  # fidelity on tokens the fold never saw
@@ -47,18 +50,27 @@ def export_and_verify(ctx: RunContext) -> VerifiedExport | None:
     checkpoint = ckpt.latest_saved(ctx.ckpt_dir) or ctx.ckpt_dir  # just written: verified on the next resume
     if not ctx.world.is_main:
         return None
-    # On the rank's device in the run's dtype (bf16 on a GPU: a 30B student in fp32 fits no GPU).
-    model = load_causal_lm(str(export_dir), cfg.models.dtype)
-    exact_model, exact = None, None
+    park_training_state(engine)  # the engine's work is done: the device is the export copy's
+
+    def check(exact_routing: bool, evaluated: bool) -> tuple[float, float, dict | None]:
+        """Load one exported copy, check and evaluate it, drop it: two copies of a paper-scale
+        student (61 GB each in bf16) fit no GPU."""
+        model = load_causal_lm(str(export_dir), cfg.models.dtype)  # bf16 on a GPU: 30B in fp32 fits none
+        if exact_routing:
+            model = load_exact_routing(model, export_dir)
+        out = (max_logit_diff(model, probe, engine_logits), routing_fidelity(model, fidelity_batches, engine_choices),
+               evaluate(model) if evaluate is not None and evaluated else None)
+        del model
+        release_device_memory()
+        return out
+
+    diff, fidelity, after = check(False, True)
+    exact = None
     if folded is not None:
-        exact_model = load_exact_routing(load_causal_lm(str(export_dir), cfg.models.dtype), export_dir)
-        exact = {"max_abs_logit_diff": max_logit_diff(exact_model, probe, engine_logits),
-                 "routing_fidelity": routing_fidelity(exact_model, fidelity_batches, engine_choices),
-                 "student_after": None}
-    report = ExportReport(max_logit_diff(model, probe, engine_logits),
-                          routing_fidelity(model, fidelity_batches, engine_choices), folded is not None, exact_bias,
-                          exact, str(checkpoint), str(export_dir))
-    return VerifiedExport(report, model, exact_model)
+        ex_diff, ex_fidelity, ex_after = check(True, cfg.eval.exact_routing)
+        exact = {"max_abs_logit_diff": ex_diff, "routing_fidelity": ex_fidelity, "student_after": ex_after}
+    report = ExportReport(diff, fidelity, folded is not None, exact_bias, exact, str(checkpoint), str(export_dir))
+    return VerifiedExport(report, after)
 
 
 def heldout_batches(ctx: RunContext) -> list[TokenBatch]:

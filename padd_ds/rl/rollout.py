@@ -30,6 +30,7 @@ from padd_ds.data.prompt import format_prompt
 from padd_ds.launch.device import rank_device
 from padd_ds.models.gathered import gathered_student
 from padd_ds.models.generation import decoding_kwargs, eos_ids
+from padd_ds.rl.routes import RouteCapture, align_routes
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Rollouts:
     # [P*G, L] the rollout engine's log pi (temperature 1) of each sampled token, where
     # token_logprobs puts the trainer's (position t: token t+1; 0 off the loss mask)
     logprobs: torch.Tensor | None = None
+    # [P*G, L, MoE layers, k] int16: the experts the rollout engine used for each token the
+    # trainer sees at that position (-1: none known; rl/routes.py); None: routers not recognised
+    routes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,13 @@ def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling,
     eos = eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     prompts = _prompt_ids(tok, problems, sampling.max_prompt_tokens)
-    sampled, logprobs = _sample(model, prompts, sampling, eos, pad, synced)
-    return _rollout_batch(tok, prompts, (sampled, logprobs), sampling.group_size, eos, pad)
+    sampled, logprobs, capture = _sample(model, prompts, sampling, eos, pad, synced)
+    ro = _rollout_batch(tok, prompts, (sampled, logprobs), sampling.group_size, eos, pad)
+    if capture is not None:
+        width = max(len(x) for x in prompts)
+        lens = [len(prompts[i // sampling.group_size]) for i in range(len(sampled))]
+        ro.routes = align_routes(capture.calls, lens, ro.response_lengths.tolist(), width, ro.batch.ids.shape[1])
+    return ro
 
 
 class SampledLogprobs:
@@ -125,9 +134,9 @@ def _prompt_ids(tok, problems: list[dict], max_prompt_tokens: int) -> list[list[
 
 
 def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: list[int], pad: int,
-            synced: bool) -> tuple[list[list[int]], list[list[float]]]:
+            synced: bool) -> tuple[list[list[int]], list[list[float]], RouteCapture | None]:
     """The sampled tokens of each of the P*G rows (prompt-major), padding after EOS included,
-    and the model's log-prob of each."""
+    the model's log-prob of each, and the routes of every forward (None: routers unknown)."""
     P = len(prompts)
     width = max(len(x) for x in prompts)
     left = torch.full((P, width), pad, dtype=torch.int64)
@@ -138,16 +147,18 @@ def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: lis
     left, attn = left.to(rank_device()), attn.to(rank_device())
     was_training = model.training
     model.eval()
-    record = SampledLogprobs()
+    record, capture = SampledLogprobs(), RouteCapture.of(model)
     try:
         # The policy itself: temperature and top_p are the only transforms (top_k=0, no model defaults).
         decoding = decoding_kwargs(sampling.temperature, sampling.top_p)
-        gen = model.generate(input_ids=left, attention_mask=attn, **decoding, max_new_tokens=sampling.max_new_tokens,
-                             num_return_sequences=sampling.group_size, eos_token_id=eos, pad_token_id=pad,
-                             synced_gpus=synced, logits_processor=LogitsProcessorList([record]))
+        with capture or contextlib.nullcontext():
+            gen = model.generate(input_ids=left, attention_mask=attn, **decoding,
+                                 max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.group_size,
+                                 eos_token_id=eos, pad_token_id=pad, synced_gpus=synced,
+                                 logits_processor=LogitsProcessorList([record]))
     finally:
         model.train(was_training)
-    return gen[:, width:].cpu().tolist(), record.finish(gen, gen.shape[1] - width)
+    return gen[:, width:].cpu().tolist(), record.finish(gen, gen.shape[1] - width), capture
 
 
 def _rollout_batch(tok, prompts: list[list[int]], sampled: tuple[list[list[int]], list[list[float]]], G: int,

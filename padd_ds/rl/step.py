@@ -28,11 +28,12 @@ from padd_ds.config import PaddConfig, Stage3Config
 from padd_ds.data.batch import TokenBatch, micro_batches
 from padd_ds.launch.comm import all_sum
 from padd_ds.launch.device import rank_device
-from padd_ds.models.router import routers, routing_trace
+from padd_ds.models.router import replayed_routes, routers, routing_trace
 from padd_ds.rl.balance import switch_aux_loss
 from padd_ds.rl.losses import (PolicyInputs, adaptive_kd_loss, aggregation_units, policy_aggregation, policy_loss,
                                router_drift)
 from padd_ds.rl.rollout import RolloutBatch, token_logprobs
+from padd_ds.rl.routes import replay_routes, route_agreement
 
 
 @dataclass
@@ -42,8 +43,9 @@ class StepResult:
     adv_count: torch.Tensor      # [L, N] how many response-token assignments that sum covers
     drift: torch.Tensor          # [response tokens] router drift Gamma
     stats: dict[str, float] = field(default_factory=dict)  # sums, for exact global means
-    # |log pi_trainer - log pi_rollout| of the sampled tokens under the sampling policy (first
-    # update): sum and max over this rank's response tokens; empty when the rollouts carry none
+    # The sampler against the trainer under the sampling policy (first update), this rank's
+    # response tokens: |log pi_trainer - log pi_rollout| sum and max, (token, layer) routes
+    # agreeing and compared; keys only for what the rollouts carry
     mismatch: dict[str, float] = field(default_factory=dict)
 
 
@@ -66,7 +68,8 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     n_updates = pcfg.updates_per_batch
     # The sampling policy's log-probs: every update's ratio is against them (one update: the current policy).
     old = _sampling_logprobs(engine, parts) if n_updates > 1 else [None] * len(parts)
-    rollout_logp = _rollout_logprobs(rb, parts, mbs)
+    rollout_logp = _rows_like(rb.rollouts.logprobs, parts, mbs)
+    rollout_routes = _rows_like(rb.rollouts.routes, parts, mbs)
     targets: list = [None] * len(parts)
 
     def target(i: int):
@@ -77,27 +80,30 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     stats, sampled, mismatch = {}, [], {}
     for update in range(n_updates):
         for i, (mb, adv) in enumerate(zip(parts, advs)):
-            m = _MicroBatch(mb, adv, old[i], denom, kd_denom, len(parts), rollout_logp[i])
+            m = _MicroBatch(mb, adv, old[i], denom, kd_denom, len(parts), rollout_logp[i], rollout_routes[i])
             part, sel, drift = _micro_update(engine, m, prev_routers, cfg,
                                              None if teacher_logits is None else lambda: target(i), guard, step)
-            diff_sum, diff_max = part.pop("logp_diff_sum", None), part.pop("logp_diff_max", None)
+            found = {k: part.pop(k) for k in _MISMATCH if k in part}
             for key, value in part.items():  # the batch's statistics: the mean over its updates
                 stats[key] = stats.get(key, 0.0) + value / n_updates
             if update == 0:  # Stage IV counts, the drift log, the mismatch: the sampling policy's
                 sampled.append(_expert_stats(mb, adv, sel, drift, routers(engine.module)[0].num_experts))
-                if diff_sum is not None:
-                    mismatch = {"logp_diff_sum": mismatch.get("logp_diff_sum", 0.0) + diff_sum,
-                                "logp_diff_max": max(mismatch.get("logp_diff_max", 0.0), diff_max)}
+                for key, value in found.items():
+                    mismatch[key] = max(mismatch.get(key, 0.0), value) if key.endswith("_max") else \
+                        mismatch.get(key, 0.0) + value
     return StepResult(sum(r.counts for r in sampled), sum(r.adv_sum for r in sampled),
                       sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats, mismatch)
 
 
-def _rollout_logprobs(rb: RolloutBatch, parts: list[TokenBatch], mbs: int) -> list[torch.Tensor | None]:
-    """The rollout engine's log-probs cut like `parts` (each micro-batch to its own length)."""
-    lp = rb.rollouts.logprobs
-    if lp is None:
+# The sampler-trainer mismatch of the first update (StepResult.mismatch): sums, and one maximum.
+_MISMATCH = ("logp_diff_sum", "logp_diff_max", "route_agree", "route_pairs")
+
+
+def _rows_like(t: torch.Tensor | None, parts: list[TokenBatch], mbs: int) -> list[torch.Tensor | None]:
+    """A per-row rollout tensor [rows, L, ...] cut like `parts` (each micro-batch to its own length)."""
+    if t is None:
         return [None] * len(parts)
-    return [lp[i * mbs:(i + 1) * mbs, :p.ids.shape[1]] for i, p in enumerate(parts)]
+    return [t[i * mbs:(i + 1) * mbs, :p.ids.shape[1]] for i, p in enumerate(parts)]
 
 
 def _check_accumulation(engine, n_parts: int, rows: int, mbs: int) -> None:
@@ -121,6 +127,7 @@ class _MicroBatch:
     kd_denom: float                  # response tokens of the whole step over all ranks, per rank
     n_micro: int                     # micro-batches in the step
     rollout_logp: torch.Tensor | None = None  # the rollout engine's log-probs of the sampled tokens
+    routes: torch.Tensor | None = None  # [b, S, layers, k] the rollout engine's experts per token
 
 
 def _normalisers(batch: TokenBatch, pcfg: Stage3Config) -> tuple[float, float]:
@@ -149,7 +156,13 @@ def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg:
     Returns its statistics (sums), the selected experts per layer and the drift [b, S]."""
     pcfg = policy_config(cfg.stage3)
     batch, adv = m.batch.to(rank_device()), m.adv.to(rank_device())  # what the engine and the losses see
-    with routing_trace(engine.module, inputs=True) as trace:
+    replay = replay_routes(m.routes, batch.ids.shape[1], batch.ids.device) \
+        if m.routes is not None and cfg.rollout.route_replay else None
+    if cfg.rollout.route_replay and m.routes is None:
+        raise ValueError("rollout.route_replay: the rollouts carry no routes (the rollout model's routers are "
+                         "not recognised); turn rollout.route_replay off")
+    # The replay spans the backward too: an activation-checkpoint recompute must route the same.
+    with routing_trace(engine.module, inputs=True) as trace, replayed_routes(engine.module, replay):
         logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
         new_logp = token_logprobs(logits, batch)
         drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [b, S]
@@ -166,6 +179,8 @@ def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg:
             diff = (new_logp.detach() - rollout_logp).abs()[batch.loss_mask]
             part["logp_diff_sum"] = float(diff.sum())
             part["logp_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        if m.routes is not None:  # and its routes: the trainer's own top-k, replayed or not
+            part["route_agree"], part["route_pairs"] = route_agreement(trace.own(), m.routes, batch.loss_mask)
         if target is not None:
             # Fetched once per micro-batch, after its first forward; it arrives on the host.
             kd, kstats = adaptive_kd_loss(logits, target().to(batch.ids.device), batch.loss_mask, adv, cfg.stage2,
