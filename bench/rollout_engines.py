@@ -19,13 +19,13 @@ prompts, the same G, the same token budget and the same sampling seeds per phase
    `Rollouts.logprobs` are compared with the trainer engine's `token_logprobs` (fp32) of the
    same rows on the loss-mask positions: the max |difference| over both ranks.
 
-route_agreement (the share of (token, layer) routes on which the rollout engine and the trainer
-agree) needs the rollout engine's chosen experts (`Rollouts.routes`), which this checkout does
-not record: it prints n/a. There is no vLLM backend: n/a.
+   On the same rows, route_agreement: the share of (token, layer) pairs on the loss mask whose
+   experts the rollout engine chose (`Rollouts.routes`) equal the trainer's own top-k
+   (`rl.routes.route_agreement`, as the trainer logs it). There is no vLLM backend: n/a.
 
 Last line:
 
-    ROLLOUT hf_tok_s=<x> gathered_tok_s=<y> vllm_tok_s=n/a logprob_max_abs_diff=<d> route_agreement=n/a \
+    ROLLOUT hf_tok_s=<x> gathered_tok_s=<y> vllm_tok_s=n/a logprob_max_abs_diff=<d> route_agreement=<r> \
         gathered_over_hf=<y/x>                                          (one line)
 
 Targets (issue 16): d <= 1e-3, route_agreement >= 0.999, gathered faster than hf.
@@ -124,10 +124,12 @@ def report(args: argparse.Namespace, s: dict) -> None:
           f"trainer log-probs moved by max {s['step_moved']:.4g} on its rollout batch")
     print(f"after the step: hf_gathered phase of {s['sync_tokens']} tokens, |log pi_rollout - log pi_trainer| "
           f"max {s['logprob_max_abs_diff']:.3g}, mean {s['logprob_mean_abs_diff']:.3g}")
-    print("route_agreement=n/a: Rollouts carry no routes (Rollouts.routes) in this checkout; vllm: no such backend")
+    print(f"route agreement (rollout engine's experts = trainer's top-k): {s['route_agree']:.0f} of "
+          f"{s['route_pairs']:.0f} (token, layer) pairs on the loss mask; vllm: no such backend")
     hf, ga = s["tok_s"]["hf"], s["tok_s"]["hf_gathered"]
     print(f"ROLLOUT hf_tok_s={hf:.1f} gathered_tok_s={ga:.1f} vllm_tok_s=n/a "
-          f"logprob_max_abs_diff={s['logprob_max_abs_diff']:.3e} route_agreement=n/a gathered_over_hf={ga / hf:.3f}")
+          f"logprob_max_abs_diff={s['logprob_max_abs_diff']:.3e} route_agreement={s['route_agreement']:.6f} "
+          f"gathered_over_hf={ga / hf:.3f}")
 
 
 # ---------------------------------------------------------------- a rank of the launched job
@@ -221,17 +223,21 @@ def throughput(args, engine, tok, problems, sampling) -> dict:
     return out
 
 
-def trainer_logprobs(engine, batch):
-    """The trainer engine's fp32 log-probs of the sampled tokens of `batch` (collective forward)."""
+def trainer_view(engine, batch, routes=None):
+    """The trainer engine's fp32 log-probs of the sampled tokens of `batch` (collective forward),
+    and with `routes` (the rollout engine's), (agreeing, compared) (token, layer) route pairs."""
     import torch
 
     from padd_ds.launch.device import rank_device
+    from padd_ds.models.router import routing_trace
     from padd_ds.rl.rollout import token_logprobs
+    from padd_ds.rl.routes import route_agreement
 
     mb = batch.to(rank_device())
-    with torch.no_grad():
+    with torch.no_grad(), routing_trace(engine.module) as trace:
         logits = engine(input_ids=mb.ids, attention_mask=mb.attention_mask).logits
-    return token_logprobs(logits.float(), mb).cpu()
+        agree = (0.0, 0) if routes is None else route_agreement(trace.own(), routes, mb.loss_mask)
+    return token_logprobs(logits.float(), mb).cpu(), agree
 
 
 def step_then_sync(cfg, engine, tok, problems, sampling) -> dict:
@@ -253,17 +259,22 @@ def step_then_sync(cfg, engine, tok, problems, sampling) -> dict:
     (rewarded,) = all_sum([float((adv != 0).sum())])
     if rewarded == 0:  # every group tied (small G): seeded advantages, so that the step moves the weights
         adv = torch.randn(adv.shape, generator=torch.Generator().manual_seed(5 + rank))
-    before = trainer_logprobs(engine, ro.batch)
+    before, _ = trainer_view(engine, ro.batch)
     update_on_rollouts(engine, RolloutBatch(ro, rewards.view(-1, G), adv), router_weights(engine.module), cfg)
     engine.eval()
-    moved = float((trainer_logprobs(engine, ro.batch) - before).abs().max())
+    moved = float((trainer_view(engine, ro.batch)[0] - before).abs().max())
     synced, _, _ = rollout_phase(engine, tok, problems, sampling, "hf_gathered", seed=11 + rank)
     mask = synced.batch.loss_mask
-    diff = (trainer_logprobs(engine, synced.batch) - synced.logprobs)[mask].abs()
-    n, total, tokens = all_sum([float(diff.numel()), float(diff.sum()), float(synced.response_lengths.sum())])
+    if synced.routes is None:
+        raise RuntimeError("the hf_gathered rollouts carry no routes (Rollouts.routes): routers not recognised")
+    logp, (agree, pairs) = trainer_view(engine, synced.batch, synced.routes)
+    diff = (logp - synced.logprobs)[mask].abs()
+    n, total, tokens, agree, pairs = all_sum([float(diff.numel()), float(diff.sum()),
+                                              float(synced.response_lengths.sum()), agree, float(pairs)])
     dmax, moved = all_max([float(diff.max()) if diff.numel() else 0.0, moved])
     return {"logprob_max_abs_diff": dmax, "logprob_mean_abs_diff": total / max(n, 1.0), "step_moved": moved,
-            "step_rewarded_rows": int(rewarded), "sync_tokens": int(tokens)}
+            "step_rewarded_rows": int(rewarded), "sync_tokens": int(tokens), "route_agree": agree,
+            "route_pairs": pairs, "route_agreement": agree / max(pairs, 1.0)}
 
 
 def worker(args: argparse.Namespace) -> None:
