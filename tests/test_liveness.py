@@ -70,3 +70,13 @@ def test_an_own_error_is_not_a_lost_peer(pair):
     t0 = time.monotonic()
     assert live0.diagnose(ValueError("bad batch")) is None
     assert time.monotonic() - t0 < 1.0  # no settling wait for an error of the rank's own
+
+
+def test_a_peers_own_error_explains_a_communication_failure_but_not_an_own_error(pair):
+    """Both ranks hit the same error of their own (test_nonfinite_run.py): each reports its
+    own; the rank that then fails talking to the one that left reports why it left."""
+    _, (live0, live1) = pair
+    live1.post_failure("NonFiniteLossError: non-finite loss")
+    assert live0.diagnose(ValueError("non-finite loss")) is None
+    assert live0.diagnose(RuntimeError("gloo: Connection closed by peer")) == \
+        "rank 1 (student) stopped on its own error (NonFiniteLossError: non-finite loss)"

@@ -238,16 +238,19 @@ class Liveness:
             if quiet or store_lost or self._failed or self._verdict or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        if not store_lost:  # what a peer posted just before leaving, not a period later
+        settled = wait_s > 0
+        if settled and not store_lost:  # what a peer posted just before leaving, not a period later
             try:
                 self._read_failures(self._client())
             except Exception:  # noqa: BLE001 - the store went just now: explain from what is known
                 pass
-        return self._explain(quiet, store_lost)
+        return self._explain(quiet, store_lost, peers_errors=settled)
 
-    def _explain(self, quiet: list[tuple[int, float]], store_lost: bool) -> str | None:
+    def _explain(self, quiet: list[tuple[int, float]], store_lost: bool, peers_errors: bool = True) -> str | None:
+        """`peers_errors`: a peer's own error explains this failure (a communication one, after
+        the peer left); a rank's own error is its own even when a peer failed the same way."""
         with self._lock:
-            failed, verdict, dead = list(self._failed), self._verdict, sorted(self.dead)
+            failed, verdict, dead = list(self._failed) if peers_errors else [], self._verdict, sorted(self.dead)
         if failed:  # the peers that left told us why
             return "; ".join(f"{self.describe(r)} stopped on its own error ({m})" for r, m in failed)
         if verdict:  # a peer named the lost rank first: every rank says the same
