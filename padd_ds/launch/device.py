@@ -10,9 +10,10 @@ cuda:0), but NCCL refuses two ranks of one world on one GPU ("Duplicate GPU dete
     model = load_causal_lm(path, cfg.models.dtype)        # on rank_device()
     out = engine(input_ids=batch.to(rank_device()).ids)   # inputs follow
 
-Two kinds of model stay on the host on purpose: a student or a ZeRO-3 teacher is read there
-and DeepSpeed moves each partition to this device. What goes to host code (bridge messages,
-statistics, `.tolist()`) is moved back explicitly where it leaves.
+Weights go from the memory-mapped checkpoint straight to this device (models/loading.py); a
+ZeRO-3 teacher loads straight into its partitions here; only decompression builds a student on
+the host. What goes to host code (bridge messages, statistics, `.tolist()`) is moved back
+explicitly where it leaves.
 """
 
 from __future__ import annotations

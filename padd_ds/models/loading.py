@@ -27,12 +27,15 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
                    device: str | torch.device | None = None) -> torch.nn.Module:
     """Load an HF causal LM from a local directory or hub id, refusing pickle checkpoints, on
     `device` (default: the rank's). `dtype` resolves for the rank's device even when `device`
-    is the host: a model staged there for DeepSpeed to partition computes on the rank's device."""
+    is the host: a model staged there for DeepSpeed to partition computes on the rank's device.
+    The weights go from the memory-mapped safetensors files straight to `device` (device_map):
+    the ranks of a node share one page-cached copy of the checkpoint instead of each building
+    a private one on the host first (8 x 61 GB for a Qwen3-30B-A3B student node)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, rank_device()), use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(rank_device() if device is None else device)
+    target = torch.device(rank_device() if device is None else device)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, rank_device()), use_safetensors=True,
+                                                trust_remote_code=trust_remote_code, device_map={"": str(target)})
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -44,3 +47,27 @@ def decoder_layers(model: torch.nn.Module):
         raise ValueError(f"{type(model).__name__} has no .model.layers; cluster activations need a "
                          "Llama/Qwen/Mistral-style decoder")
     return inner.layers
+
+
+def load_partitioned_causal_lm(path: str, ds_config: dict, dtype: str = "auto",
+                               trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load an HF causal LM straight into ZeRO-3 partitions over this process group (collective):
+    transformers builds it under `deepspeed.zero.Init` while an `HfDeepSpeedConfig` of
+    `ds_config` lives, and fills one module's gathered weights at a time from the memory-mapped
+    safetensors files. No rank ever holds the whole model: the node's ranks share one page-cached
+    mapping of the checkpoint instead of each reading a private copy (8 x 145 GB for a 72B
+    teacher on one node). Each partition lands on the rank's device."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    stage = (ds_config.get("zero_optimization") or {}).get("stage")
+    if stage != 3:
+        raise ValueError(f"load_partitioned_causal_lm needs a ZeRO-3 DeepSpeed config, got stage {stage}")
+    hf_ds = HfDeepSpeedConfig(ds_config)  # transformers reads ZeRO-3 from it for as long as it lives
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, rank_device()),
+                                                    use_safetensors=True, trust_remote_code=trust_remote_code)
+    finally:
+        del hf_ds
+        unset_hf_deepspeed_config()  # later loads (the student's, an evaluation's) are whole again
