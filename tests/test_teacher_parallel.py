@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import sys
 import traceback
 
@@ -23,7 +24,9 @@ def _tiny_teacher():
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def _sharded_child(rank: int, port: int, q):
+def _sharded_child(rank: int, port: int, q, path: str | None = None):
+    """One rank of a 2-rank sharded teacher: built from the whole model, or (`path`) loaded
+    straight into its partitions from that checkpoint, as the teacher ranks load it."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     try:
@@ -39,27 +42,38 @@ def _sharded_child(rank: int, port: int, q):
         from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
         from test_teacher_outputs import cluster_map
 
-        teacher = ShardedTeacher(_tiny_teacher(), cluster_map=cluster_map(layers=(0, 1)))
+        if path is None:
+            model, loaded = _tiny_teacher(), None
+        else:
+            from padd_ds.models.loading import load_partitioned_causal_lm
+            from padd_ds.teacher.sharded import zero3_config
+
+            model = load_partitioned_causal_lm(path, zero3_config(False), "float32")
+            # what this rank holds of each weight right after loading: its partition only
+            loaded = sorted({(p.ds_tensor.numel(), p.ds_numel, p.numel()) for p in model.parameters()})
+        teacher = ShardedTeacher(model, cluster_map=cluster_map(layers=(0, 1)))
         if rank == 0:
             g = torch.Generator().manual_seed(1)
-            out = []
-            for b in (3, 1):   # an odd batch (uneven slices) and one row (a rank has none)
-                ids = torch.randint(0, 211, (b, 10), generator=g)
-                lengths = torch.tensor([10, 7, 4][:b])
-                o = teacher.score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
-                out.append((ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden))
+            # round 1: one request of 3 rows (rank 1 has none); round 2: two requests packed, the
+            # second (1 row of length 6) wholly on rank 1
+            reqs = [(torch.randint(0, 211, (b, L), generator=g), torch.tensor(lens), seed)
+                    for b, L, lens, seed in ((3, 10, [10, 7, 4], 11), (2, 8, [8, 5], 12), (1, 10, [6], 13))]
+            outs = [teacher.score(*reqs[0][:2], 8, seed=reqs[0][2], outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)]
+            outs += teacher.score_many(reqs[1:], 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
             teacher.stop()
-            q.put((rank, [tuple(t.numpy() for t in row) for row in out]))
-        else:  # the forwards of this rank: (decoder tokens, LM head rows); the second batch gives it none
+            out = [(ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden)
+                   for (ids, lengths, _), o in zip(reqs, outs)]
+            q.put((rank, ([tuple(t.numpy() for t in row) for row in out], loaded)))
+        else:  # the forwards of this rank: (decoder tokens, LM head rows)
             seen = []
             hooks = [teacher.model.model.embed_tokens.register_forward_hook(
                          lambda m, a, o: seen.append([a[0].numel()])),
                      teacher.model.get_output_embeddings().register_forward_hook(
                          lambda m, a, o: seen[-1].append(a[0].numel() // a[0].shape[-1]))]
-            n = teacher.member_loop()
+            rounds = teacher.member_loop()
             for h in hooks:
                 h.remove()
-            q.put((rank, (n, seen)))
+            q.put((rank, (rounds, seen, loaded)))
     except BaseException as e:  # noqa: BLE001
         q.put((rank, f"ERROR {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
     q.close()
@@ -67,27 +81,38 @@ def _sharded_child(rank: int, port: int, q):
     os._exit(0)
 
 
-def test_two_rank_sharded_teacher_equals_one_rank():
+@pytest.mark.parametrize("source", ["whole", "checkpoint"])
+def test_two_rank_sharded_teacher_equals_one_rank(tmp_path, source):
+    """Either way in, the same answers as one whole teacher; from a checkpoint (the teacher
+    ranks' way) no rank ever held more than its half of any weight."""
     from padd_ds.teacher.service import TeacherModel
 
+    path = None
+    if source == "checkpoint":
+        path = str(tmp_path / "teacher")
+        _tiny_teacher().save_pretrained(path)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_sharded_child, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_sharded_child, args=(r, port, q, path)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(q.get(timeout=180) for _ in procs)
     for p in procs:
         p.join(timeout=30)
     assert not isinstance(got[0], str) and not isinstance(got[1], str), got
-    # rank 1 scores row 2 (length 4) of the first batch; of the one-row batch it runs one
-    # token (ZeRO-3's gathers are collective) and its head sees no row
-    assert got[1] == (2, [[10, 4], [1, 0]]), got[1]
+    # rank 1: in round 1 one token (ZeRO-3's gathers are collective) and no head row; in round 2
+    # the packed second request whole (10 tokens, 6 real); 2 rounds, 1 request of its own
+    assert got[1][:2] == ((2, 1), [[1, 0], [10, 6]]), got[1]
+    if path is not None:  # (partition, full size, what the parameter itself holds): half, and nothing
+        for loaded in (got[0][1], got[1][2]):
+            assert loaded and all(part == (full + 1) // 2 and held == 0 for part, full, held in loaded), loaded
     from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
     from test_teacher_outputs import cluster_map
 
     local = TeacherModel(_tiny_teacher(), cluster_map(layers=(0, 1)))
-    for arrays in got[0]:
+    assert len(got[0][0]) == 3
+    for arrays in got[0][0]:  # every answer is the replica's, whichever rank and round scored it
         ids, lengths, values, indices, lse, cluster, hidden = (torch.from_numpy(a) for a in arrays)
         ref = local.score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
         assert torch.equal(indices, ref.logits.indices)
@@ -125,5 +150,8 @@ def test_two_teacher_ranks_train_like_one(one_process, tmp_path, parallel):
     log = p.stdout + p.stderr
     if parallel == "replicas":     # each student has its own teacher: 8 requests each
         assert log.count("served 8 requests") == 2, log[-3000:]
-    else:                          # the leader serves both students, the member scores its shards
-        assert "served 16 requests" in log and "scored 16 shards" in log, log[-3000:]
+    else:  # the leader serves both students, packing what has arrived: the member scores its share
+        served = re.search(r"served 16 requests, \d+ tokens in (\d+) forwards", log)
+        member = re.search(r"scored (\d+) requests in (\d+) rounds with the leader", log)
+        assert served and member and int(member[2]) == int(served[1]) <= 16, log[-3000:]
+        assert 16 - int(member[1]) == int(served[1]), log[-3000:]  # each round: 1 request of rank 0

@@ -19,22 +19,20 @@ from transformers import AutoConfig
 from padd_ds.config import PaddConfig
 from padd_ds.eval.heldout import heldout_accuracy
 from padd_ds.launch.bridge import TAG_RESULT, TAG_STAGE1
+from padd_ds.launch.device import rank_device
 from padd_ds.launch.world import World
 from padd_ds.models.files import model_paths
-from padd_ds.models.loading import load_causal_lm, load_tokenizer
+from padd_ds.models.loading import load_causal_lm, load_partitioned_causal_lm, load_tokenizer, resolve_dtype
 from padd_ds.teacher.clusters import ClusterMap, cluster_teacher
 from padd_ds.teacher.service import TeacherModel, serve
-from padd_ds.teacher.sharded import ShardedTeacher
+from padd_ds.teacher.sharded import ShardedTeacher, zero3_config
 
 
 def run_teacher(cfg: PaddConfig, world: World) -> None:
     teacher_path, student_path, tok_path = model_paths(cfg)
     tok = load_tokenizer(tok_path, cfg.models.trust_remote_code)
     sharded = world.teacher_parallel == "zero3"
-    # A sharded teacher is read on the host: ZeRO-3 moves each partition to the rank's device.
-    model = load_causal_lm(teacher_path, cfg.models.dtype, cfg.models.trust_remote_code,
-                           device="cpu" if sharded else None)
-    teacher = load_teacher(model, sharded, student_vocab_size(cfg, student_path))
+    teacher = load_teacher(cfg, teacher_path, sharded, student_vocab_size(cfg, student_path))
     model = teacher.model
     posted = evaluate_reference(cfg, world, model, tok, sharded)
     if cfg.stage1.enabled:
@@ -44,19 +42,24 @@ def run_teacher(cfg: PaddConfig, world: World) -> None:
                       f"teacher {world.roles.teacher_rank}")
         if sharded:
             teacher.stop()
-        print(f"[teacher {world.roles.teacher_rank}] served {stats.requests} requests, {stats.tokens} tokens; "
-              f"busy {stats.busy_s:.1f}s idle {stats.idle_s:.1f}s", flush=True)
+        print(f"[teacher {world.roles.teacher_rank}] served {stats.requests} requests, {stats.tokens} tokens "
+              f"in {stats.rounds} forwards; busy {stats.busy_s:.1f}s idle {stats.idle_s:.1f}s", flush=True)
     else:
-        n = teacher.member_loop()
-        print(f"[teacher {world.roles.teacher_rank}] scored {n} shards for the leader", flush=True)
+        rounds, mine = teacher.member_loop()
+        print(f"[teacher {world.roles.teacher_rank}] scored {mine} requests in {rounds} rounds with the leader",
+              flush=True)
     if posted is not None:
         posted.wait()
 
 
-def load_teacher(model: torch.nn.Module, sharded: bool, vocab_limit: int | None):
+def load_teacher(cfg: PaddConfig, path: str, sharded: bool, vocab_limit: int | None):
+    """A replica whole on the rank's device, or a ZeRO-3 teacher loaded straight into its
+    partitions (no rank, and no host, ever holds the whole of it)."""
     if sharded:
-        return ShardedTeacher(model, bf16=next(model.parameters()).dtype == torch.bfloat16, vocab_limit=vocab_limit)
-    return TeacherModel(model, vocab_limit=vocab_limit)
+        bf16 = resolve_dtype(cfg.models.dtype, rank_device()) == torch.bfloat16
+        model = load_partitioned_causal_lm(path, zero3_config(bf16), cfg.models.dtype, cfg.models.trust_remote_code)
+        return ShardedTeacher(model, bf16=bf16, vocab_limit=vocab_limit)
+    return TeacherModel(load_causal_lm(path, cfg.models.dtype, cfg.models.trust_remote_code), vocab_limit=vocab_limit)
 
 
 def student_vocab_size(cfg: PaddConfig, student_path: str | None) -> int | None:

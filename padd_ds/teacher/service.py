@@ -200,6 +200,7 @@ class TeacherModel:
 @dataclass
 class ServeStats:
     requests: int = 0
+    rounds: int = 0  # forwards: a sharded teacher packs several requests into one
     tokens: int = 0
     busy_s: float = 0.0
     idle_s: float = 0.0
@@ -224,6 +225,7 @@ class RequestInbox:
     def __init__(self, bridge: Bridge, timeout_s: float):
         self.bridge, self.timeout_s = bridge, timeout_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._held: deque = deque()  # taken from the queue by `more`, not yet handed out
         self._watched: set[int] = set()
         threading.Thread(target=self._receive, name="padd-requests", daemon=True).start()
 
@@ -250,7 +252,8 @@ class RequestInbox:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._held.popleft() if self._held else \
+                    self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise BridgeError(f"teacher: no request from student rank(s) {waiting} "
                                   f"within {self.timeout_s:.0f}s") from None
@@ -262,6 +265,24 @@ class RequestInbox:
             if isinstance(item, BaseException):
                 raise BridgeError(f"teacher: receiving requests failed: {item}") from item
             return item
+
+
+    def more(self, like: Header, limit: int) -> list[Header]:
+        """Up to `limit` requests that have already arrived and can share a forward with `like`
+        (same kind, k and outputs), in arrival order; the first that cannot, and all after it,
+        keep their place."""
+        out: list[Header] = []
+        while len(out) < limit:
+            if not self._held:
+                try:
+                    self._held.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            item = self._held[0]
+            if not (isinstance(item, Header) and (item.kind, item.arg, item.outputs) == (like.kind, like.arg, like.outputs)):
+                break
+            out.append(self._held.popleft())
+        return out
 
 
 class Clients:
@@ -321,8 +342,12 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
             clients.stop(h.src)
             continue
         clients.heard(h.src)
+        # A sharded teacher scores several requests in one forward, one per rank (teacher/sharded.py)
+        pack = [h] + inbox.more(h, getattr(teacher, "pack", 1) - 1)
+        for other in pack[1:]:
+            clients.heard(other.src)
         t0 = time.perf_counter()
-        in_flight.append(answer(bridge, teacher, h, stats))
+        in_flight.extend(answer(bridge, teacher, pack, stats))
         while len(in_flight) > 4 * len(clients.all):  # bound memory; old replies are long taken
             in_flight.popleft().wait(idle_timeout_s)
         stats.busy_s += time.perf_counter() - t0
@@ -331,8 +356,33 @@ def serve(bridge: Bridge, teacher: TeacherModel, students: list[int], idle_timeo
     return stats
 
 
-def answer(bridge: Bridge, teacher: TeacherModel, h: Header, stats: ServeStats):
-    """Score one request (its payload follows the header on tag 0) and post the reply."""
+def answer(bridge: Bridge, teacher, headers: list[Header], stats: ServeStats) -> list:
+    """Score requests that share kind, k and outputs (each payload follows its header on tag 0)
+    in one forward when the teacher packs them, and post each reply to its student."""
+    inputs = [_request_payload(bridge, h) for h in headers]
+    h0 = headers[0]
+    batch = [(ids, lengths, h.request_id) for (ids, lengths), h in zip(inputs, headers)]
+    if len(batch) > 1:
+        outs = teacher.score_many(batch, h0.arg, MODES[h0.kind], outputs=h0.outputs)
+    else:
+        outs = [teacher.score(batch[0][0], batch[0][1], h0.arg, MODES[h0.kind], seed=h0.request_id, outputs=h0.outputs)]
+    stats.rounds += 1
+    sends = []
+    for h, (_, lengths), out in zip(headers, inputs, outs):
+        per_cluster = out.cluster_acts if out.cluster_acts is not None else out.cluster_gate
+        reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
+                       outputs=h.outputs,
+                       n_layers=per_cluster.shape[2] if per_cluster is not None else 0,
+                       n_clusters=per_cluster.shape[3] if per_cluster is not None else 0,
+                       hidden=out.hidden.shape[-1] if out.hidden is not None else 0)
+        stats.requests += 1
+        stats.tokens += int(lengths.sum())
+        sends.append(bridge.send_message(reply, out.tensors(), h.src))
+    return sends
+
+
+def _request_payload(bridge: Bridge, h: Header) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's token ids and lengths, checked against the header's checksum."""
     s = h.src
     if h.kind not in MODES:
         raise BridgeError(f"teacher: unknown request kind {h.kind} from rank {s} (request {h.request_id})")
@@ -340,16 +390,7 @@ def answer(bridge: Bridge, teacher: TeacherModel, h: Header, stats: ServeStats):
     if crc32(ids) != h.input_crc:
         raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
                           f"from rank {s}; refusing to score corrupted input")
-    out = teacher.score(ids, lengths, h.arg, MODES[h.kind], seed=h.request_id, outputs=h.outputs)
-    per_cluster = out.cluster_acts if out.cluster_acts is not None else out.cluster_gate
-    reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
-                   outputs=h.outputs,
-                   n_layers=per_cluster.shape[2] if per_cluster is not None else 0,
-                   n_clusters=per_cluster.shape[3] if per_cluster is not None else 0,
-                   hidden=out.hidden.shape[-1] if out.hidden is not None else 0)
-    stats.requests += 1
-    stats.tokens += int(lengths.sum())
-    return bridge.send_message(reply, out.tensors(), s)
+    return ids, lengths
 
 
 def describe(request_id: int) -> str:

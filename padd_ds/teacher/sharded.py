@@ -1,16 +1,16 @@
 """A teacher ZeRO-3-partitioned over the teacher ranks (`teacher.parallel: zero3`).
 
 The teacher ranks form their own torch.distributed world (never the students'). The leader
-(teacher rank 0) talks to the students over the bridge. For each batch it broadcasts the
-token ids to the group. Every rank scores a contiguous slice of rows; ZeRO-3 gathers each
-layer's weights just in time, so no rank ever holds the whole model. The leader then
-gathers the top-k slices. A rank whose slice is empty (fewer rows than ranks) still joins
-each forward on a single token (see `_forward`). Members run `member_loop()` until the leader's `stop()`.
+(teacher rank 0) talks to the students over the bridge. Each round it broadcasts up to one
+request per rank (service.serve packs the requests that have arrived); rank j scores request
+j whole, so an answer never depends on what shared its round (a replica gives the same one),
+and with one-sequence requests (the paper recipes' micro-batch of 1) every rank is busy
+instead of one. ZeRO-3 gathers each layer's weights just in time, so no rank ever holds the
+whole model. The leader then gathers the answers. A rank without a request still joins each
+forward on a single token (see `_forward`). Members run `member_loop()` until the leader's `stop()`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -24,15 +24,23 @@ _STOP = 0
 _MODES = {1: "topk", 2: "sampled"}
 
 
+def zero3_config(bf16: bool) -> dict:
+    """The teacher group's DeepSpeed config: ZeRO-3 inference, every parameter partitioned."""
+    return {"train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": bf16}}
+
+
 class ShardedTeacher:
     def __init__(self, model: torch.nn.Module, bf16: bool = False, cluster_map=None, vocab_limit: int | None = None):
+        """`model`: loaded partitioned (models/loading.load_partitioned_causal_lm with
+        `zero3_config(bf16)`), or whole on the host, then partitioned here."""
         import deepspeed
         import deepspeed.comm as dist
 
-        ds = {"train_micro_batch_size_per_gpu": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "bf16": {"enabled": bf16}}
-        partition_on_device(model, ds)
+        ds = zero3_config(bf16)
+        if not all(hasattr(p, "ds_id") for p in model.parameters()):
+            partition_on_device(model, ds)
         self.engine = deepspeed.initialize(model=model, config=ds)[0]
         self.engine.eval()
         self.model = self.engine.module
@@ -42,64 +50,93 @@ class ShardedTeacher:
         self.host_bytes = 0  # this rank's device-to-host copies (service.TeacherModel.host_bytes)
 
     # -- leader -----------------------------------------------------------------------------
+    @property
+    def pack(self) -> int:
+        """How many requests one forward scores: one per rank (service.serve packs them)."""
+        return self.size
+
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
-              seed: int = 0, outputs: int = 1):
+              seed: int = 0, outputs: int = 1) -> TeacherOutput:
+        return self.score_many([(ids, lengths, seed)], k, mode, outputs)[0]
+
+    def score_many(self, requests: list[tuple[torch.Tensor, torch.Tensor, int]], k: int, mode: str = "topk",
+                   outputs: int = 1) -> list[TeacherOutput]:
+        """Requests (ids [B, L], lengths [B], seed), at most one per rank, scored in one round:
+        request j wholly on rank j, so each answer is the one a replica gives it, whatever
+        else shares the round."""
         if self.rank != 0:
             raise RuntimeError("only teacher rank 0 takes requests; the others run member_loop()")
-
+        if not 0 < len(requests) <= self.size:
+            raise ValueError(f"a round scores 1 to {self.size} requests (one per teacher rank), got {len(requests)}")
         code = {v: c for c, v in _MODES.items()}[mode]
-        broadcast_(torch.tensor([code, ids.shape[0], ids.shape[1], k, seed, outputs], dtype=torch.int64), 0)
-        broadcast_(ids.contiguous(), 0)
-        broadcast_(lengths.contiguous(), 0)
-        return self._score(ids, lengths, k, mode, seed, outputs)
+        broadcast_(torch.tensor([code, len(requests), k, outputs], dtype=torch.int64), 0)
+        broadcast_(torch.tensor([[ids.shape[0], ids.shape[1], seed] for ids, _, seed in requests],
+                                dtype=torch.int64), 0)
+        for ids, lengths, _ in requests:
+            broadcast_(ids.contiguous(), 0)
+            broadcast_(lengths.contiguous(), 0)
+        return self._round(requests, k, mode, outputs)
 
     def stop(self) -> None:
         if self.rank == 0:
-            broadcast_(torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), 0)
+            broadcast_(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64), 0)
 
     # -- every rank -------------------------------------------------------------------------
-    def member_loop(self) -> int:
-        """Score the leader's batches until it stops; returns how many were scored."""
-        n = 0
+    def member_loop(self) -> tuple[int, int]:
+        """Score the leader's rounds until it stops; returns (rounds, requests this rank scored)."""
+        rounds = mine = 0
         while True:
-            head = torch.empty(6, dtype=torch.int64)
+            head = torch.empty(4, dtype=torch.int64)
             broadcast_(head, 0)
-            kind, b, l, k, seed, outputs = head.tolist()
+            kind, n, k, outputs = head.tolist()
             if kind == _STOP:
-                return n
-            ids = torch.empty((b, l), dtype=torch.int64)
-            lengths = torch.empty((b,), dtype=torch.int64)
-            broadcast_(ids, 0)
-            broadcast_(lengths, 0)
-            self._score(ids, lengths, k, _MODES[kind], seed, outputs)
-            n += 1
+                return rounds, mine
+            shapes = torch.empty((n, 3), dtype=torch.int64)
+            broadcast_(shapes, 0)
+            requests = []
+            for b, l, seed in shapes.tolist():
+                ids, lengths = torch.empty((b, l), dtype=torch.int64), torch.empty((b,), dtype=torch.int64)
+                broadcast_(ids, 0)
+                broadcast_(lengths, 0)
+                requests.append((ids, lengths, seed))
+            self._round(requests, k, _MODES[kind], outputs)
+            rounds, mine = rounds + 1, mine + (self.rank < n)
 
     @torch.no_grad()
-    def _score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int, outputs: int):
-        B, L = ids.shape
-        chunk = math.ceil(B / self.size)
-        lo, hi = min(self.rank * chunk, B), min((self.rank + 1) * chunk, B)
-        mine = self._forward(ids[lo:hi], lengths[lo:hi], k, mode, seed, outputs)
+    def _round(self, requests: list, k: int, mode: str, outputs: int) -> list[TeacherOutput] | None:
+        """Rank j scores request j (a rank past the last one joins on a dummy token: ZeRO-3's
+        gathers are collective); the leader gathers every answer, padded to the round's largest."""
+        if self.rank < len(requests):
+            ids, lengths, seed = requests[self.rank]
+        else:
+            ids, lengths, seed = torch.zeros((0, 1), dtype=torch.int64), torch.zeros((0,), dtype=torch.int64), 0
+        mine = self._forward(ids, lengths, k, mode, seed, outputs)
+        B = max(r[0].shape[0] for r in requests)
+        L = max(r[0].shape[1] for r in requests)
         parts = []
-        for t in mine:  # every rank sends [chunk, L, ...]: a rank without rows sends zeros
-            pad = torch.zeros((chunk, L, *t.shape[2:]), dtype=t.dtype)
-            pad[:hi - lo] = t[:hi - lo]
+        for t in mine:  # every rank sends [B, L, ...] (zeros past its own rows and columns)
+            pad = torch.zeros((B, L, *t.shape[2:]), dtype=t.dtype)
+            pad[:t.shape[0], :t.shape[1]] = t
             parts.append(gather(pad, dst=0))
         if self.rank != 0:
             return None
-        full = [torch.cat(p, 0)[:B].contiguous() for p in parts]
         n_logit = len(SparseLogits.specs(B, L, k, mode == "sampled"))
-        extra = iter(full[n_logit:])
-        return TeacherOutput(SparseLogits.from_tensors(full[:n_logit]),
-                             next(extra) if outputs & OUT_CLUSTER_ACTS else None,
-                             next(extra) if outputs & OUT_HIDDEN else None,
-                             next(extra) if outputs & OUT_CLUSTER_GATE else None)
+        out = []
+        for j, (ids, _, _) in enumerate(requests):
+            b, l = ids.shape
+            full = [p[j][:b, :l].contiguous() for p in parts]
+            extra = iter(full[n_logit:])
+            out.append(TeacherOutput(SparseLogits.from_tensors(full[:n_logit]),
+                                     next(extra) if outputs & OUT_CLUSTER_ACTS else None,
+                                     next(extra) if outputs & OUT_HIDDEN else None,
+                                     next(extra) if outputs & OUT_CLUSTER_GATE else None))
+        return out
 
     def _forward(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int,
                  outputs: int) -> list[torch.Tensor]:
-        """This rank's rows -> its wire tensors on the host ([rows, L, ...]; see _score).
+        """This rank's request -> its wire tensors on the host ([B, L, ...]; see _round).
 
-        A rank without rows still runs the forward, since ZeRO-3's parameter gathers are
+        A rank without a request still runs the forward, since ZeRO-3's parameter gathers are
         collective, but on one token, with its head on zero rows and nothing compressed:
         transformers cannot run a batch of zero rows (attention reshapes [0, L, -1, d])."""
         dev, dummy = rank_device(), ids.shape[0] == 0
@@ -111,8 +148,8 @@ class ShardedTeacher:
             mask = keep.long()
         logits, *extras = forward_outputs(self.engine, ids.to(dev), mask.to(dev), outputs,
                                           self.cluster_map, self.vocab_limit, keep=keep)
-        # each slice its own draws; only the scored rows leave the device
-        sparse = [] if dummy else compress(logits, k, mode, seed * 1009 + self.rank).tensors()
+        # the request's own seed, as a replica draws it; only the scored rows leave the device
+        sparse = [] if dummy else compress(logits, k, mode, seed).tensors()
         host, n_bytes = to_host(sparse + [t for t in extras if t is not None])
         self.host_bytes += n_bytes
         sparse, extras = host[:len(sparse)], host[len(sparse):]
