@@ -744,6 +744,7 @@ class _Memory:
     offload: float = 0.0
     gathered_gb: float = 0.0   # padd: a rank's peak during an hf_gathered rollout phase (any backend)
     note: str = ""             # what makes the peak, when a refusal should name it
+    state_gb: float = 0.0      # training state kept through every phase (partitions, optimizer, buffers)
 
 
 def _student_state(sh: _Shape, S: Arch, zero: Mapping) -> tuple[list[Item], float]:
@@ -801,22 +802,22 @@ def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     train_peak = max(training, final)
     final_note = (f"the export check and evaluation on the main rank: {detail} = {final:.1f} GB; lower "
                   "eval.batch_size or eval.max_new_tokens") if final > training else ""
+    held = training - act - logits  # ZeRO partitions, optimizer state, buffers: kept through every phase
     if cfg.train.mode != "padd":
-        return _Memory(items, train_peak, offload, note=final_note)
+        return _Memory(items, train_peak, offload, note=final_note, state_gb=held)
     # The rollout phase samples the whole rollout batch at once; its KV cache is not live
     # during the update and replaces the training activations and logits.
     kv = sh.rollout * sh.seq * S.kv_cache_bytes_per_token(sh.elem) / GB
-    held = training - act - logits  # ZeRO partitions, optimizer state, buffers: kept through rollouts
     gathered, detail = _gathered_rollout(sh, S, kv)
     if cfg.rollout.backend == "hf_gathered":
         items.append(Item(f"(rollouts instead of activations, hf_gathered: {detail})", gathered))
         note = (f"rollout.backend=hf_gathered: {detail} = {gathered:.1f} GB beside {held:.1f} GB of training "
                 f"state; use rollout.backend=hf or shorter data.max_response_tokens")
         return _Memory(items, max(train_peak, held + gathered), offload, held + gathered,
-                       note if held + gathered > train_peak else final_note)
+                       note if held + gathered > train_peak else final_note, held)
     items.append(Item(f"(rollouts instead of activations: KV cache {sh.rollout} x {sh.seq} tokens)", kv))
     return _Memory(items, max(train_peak, held + kv), offload, held + gathered,
-                   final_note if final >= held + kv else "")
+                   final_note if final >= held + kv else "", held)
 
 
 def _final_evaluation(cfg: PaddConfig, S: Arch, elem: int) -> tuple[float, str]:
@@ -830,6 +831,27 @@ def _final_evaluation(cfg: PaddConfig, S: Arch, elem: int) -> tuple[float, str]:
     prefill = cfg.eval.batch_size * cfg.data.max_prompt_tokens * S.inference_transient_bytes_per_token(elem) / GB
     return weights + kv + prefill, (f"the exported student {weights:.1f} GB + KV cache {cfg.eval.batch_size} x "
                                     f"{tokens} tokens {kv:.1f} GB + prefill temporaries {prefill:.1f} GB")
+
+
+def _stage1_check(cfg: PaddConfig, sh: _Shape, S: Arch, student: _Memory, usable: float) -> Check | None:
+    """Stage I's uniform_all warmup sends every token through all E experts (the layer's top_k
+    is raised to E): its MoE activations are E/k times training's. Its sequences are D_A/D_B's
+    reference solutions, usually far below data.max_response_tokens, so this is a warning with
+    the longest sequence that fits, not a refusal."""
+    s1 = cfg.stage1
+    if not (s1.enabled and s1.warmup_steps and s1.warmup_router == "uniform_all" and S.is_moe and student.items):
+        return None
+    every = dataclasses.replace(S, top_k=S.experts)
+    per_token = (every.checkpointed_activation_bytes_per_token if cfg.train.activation_checkpointing
+                 else every.train_activation_bytes_per_token)(sh.elem) + S.vocab * (sh.elem + 16)
+    longest = int(max(0.0, usable - student.state_gb) * GB / per_token / sh.mbs)
+    return _check(longest >= sh.seq,
+                  f"Stage I warmup (uniform_all: every token through all {S.experts} experts) fits {sh.seq}-token "
+                  "sequences",
+                  f"Stage I warmup with stage1.warmup_router=uniform_all sends every token through all {S.experts} "
+                  f"experts: {sh.mbs} x {longest} tokens fit beside the training state, not {sh.mbs} x {sh.seq}; "
+                  "D_A/D_B solutions longer than that would not (or use stage1.warmup_router=uniform_random_topk)",
+                  fatal=False)
 
 
 def _gathered_rollout(sh: _Shape, S: Arch, kv_gb: float) -> tuple[float, str]:
@@ -890,12 +912,14 @@ class _Host:
 
 
 def _host_memory(sh: _Shape, cluster: Cluster, inp: _Inputs, student: _Memory, teacher: _Memory) -> _Host:
-    """Host RAM at load: every rank reads its full model on the CPU first. On a CPU cluster the
-    host RAM is the device, so the load-time copy raises each role's peak (in place)."""
+    """Host RAM at load: every rank maps its checkpoint's safetensors files and copies the
+    weights straight to its device (models/loading.py), so a node's ranks share one page-cached
+    copy of each checkpoint; CPU offload adds each rank's own optimizer state. On a CPU cluster
+    the host RAM is the device, so the load-time copy raises each role's peak (in place)."""
     load_student = inp.student.total_params() * sh.elem + (inp.teacher.total_params() * sh.elem if sh.colocated else 0)
     load_teacher = inp.teacher.total_params() * sh.elem
-    per_node_student = min(sh.gpn, max(0, sh.n_student)) * (load_student + student.offload)
-    per_node_teacher = min(sh.gpn, sh.n_teacher) * load_teacher
+    per_node_student = (load_student if sh.n_student > 0 else 0) + min(sh.gpn, max(0, sh.n_student)) * student.offload
+    per_node_teacher = load_teacher if sh.n_teacher > 0 else 0
     need = max(per_node_student, per_node_teacher) / GB
     if cluster.device == "cpu":
         if student.items:
@@ -905,7 +929,8 @@ def _host_memory(sh: _Shape, cluster: Cluster, inp: _Inputs, student: _Memory, t
         return _Host([f"device = host RAM: each rank's load-time copy counted in its peak "
                       f"(student {load_student / GB:.2f} GB, teacher {load_teacher / GB:.2f} GB)"], need, [])
     offload = (f" incl. {student.offload * min(sh.gpn, sh.n_student) / GB:.0f} GB offload" if student.offload else "")
-    lines = [f"RAM per node while loading (each rank reads its full model on the CPU): {need:.0f} GB{offload}"]
+    lines = [f"RAM per node while loading (a node's ranks share one mapped copy of each checkpoint): "
+             f"{need:.0f} GB{offload}"]
     if cluster.host_memory_gb is None:
         return _Host(lines + ["node RAM not given (--host-mem-gb): not checked"], need, [])
     return _Host(lines, need, [_check(need <= 0.9 * cluster.host_memory_gb,
@@ -949,16 +974,18 @@ def _speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs) -> tuple
     t_flops = inp.teacher.forward_flops_per_token(ctx)
     student_tps = sh.n_student * rate / s_flops
     zero3 = sh.parallel == "zero3"
-    busy = (sh.mbs / math.ceil(sh.mbs / sh.n_teacher)) if zero3 else max(1, sh.n_teacher)
+    # A sharded teacher scores one request per rank per round (teacher/sharded.py): every rank
+    # is busy while as many students have a request in flight (each has at least one).
+    busy = min(sh.n_teacher, max(1, sh.n_student)) if zero3 else max(1, sh.n_teacher)
     teacher_tps = (busy if not sh.colocated else sh.n_student) * rate / t_flops
     if sh.colocated:  # the same devices do both
         student_tps = teacher_tps = 1 / (1 / student_tps + 1 / teacher_tps)
     step_tokens = sh.n_student * sh.tokens * sh.gas
     tps = min(student_tps, teacher_tps)
     bound = "teacher" if teacher_tps < student_tps else "student"
-    busy_note = f", {busy:g} of {sh.n_teacher} ranks busy per request" if zero3 else ""
-    advice = (f"; the sharded teacher splits each request's {sh.mbs} sequence(s) over {sh.n_teacher} ranks, "
-              f"so raise train.micro_batch_size or add teacher ranks"
+    busy_note = f", {busy:g} of {sh.n_teacher} ranks busy, one request each" if zero3 else ""
+    advice = (f"; the sharded teacher's {sh.n_teacher} ranks score one request each, and only {sh.n_student} "
+              "students send them: fewer teacher ranks would do"
               if bound == "teacher" and zero3 and busy < sh.n_teacher else "")
     what = " (training; the rollout phase is below)" if cfg.train.mode == "padd" else ""
     return ([f"at MFU {cluster.mfu:.2f} of {cluster.peak_tflops:g} TFLOPs: student {student_tps:,.0f} tok/s "
@@ -1125,6 +1152,8 @@ def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fix
     student, teacher = _place(sh, _student_memory(cfg, sh, inp), _teacher_memory(sh, inp.teacher))
     host = _host_memory(sh, cluster, inp, student, teacher)
     checks = _layout_checks(cfg, sh, inp) + host.checks + _fit_checks(sh, cluster, inp, student, teacher)
+    stage1 = _stage1_check(cfg, sh, inp.student, student, cluster.usable_gb)
+    checks += [stage1] if stage1 is not None else []
     speed, train_s = _speed(cfg, cluster, sh, inp)
     rollout_lines, decode = _rollout_speed(cfg, cluster, sh, inp, train_s, student)
     plan = Plan(recipe or "(defaults)", cluster, _layout(sh, inp), student.items, teacher.items, checks,

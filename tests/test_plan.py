@@ -161,11 +161,14 @@ def test_offload_moves_optimizer_state_to_host_ram():
     items = {it.label.split(" ")[0]: it.gb for it in plan.student}
     assert items["params:"] == 0 and items["grads"] == 0
     P = 30_532_122_624
-    # 8 student ranks per node: each loads the full bf16 student, then holds 16 B/param
-    # (fp32 master + m + v + fp32 gradient) and its bf16 parameter partition in host RAM.
-    student_node = 8 * (2 * P + (16 + 2) * P / 56) / 1e9
-    teacher_node = 8 * 2 * 72_706_203_648 / 1e9
+    # A student node maps the bf16 student's checkpoint once (its 8 ranks copy from the shared
+    # page cache to their GPUs), then each rank holds 16 B/param (fp32 master + m + v + fp32
+    # gradient) and its bf16 parameter partition in host RAM: 61 + 78.5 GB. The teacher node
+    # maps the 72B checkpoint once (145 GB; its ZeRO-3 ranks load their partitions from it).
+    student_node = (2 * P + 8 * (16 + 2) * P / 56) / 1e9
+    teacher_node = 2 * 72_706_203_648 / 1e9
     assert plan.host_gb == pytest.approx(max(student_node, teacher_node))
+    assert plan.host_gb == pytest.approx(145.4, abs=0.1)
 
 
 # --------------------------------------------------------------------------------------
@@ -239,15 +242,16 @@ def test_the_rollout_layout_check_uses_the_trainers_words():
     assert any(it.label.startswith("activations (1 x 16384 tokens") for it in ok.student)
 
 def test_speed_estimate_from_flops():
-    """Teacher-bound 70B layout: the sharded teacher splits each 1-sequence request over 8
-    ranks, so 1 GPU computes; one forward costs 2 FLOPs per non-embedding weight plus
-    attention over half the 16384-token context."""
+    """Teacher-bound 70B layout: the sharded teacher's 8 ranks each score one of the 56
+    students' 1-sequence requests per round, so all 8 GPUs compute; one forward costs 2 FLOPs
+    per non-embedding weight plus attention over half the 16384-token context."""
     plan = make_plan(load_config(RECIPE_70B), Cluster(nodes=8, **H100, peak_tflops=1000.0, mfu=0.5))
     T = arch_from_config(KNOWN_CONFIGS["Qwen/Qwen2.5-72B-Instruct"], "t")
     flops = 2 * (72_706_203_648 - 152064 * 8192) + 2 * 80 * 8192 * (8192 + 8192)
     assert T.forward_flops_per_token(8192) == flops
-    rate = 1000e12 * 0.5 / flops
+    rate = 8 * 1000e12 * 0.5 / flops
     assert f"teacher {rate:,.0f} tok/s" in plan.speed[0] and plan.speed[1].startswith("teacher-bound")
+    assert "8 of 8 ranks busy, one request each" in plan.speed[0]
 
 
 def test_speed_counts_every_update_on_a_rollout_batch():
@@ -386,6 +390,24 @@ def test_the_main_ranks_export_check_and_evaluation_must_fit_too():
     assert "(the export check and evaluation on the main rank: the exported student 61.1 GB + KV cache 64 x 4096 " \
            "tokens 25.8 GB" in problem and problem.endswith("lower eval.batch_size or eval.max_new_tokens)"), problem
     assert "--set eval.batch_size=32" in [f.what for f in big.fixes]
+
+
+def test_stage1_uniform_warmup_warns_when_its_all_expert_activations_outgrow_the_device():
+    """uniform_all sends each token through all 128 experts: the recomputed layer keeps 1.84 MB
+    a token instead of 0.12 MB, so at 16384 tokens the warmup needs more than training does.
+    A warning (the warmup's solutions are short), with the longest sequence that fits; a
+    random top-k warmup routes like training and is not checked."""
+    def stage1_lines(*overrides):
+        plan = make_plan(load_config(RECIPE_70B, list(overrides)), Cluster(nodes=8, **H100))
+        return plan, [c for c in plan.checks if "Stage I warmup" in c.message]
+
+    plan, [check] = stage1_lines()
+    assert plan.fits and not check.ok and not check.fatal
+    longest = int(re.search(r"1 x (\d+) tokens fit", check.message)[1])
+    assert 8192 < longest < 16384, check.message
+    _, [short] = stage1_lines("data.max_response_tokens=7680")
+    assert short.ok and "fits 8192-token sequences" in short.message
+    assert stage1_lines("stage1.warmup_router=uniform_random_topk")[1] == []
 
 
 def test_plan_last_line_gains_the_configured_rollout_backend():
