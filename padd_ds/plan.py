@@ -798,9 +798,9 @@ def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
     items.append(Item(f"logits + loss ({sh.mbs} x {sh.seq} x vocab {S.vocab}, {sh.elem + 16} B each)", logits))
     training = sum(it.gb for it in items)
     final, detail = _final_evaluation(cfg, S, sh.elem)
-    items.append(Item(f"(export check + evaluation instead, main rank, training state on the host: {detail})", final))
+    items.append(Item(f"(export check + evaluation instead, every student rank, training state on the host: {detail})", final))
     train_peak = max(training, final)
-    final_note = (f"the export check and evaluation on the main rank: {detail} = {final:.1f} GB; lower "
+    final_note = (f"the export check and evaluation at the end: {detail} = {final:.1f} GB; lower "
                   "eval.batch_size or eval.max_new_tokens") if final > training else ""
     held = training - act - logits  # ZeRO partitions, optimizer state, buffers: kept through every phase
     if cfg.train.mode != "padd":
@@ -821,10 +821,10 @@ def _student_memory(cfg: PaddConfig, sh: _Shape, inp: _Inputs) -> _Memory:
 
 
 def _final_evaluation(cfg: PaddConfig, S: Arch, elem: int) -> tuple[float, str]:
-    """GB the main student rank holds while it checks the export and evaluates it
-    (pipeline/verify.py): one exported copy at a time in the run's dtype, its KV cache and
-    prefill temporaries for eval.batch_size prompts; the training state is parked on the host
-    (engine/build.park_training_state) and the other ranks hold nothing new."""
+    """GB a student rank holds while it evaluates its share of the export (and the main rank
+    checks it; pipeline/verify.py): one exported copy at a time in the run's dtype, its KV cache
+    and prefill temporaries for eval.batch_size prompts; the training state is parked on the
+    host (engine/build.park_training_state)."""
     tokens = cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens
     weights = S.total_params() * elem / GB
     kv = cfg.eval.batch_size * tokens * S.kv_cache_bytes_per_token(elem) / GB
@@ -1237,7 +1237,7 @@ def find_fixes(cfg: PaddConfig, cluster: Cluster, inp: _Inputs) -> list[Fix]:
     if offload.is_file() and not (inp.ds.get("zero_optimization") or {}).get("offload_optimizer"):
         attempt(Fix("needs {host:.0f} GB RAM per node", deepspeed="ds_configs/zero3_offload.json"),
                 dataclasses.replace(inp, ds=json.loads(offload.read_text())))
-    # A smaller evaluation batch: the main rank's export check and evaluation decode it whole.
+    # A smaller evaluation batch: each student rank decodes its share of the evaluation in it.
     any(attempt(Fix("evaluates more slowly", {"eval.batch_size": b}))
         for b in sorted({cfg.eval.batch_size // d for d in (2, 4, 8, 16)} - {0}, reverse=True))
     # Shorter responses (multiples of 256 tokens).

@@ -112,3 +112,46 @@ def two_sgd_ranks(script: str, tmp: Path, timeout: float) -> list[dict]:
     run_cmd([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
              str(REPO / "tests" / script), str(out)], timeout=timeout)
     return [json.loads((tmp / f"result.json.{r}").read_text()) for r in (0, 1)]
+
+
+def _gloo_child(rank: int, world: int, port: int, q, fn, args: tuple) -> None:
+    """A spawned rank: the environment of a `world`-rank gloo job, DeepSpeed's comm on it, then
+    fn(rank, *args); its result (or the error, as text) goes back through `q`."""
+    import traceback
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    try:
+        import deepspeed
+        import torch
+
+        from padd_ds.launch.world import release_shm_names
+
+        torch.set_num_threads(1)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        release_shm_names()
+        q.put((rank, fn(rank, *args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the test
+        q.put((rank, f"ERROR {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+    q.close()
+    q.join_thread()  # flush the queue before leaving without interpreter teardown
+    os._exit(0)
+
+
+def spawn_gloo_ranks(fn, *args, world: int = 2, timeout: float = 180) -> dict:
+    """Run fn(rank, *args) on `world` spawned gloo ranks (fn importable at module level); their
+    results by rank. A rank's error fails the caller's assertion with its traceback."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gloo_child, args=(r, world, port, q, fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    errors = [v for v in got.values() if isinstance(v, str) and v.startswith("ERROR")]
+    assert not errors, errors
+    return got

@@ -376,7 +376,7 @@ def test_hf_gathered_that_cannot_hold_the_student_and_its_kv_cache_is_refused():
 
 
 def test_the_main_ranks_export_check_and_evaluation_must_fit_too():
-    """At the end the main rank loads the exported student in bf16 (61.06 GB) with its training
+    """At the end every student rank loads the exported student in bf16 (61.06 GB) with its training
     state parked on the host, and evaluates eval.batch_size prompts of 512 + eval.max_new_tokens
     tokens: 16 x 4096 x 98,304 B = 6.44 GB of KV cache, plus the prefill's temporaries. At 64
     prompts the KV cache alone is 25.8 GB: refused, naming the phase, with a smaller batch as a fix."""
@@ -387,7 +387,7 @@ def test_the_main_ranks_export_check_and_evaluation_must_fit_too():
     assert plan.fits and plan.student_peak_gb == pytest.approx(final.gb) and 67.5 < final.gb < 76.0
     big = make_plan(load_config(RECIPE_70B, ["eval.batch_size=64"]), Cluster(nodes=8, **H100))
     [problem] = big.problems
-    assert "(the export check and evaluation on the main rank: the exported student 61.1 GB + KV cache 64 x 4096 " \
+    assert "(the export check and evaluation at the end: the exported student 61.1 GB + KV cache 64 x 4096 " \
            "tokens 25.8 GB" in problem and problem.endswith("lower eval.batch_size or eval.max_new_tokens)"), problem
     assert "--set eval.batch_size=32" in [f.what for f in big.fixes]
 

@@ -3,16 +3,13 @@ ZeRO-3-sharded over the teacher ranks. Both must give the same training as one t
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import re
 import sys
-import traceback
 
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_cmd, free_port, read_results, run_cmd
+from conftest import REPO, deepspeed_cmd, read_results, run_cmd, spawn_gloo_ranks
 
 
 def _tiny_teacher():
@@ -24,61 +21,43 @@ def _tiny_teacher():
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def _sharded_child(rank: int, port: int, q, path: str | None = None):
+def _sharded_rank(rank: int, path: str | None = None):
     """One rank of a 2-rank sharded teacher: built from the whole model, or (`path`) loaded
     straight into its partitions from that checkpoint, as the teacher ranks load it."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    try:
-        import deepspeed
+    from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
+    from padd_ds.teacher.sharded import ShardedTeacher
+    from test_teacher_outputs import cluster_map
 
-        from padd_ds.teacher.sharded import ShardedTeacher
+    if path is None:
+        model, loaded = _tiny_teacher(), None
+    else:
+        from padd_ds.models.loading import load_partitioned_causal_lm
+        from padd_ds.teacher.sharded import zero3_config
 
-        torch.set_num_threads(1)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        from padd_ds.launch.world import release_shm_names
-
-        release_shm_names()
-        from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_HIDDEN
-        from test_teacher_outputs import cluster_map
-
-        if path is None:
-            model, loaded = _tiny_teacher(), None
-        else:
-            from padd_ds.models.loading import load_partitioned_causal_lm
-            from padd_ds.teacher.sharded import zero3_config
-
-            model = load_partitioned_causal_lm(path, zero3_config(False), "float32")
-            # what this rank holds of each weight right after loading: its partition only
-            loaded = sorted({(p.ds_tensor.numel(), p.ds_numel, p.numel()) for p in model.parameters()})
-        teacher = ShardedTeacher(model, cluster_map=cluster_map(layers=(0, 1)))
-        if rank == 0:
-            g = torch.Generator().manual_seed(1)
-            # round 1: one request of 3 rows (rank 1 has none); round 2: two requests packed, the
-            # second (1 row of length 6) wholly on rank 1
-            reqs = [(torch.randint(0, 211, (b, L), generator=g), torch.tensor(lens), seed)
-                    for b, L, lens, seed in ((3, 10, [10, 7, 4], 11), (2, 8, [8, 5], 12), (1, 10, [6], 13))]
-            outs = [teacher.score(*reqs[0][:2], 8, seed=reqs[0][2], outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)]
-            outs += teacher.score_many(reqs[1:], 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
-            teacher.stop()
-            out = [(ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden)
-                   for (ids, lengths, _), o in zip(reqs, outs)]
-            q.put((rank, ([tuple(t.numpy() for t in row) for row in out], loaded)))
-        else:  # the forwards of this rank: (decoder tokens, LM head rows)
-            seen = []
-            hooks = [teacher.model.model.embed_tokens.register_forward_hook(
-                         lambda m, a, o: seen.append([a[0].numel()])),
-                     teacher.model.get_output_embeddings().register_forward_hook(
-                         lambda m, a, o: seen[-1].append(a[0].numel() // a[0].shape[-1]))]
-            rounds = teacher.member_loop()
-            for h in hooks:
-                h.remove()
-            q.put((rank, (rounds, seen, loaded)))
-    except BaseException as e:  # noqa: BLE001
-        q.put((rank, f"ERROR {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
-    q.close()
-    q.join_thread()   # flush the queue before leaving without interpreter teardown
-    os._exit(0)
+        model = load_partitioned_causal_lm(path, zero3_config(False), "float32")
+        # what this rank holds of each weight right after loading: its partition only
+        loaded = sorted({(p.ds_tensor.numel(), p.ds_numel, p.numel()) for p in model.parameters()})
+    teacher = ShardedTeacher(model, cluster_map=cluster_map(layers=(0, 1)))
+    if rank == 0:
+        g = torch.Generator().manual_seed(1)
+        # round 1: one request of 3 rows (rank 1 has none); round 2: two requests packed, the
+        # second (1 row of length 6) wholly on rank 1
+        reqs = [(torch.randint(0, 211, (b, L), generator=g), torch.tensor(lens), seed)
+                for b, L, lens, seed in ((3, 10, [10, 7, 4], 11), (2, 8, [8, 5], 12), (1, 10, [6], 13))]
+        outs = [teacher.score(*reqs[0][:2], 8, seed=reqs[0][2], outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)]
+        outs += teacher.score_many(reqs[1:], 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
+        teacher.stop()
+        out = [(ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden)
+               for (ids, lengths, _), o in zip(reqs, outs)]
+        return [tuple(t.numpy() for t in row) for row in out], loaded
+    seen = []  # the forwards of this rank: (decoder tokens, LM head rows)
+    hooks = [teacher.model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append([a[0].numel()])),
+             teacher.model.get_output_embeddings().register_forward_hook(
+                 lambda m, a, o: seen[-1].append(a[0].numel() // a[0].shape[-1]))]
+    rounds = teacher.member_loop()
+    for h in hooks:
+        h.remove()
+    return rounds, seen, loaded
 
 
 @pytest.mark.parametrize("source", ["whole", "checkpoint"])
@@ -91,16 +70,7 @@ def test_two_rank_sharded_teacher_equals_one_rank(tmp_path, source):
     if source == "checkpoint":
         path = str(tmp_path / "teacher")
         _tiny_teacher().save_pretrained(path)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_sharded_child, args=(r, port, q, path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    got = spawn_gloo_ranks(_sharded_rank, path)
     # rank 1: in round 1 one token (ZeRO-3's gathers are collective) and no head row; in round 2
     # the packed second request whole (10 tokens, 6 real); 2 rounds, 1 request of its own
     assert got[1][:2] == ((2, 1), [[1, 0], [10, 6]]), got[1]

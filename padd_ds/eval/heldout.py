@@ -31,21 +31,24 @@ def heldout_accuracy(model, tok, cfg: PaddConfig, synced: bool = False, share: t
 def _accuracy(model, tok, problems: list[dict], decoding: Decoding, synced: bool, share: tuple[int, int]) -> dict:
     if share[1] == 1:
         return evaluate_problems(model, tok, problems, decoding, synced_gpus=synced)
-    return shared_accuracy(model, tok, problems, decoding, *share)
+    return shared_accuracy(model, tok, problems, decoding, *share, synced=synced)
 
 
-def shared_accuracy(model, tok, problems: list[dict], decoding: Decoding, rank: int, ranks: int) -> dict:
-    """Accuracy on `problems` of a model ZeRO-3-sharded over `ranks` ranks that all call this
-    (collective): rank r answers problems r, r + ranks, ..., all ranks generating in step, and
-    the graded answers are summed over the ranks, so each returns the whole result. Every
-    rank runs as many prompts (its share, padded with repeats): ZeRO-3 forwards must pair up."""
+def shared_accuracy(model, tok, problems: list[dict], decoding: Decoding, rank: int, ranks: int,
+                    synced: bool = True) -> dict:
+    """Accuracy on `problems` over `ranks` ranks that all call this (collective): rank r answers
+    problems r, r + ranks, ..., and the graded answers are summed over the ranks, so each
+    returns the whole result. `synced`: a model ZeRO-3-sharded over them, whose forwards must
+    pair up: every rank generates in step and runs as many prompts (its share, padded with
+    repeats); ranks with whole copies each go at their own pace."""
     own = list(range(rank, len(problems), ranks))
-    width = math.ceil(len(problems) / ranks)
+    width = math.ceil(len(problems) / ranks) if synced else len(own)
     pad = [own[0] if own else 0] * (width - len(own))
-    res = evaluate_problems(model, tok, [problems[i] for i in own + pad], decoding, synced_gpus=True,
-                            keep_records=None)
+    mine = [problems[i] for i in own + pad]  # empty: a rank beyond the last problem (whole copies only)
+    records = evaluate_problems(model, tok, mine, decoding, synced_gpus=synced, keep_records=None)["samples"] \
+        if mine else []
     correct = torch.zeros(len(problems), dtype=torch.float64)
-    for i, record in zip(own, res["samples"]):  # the padding's answers are dropped
+    for i, record in zip(own, records):  # the padding's answers are dropped
         correct[i] = float(record["correct"])
     all_reduce_(correct)
     return accuracy_of(problems, [bool(c) for c in correct.tolist()])

@@ -58,8 +58,11 @@ def prepare(cfg: PaddConfig, world: World) -> Prepared:
     teacher = connect_teacher(cfg, world, teacher_path, student.config.get_text_config().vocab_size)
     collect = (send_stage1_setup(cfg, world, student.config, teacher_path, teacher, provenance)
                if cfg.stage1.enabled else None)
-    before = heldout_accuracy(student, tok, cfg) if world.is_main and cfg.eval.references else None
     num_students = max(1, world.roles.num_student)
+    # Every student rank holds the whole student here: each answers its share of the problems
+    # (on the main rank alone a paper-scale suite takes hours, past the others' timeout).
+    before = heldout_accuracy(student, tok, cfg, share=(world.roles.student_rank or 0, num_students)) \
+        if cfg.eval.references else None
     engine, ds_config = initialize_engine(cfg, student, num_students,
                                           load_universal=resume is not None and resume.reshaped)
     if world.is_main:

@@ -5,7 +5,7 @@
     Stage I   clusters, router init, warmup (skipped on resume: already in the weights)
     train     online KD (train.mode=distill) or Stages II-IV (train.mode=padd) on D_C
     export    native transformers checkpoint, checked against the engine
-    evaluate  teacher, student before and after on the held-out set (main rank)
+    evaluate  teacher, student before and after on the held-out set (each student rank its share)
     report    results.json, the accuracy table, figures and report.md (main rank)
 """
 
@@ -39,7 +39,10 @@ def run_student(cfg, world) -> RunResult | None:
     ctx.teacher.close()
     if trained.stopped_at is not None:  # preempted: the checkpoint is written; no export or evaluation
         return preempted(ctx, trained.stopped_at)
-    verified = export_and_verify(ctx, lambda model: heldout_accuracy(model, ctx.tok, cfg))
+    # Every student rank evaluates its share of the held-out problems with its own exported
+    # copy (on the main rank alone a paper-scale suite takes hours, past the others' timeout).
+    verified = export_and_verify(ctx, lambda model: heldout_accuracy(model, ctx.tok, cfg,
+                                                                     share=(ctx.rank, ctx.num_students)))
     result = evaluate(ctx, prep, trained, verified, stage1) if world.is_main else None
     if result is not None:
         report(ctx, result)

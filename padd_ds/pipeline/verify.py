@@ -36,7 +36,8 @@ class VerifiedExport:
 def export_and_verify(ctx: RunContext, evaluate: Callable[[torch.nn.Module], dict] | None = None
                       ) -> VerifiedExport | None:
     """Collective over the student ranks; the main rank returns the verified export, with
-    `evaluate(model)` of the exported student (and of its exact routing when `eval.exact_routing`)."""
+    `evaluate(model)` of the exported student (and of its exact routing when `eval.exact_routing`),
+    which every rank calls with its own loaded copy."""
     cfg, engine = ctx.cfg, ctx.engine
     held = heldout_batches(ctx)
     fit_batches, fidelity_batches = held[0::2], held[1::2]  # fidelity on tokens the fold never saw
@@ -48,18 +49,19 @@ def export_and_verify(ctx: RunContext, evaluate: Callable[[torch.nn.Module], dic
                   metadata=export_metadata(cfg, exact_bias, folded is not None))
     probe, engine_logits = probe_logits(engine, ctx.tok, cfg, ctx.pool)
     checkpoint = ckpt.latest_saved(ctx.ckpt_dir) or ctx.ckpt_dir  # just written: verified on the next resume
-    if not ctx.world.is_main:
-        return None
     park_training_state(engine)  # the engine's work is done: the device is the export copy's
+    main = ctx.world.is_main
 
-    def check(exact_routing: bool, evaluated: bool) -> tuple[float, float, dict | None]:
-        """Load one exported copy, check and evaluate it, drop it: two copies of a paper-scale
-        student (61 GB each in bf16) fit no GPU."""
+    def check(exact_routing: bool, evaluated: bool) -> tuple[float | None, float | None, dict | None]:
+        """Load one exported copy, check it (main rank) and evaluate it (`evaluate` may split the
+        problems over the student ranks: every rank loads), drop it: two copies of a
+        paper-scale student (61 GB each in bf16) fit no GPU."""
         model = load_causal_lm(str(export_dir), cfg.models.dtype)  # bf16 on a GPU: 30B in fp32 fits none
         if exact_routing:
             model = load_exact_routing(model, export_dir)
-        out = (max_logit_diff(model, probe, engine_logits), routing_fidelity(model, fidelity_batches, engine_choices),
-               evaluate(model) if evaluate is not None and evaluated else None)
+        checks = ((max_logit_diff(model, probe, engine_logits), routing_fidelity(model, fidelity_batches, engine_choices))
+                  if main else (None, None))
+        out = (*checks, evaluate(model) if evaluate is not None and evaluated else None)
         del model
         release_device_memory()
         return out
@@ -69,6 +71,8 @@ def export_and_verify(ctx: RunContext, evaluate: Callable[[torch.nn.Module], dic
     if folded is not None:
         ex_diff, ex_fidelity, ex_after = check(True, cfg.eval.exact_routing)
         exact = {"max_abs_logit_diff": ex_diff, "routing_fidelity": ex_fidelity, "student_after": ex_after}
+    if not main:
+        return None
     report = ExportReport(diff, fidelity, folded is not None, exact_bias, exact, str(checkpoint), str(export_dir))
     return VerifiedExport(report, after)
 
