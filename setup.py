@@ -21,5 +21,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[r for r in reqs if not r.startswith(TEST_ONLY)],
     extras_require={"test": [r for r in reqs if r.startswith(TEST_ONLY)]},
-    entry_points={"console_scripts": ["padd=padd_ds.cli:main"]},
+    entry_points={"console_scripts": ["padd=padd_ds.cli:main"],
+                  # vLLM loads it in every engine process: the PADD routing models (rollout.backend=vllm)
+                  "vllm.general_plugins": ["padd = padd_ds.vllm_engine.plugin:register"]},
 )

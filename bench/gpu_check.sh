@@ -30,6 +30,11 @@
 #   colocated  topology.colocated=true: teacher and student in one process (train.mode=padd), its
 #              rollouts from a gathered copy of the student (rollout.backend=hf_gathered) replayed
 #              through the trainer's routers (rollout.route_replay); prints the sampler-trainer gaps
+#   vllm       the same one-process PADD run sampling from a vLLM engine next to it on the same
+#              device (rollout.backend=vllm: weight sync each step, sleep mode while it trains);
+#              only where a vLLM environment exists (GPU_CHECK_VLLM_PYTHON, default .venv-vllm:
+#              `make vllm VLLM_PKG=vllm==0.33.0` on a CUDA node; on CPU the toy's head_dim must be
+#              >= 32, GPU_CHECK_PROFILE=demo); otherwise `CHECK vllm skipped <why>`, not counted
 #
 # S (GPU_CHECK_STUDENTS) is 1 on a 1-GPU node: NCCL refuses two ranks of one world on one GPU
 # ("Duplicate GPU detected"), so there the student world is 1 rank and AutoEP's all-to-all has
@@ -453,6 +458,47 @@ PY
     fi
 else
     check colocated FAIL "skipped: needs toy_build and fused_adam"
+fi
+
+# ---- vllm -----------------------------------------------------------------------------------
+VLLM_PY=${GPU_CHECK_VLLM_PYTHON:-$REPO/.venv-vllm/bin/python}
+VLLM_SKIP=""
+if [[ ! -x $VLLM_PY ]]; then
+    VLLM_SKIP="no vLLM environment at $VLLM_PY (make vllm; on CUDA: make vllm VLLM_PKG=vllm==0.33.0)"
+elif [[ $CPU == 1 ]] && ! "$PY" -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1] + "/student/config.json")).get("head_dim", 64) < 32)' \
+        "$(grep '^PADD_TOY_DIR=' "$RUN/toy_build.log" 2>/dev/null | tail -n 1 | cut -d= -f2)" 2>/dev/null; then
+    VLLM_SKIP="the $PROFILE toy's head_dim is below vLLM's CPU minimum of 32 (GPU_CHECK_PROFILE=demo)"
+fi
+if [[ -n $VLLM_SKIP ]]; then
+    say "CHECK vllm skipped $VLLM_SKIP"
+elif [[ -n ${OK[toy_build]:-} && -n ${OK[fused_adam]:-} ]]; then
+    PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    MASTER_PORT=$PORT run_phase vllm 180 "${PADD[@]}" train --nproc 1 --recipe recipes/toy_padd.yaml \
+        "${COMMON[@]}" --set run.output_dir="$RUN/vllm" --set train.resume=never --set train.steps=2 \
+        --set topology.colocated=true --set deepspeed.expert_parallel_size=1 --set stage1.warmup_steps=2 \
+        --set stage3.prompts_per_step=2 --set train.micro_batch_size=4 \
+        --set rollout.backend=vllm --set rollout.vllm_python="$VLLM_PY" --set rollout.vllm_gpu_memory_utilization=0.3
+    if [[ $RC == 0 ]] && detail=$(pycheck "$RUN/vllm" "$TOL" <<'PY'
+import json, math, sys
+run, tol = sys.argv[1], float(sys.argv[2])
+r = json.load(open(run + "/results.json"))
+assert len(r["history"]) == 2 and all(math.isfinite(x["train/kd_loss"]) for x in r["history"]), r["history"]
+gaps = [h["rollout/logprob_diff_max"] for h in r["history"]]
+assert all(math.isfinite(g) and g <= tol for g in gaps), f"vLLM-trainer log-prob gaps {gaps} > {tol}"
+log = open(run + "/vllm_engine.0/vllm_engine.log").read()
+print(f"2 PADD steps sampled by vLLM after a weight sync each, vLLM-trainer log-prob gap max {max(gaps):.3g} "
+      f"(tolerance {tol}); engine log {len(log.splitlines())} lines")
+PY
+); then
+        check vllm ok "in ${PHASE_S}s: $detail"
+    else
+        tail_log "$RUN/vllm.log"
+        [[ -f $RUN/vllm/vllm_engine.0/vllm_engine.log ]] && tail_log "$RUN/vllm/vllm_engine.0/vllm_engine.log"
+        check vllm FAIL "$(if [[ $RC == 0 ]]; then echo "$detail"; else why vllm; fi)"
+    fi
+else
+    check vllm FAIL "skipped: needs toy_build and fused_adam"
 fi
 
 # ---- summary --------------------------------------------------------------------------------

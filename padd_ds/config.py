@@ -335,7 +335,10 @@ class RolloutConfig:
     # expert-parallel all-gather) into a plain transformers model that routes exactly like the
     # engine (Stage IV bias included), generates its own prompts without collectives, and frees
     # it; it needs the whole student in bf16 plus its KV cache on each device (`padd plan`).
-    backend: Literal["hf", "hf_gathered"] = "hf"
+    # vllm: a vLLM engine in its own process and environment (`make vllm`), started by student
+    # rank 0 on its device, gets the student's weights after every optimizer step and samples
+    # every rank's prompts as one batch, routing with the Stage IV bias (padd_ds/vllm_engine).
+    backend: Literal["hf", "hf_gathered", "vllm"] = "hf"
     # Temperature 1 and no nucleus cut sample the policy itself, as the policy gradient
     # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
     temperature: float = 1.0
@@ -344,10 +347,34 @@ class RolloutConfig:
     # the rollout engine chose (its gate still weights them, so the router keeps its gradient).
     # Off: the trainer routes by itself and rollout/route_agreement logs how often they agree.
     route_replay: bool = False
+    # The vLLM environment's interpreter (null: this checkout's .venv-vllm, built by `make vllm`).
+    vllm_python: Optional[str] = None
+    # Student ranks per engine (consecutive, on one node); the first starts it. null: all of them.
+    vllm_ranks_per_engine: Optional[int] = None
+    # Devices per engine (vLLM tensor parallel): the first rank's and the next ones.
+    vllm_tensor_parallel: int = 1
+    # Share of each engine device's memory it may take (weights + KV cache); it sleeps while the
+    # student trains.
+    vllm_gpu_memory_utilization: float = 0.3
+    # Its KV cache on a CPU host.
+    vllm_cpu_kv_cache_gb: float = 0.25
+    # An engine must start, load a sync or answer a rollout phase within this; fail, don't hang.
+    vllm_timeout_s: float = 1800.0
 
     def check(self) -> None:
         require(self.temperature > 0, f"rollout.temperature must be > 0 (rollouts are sampled), got {self.temperature}")
         require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        require(0 < self.vllm_gpu_memory_utilization < 1,
+                f"rollout.vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
+        positive("rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb)
+        positive("rollout.vllm_timeout_s", self.vllm_timeout_s)
+        positive("rollout.vllm_tensor_parallel", self.vllm_tensor_parallel)
+        require(self.vllm_ranks_per_engine is None or self.vllm_ranks_per_engine >= self.vllm_tensor_parallel,
+                f"rollout.vllm_ranks_per_engine={self.vllm_ranks_per_engine} must be >= rollout.vllm_tensor_parallel="
+                f"{self.vllm_tensor_parallel}: an engine runs on devices of its own ranks")
+        require(not (self.route_replay and self.backend == "vllm"),
+                "rollout.route_replay needs the rollout engine's routes, which the vllm backend does not return; "
+                "use rollout.backend=hf_gathered or turn route_replay off")
 
 
 @dataclass
@@ -562,6 +589,15 @@ def rollout_layout_problem(cfg: PaddConfig, students: int) -> str | None:
                 f"{s3.prompts_per_step} / {students} ranks x stage3.group_size={s3.group_size}) does not split into "
                 f"micro-batches of train.micro_batch_size={mbs}; make the micro-batch a divisor of {per_rank}")
     return None
+
+
+def rollout_engines_problem(cfg: PaddConfig, students: int) -> str | None:
+    """rollout.backend=vllm: the student ranks split into whole engine groups."""
+    rpe = cfg.rollout.vllm_ranks_per_engine
+    if cfg.train.mode != "padd" or cfg.rollout.backend != "vllm" or rpe is None or students % rpe == 0:
+        return None
+    return (f"rollout.vllm_ranks_per_engine={rpe} does not divide the {students} student ranks; "
+            "make it a divisor (or null: one engine for all)")
 
 
 def rollout_batch_size(cfg: PaddConfig, students: int) -> int:

@@ -17,15 +17,16 @@ position before compressing them.
 GB means 10^9 bytes throughout.
 
 Speed: training from FLOPs at an MFU; in train.mode=padd the rollout phase from a decode model
-per rollout.backend (`decode_hf`, `decode_gathered`, and `decode_vllm` for a vLLM backend that
-is not implemented, issue 16). Decoding is memory-bound: a step reads the weights it uses (an
-MoE batch of n tokens touches E(1 - (1 - k/E)^n) experts per layer, uniform routing) and the KV
-cache (at the mean context) over HBM; `hf` adds the per-step ZeRO-3 gather over the links and
-its collectives, `hf_gathered` one gather per phase, vllm a weight sync. A phase is
-data.max_response_tokens steps (the worst case). Spec-sheet rates, no efficiency factor and no
-kernel-launch or Python overhead: the times are lower bounds. The report's last line then gains
-`rollout_tok_s=<x> step_s=<y>` for the configured backend. An hf_gathered plan must also hold
-the whole student and its rollout KV cache beside the training state. docs/cluster.md has the
+per rollout.backend (`decode_hf`, `decode_gathered`, `decode_vllm`). Decoding is memory-bound:
+a step reads the weights it uses (an MoE batch of n tokens touches E(1 - (1 - k/E)^n) experts
+per layer, uniform routing) and the KV cache (at the mean context) over HBM; `hf` adds the
+per-step ZeRO-3 gather over the links and its collectives, `hf_gathered` one gather per phase,
+vllm a weight sync per phase and, when an engine's KV cache cannot hold its group's sequences,
+waves. A phase is data.max_response_tokens steps (the worst case). Spec-sheet rates, no
+efficiency factor and no kernel-launch or Python overhead: the times are lower bounds. The
+report's last line then gains `rollout_tok_s=<x> step_s=<y>` for the configured backend. An
+hf_gathered plan must also hold the whole student and its rollout KV cache beside the training
+state, a vllm plan its engines' weights beside it. docs/cluster.md has the
 assumptions and the 72B recipe's numbers.
 
 `train.py` runs `plan_for_launch` on every rank before any process group exists and refuses
@@ -1087,22 +1088,81 @@ def decode_gathered(S: Arch, lay: RolloutLayout, hw: Hardware) -> Decode:
     return Decode("hf_gathered", lay, setup, hbm / hw.hbm, f"HBM {hbm / GB:.2f} GB{experts}")
 
 
-def decode_vllm(S: Arch, lay: RolloutLayout, hw: Hardware) -> Decode:
-    """A hypothetical vLLM backend (not implemented, issue 16): one engine per node over its g
-    student GPUs (g = gcd(students, ranks per node)), weights and KV cache split evenly over
-    them, decoding their g x batch sequences as one continuous batch; two collectives per layer
-    (tensor/expert parallel). Before each phase a weight sync streams the whole model into each
-    engine over one link. Continuous batching refills early-finished rows: nothing to refill in
-    this worst case."""
-    g = math.gcd(lay.students, lay.per_node)
-    setup = lay.elem * S.total_params() / lay.links(hw)[0]
-    hbm = (lay.elem * S.decode_read_params(g * lay.batch) + lay.kv_read(S, g * lay.batch)) / g
-    n = 2 * S.layers if g > 1 else 0
-    experts = (f", {S.experts * S.touched_expert_fraction(g * lay.batch):.1f} of {S.experts} experts per layer"
+# The weight sync writes the gathered model into shared memory and vLLM reads it back: two host
+# memory copies at one memcpy stream's rate (an assumption, printed with the line).
+HOST_COPY_BYTES_S = 10e9
+
+
+@dataclass(frozen=True)
+class VllmEngines:
+    """rollout.backend=vllm's placement (rl/vllm_policy.py): one engine per group of
+    `ranks_per_engine` student ranks, on `tensor_parallel` of their GPUs."""
+    ranks_per_engine: int
+    tensor_parallel: int
+    gpu_fraction: float      # rollout.vllm_gpu_memory_utilization
+
+    def memory(self, S: Arch, lay: RolloutLayout, hbm_gb: float) -> tuple[float, float, int]:
+        """(weights GB per GPU, KV GB the engine needs per GPU, waves): the engine keeps its
+        share of the weights and as many sequences' KV cache as the rest of its memory holds;
+        more sequences than that decode in waves (vLLM queues them)."""
+        weights = lay.elem * S.total_params() / GB / self.tensor_parallel
+        kv = lay.kv_read(S, self.ranks_per_engine * lay.batch) / lay.kv_context * (lay.prompt + lay.response)
+        kv = kv / GB / self.tensor_parallel
+        room = self.gpu_fraction * hbm_gb - weights
+        return weights, kv, (math.ceil(kv / room) if room > 0 else 0)
+
+
+def decode_vllm(S: Arch, lay: RolloutLayout, hw: Hardware, eng: VllmEngines, hbm_gb: float) -> Decode:
+    """vLLM engines (rl/vllm_policy.py): each decodes its group's ranks_per_engine x batch
+    sequences as one continuous batch, weights and KV cache split over its tensor_parallel GPUs
+    (two collectives per layer when > 1); a group larger than its KV room decodes in waves.
+    Before each phase the weight sync: the export's gather (ZeRO-3, then the expert-parallel
+    all-gather) and two host copies of the whole model (shared memory, HOST_COPY_BYTES_S).
+    Continuous batching refills early-finished rows: nothing to refill in this worst case."""
+    g, tp = eng.ranks_per_engine, eng.tensor_parallel
+    zero_link, ep_link = lay.links(hw)
+    gather = lay.partition_gather_bytes(S) / zero_link + lay.elem * S.routed_expert_params() * (lay.ep - 1) / lay.ep / ep_link
+    setup = gather + 2 * lay.elem * S.total_params() / HOST_COPY_BYTES_S
+    weights, kv, waves = eng.memory(S, lay, hbm_gb)
+    per_wave = math.ceil(g * lay.batch / max(waves, 1))
+    hbm = (lay.elem * S.decode_read_params(per_wave) + lay.kv_read(S, per_wave)) / tp
+    n = 2 * S.layers if tp > 1 else 0
+    experts = (f", {S.experts * S.touched_expert_fraction(per_wave):.1f} of {S.experts} experts per layer"
                if S.is_moe else "")
-    terms = (f"HBM {hbm / GB:.2f} GB per GPU ({g} GPUs, {g * lay.batch} sequences{experts}) + {n} collectives "
+    terms = (f"{lay.students // g} engines x {tp} GPU{'s' if tp > 1 else ''}, {g * lay.batch} sequences each in "
+             f"{max(waves, 1)} wave{'s' if waves > 1 else ''}; HBM {hbm / GB:.2f} GB per GPU{experts} + {n} collectives "
              f"{1e3 * n * hw.latency_s:.1f} ms")
-    return Decode("vllm", lay, setup, hbm / hw.hbm + n * hw.latency_s, terms)
+    return Decode("vllm", lay, setup, max(waves, 1) * (hbm / hw.hbm + n * hw.latency_s), terms)
+
+
+def _vllm_check(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs, student: _Memory) -> list[Check]:
+    """rollout.backend=vllm: its engines fit their GPUs (none on a CPU host: the KV cache is sized apart)."""
+    if cfg.train.mode != "padd" or cfg.rollout.backend != "vllm" or cluster.device != "gpu" or sh.n_student < 1:
+        return []
+    lay = RolloutLayout(sh.n_student, sh.gpn, max(1, sh.ep), sh.rollout, sh.seq - sh.response, sh.response, sh.elem)
+    ok, words = vllm_fit(vllm_engines(cfg, sh.n_student), inp.student, lay, cluster, student.state_gb)
+    return [Check(ok, f"rollout.backend=vllm: {words}")]
+
+
+def vllm_engines(cfg: PaddConfig, students: int) -> VllmEngines:
+    ro = cfg.rollout
+    return VllmEngines(ro.vllm_ranks_per_engine or students, ro.vllm_tensor_parallel, ro.vllm_gpu_memory_utilization)
+
+
+def vllm_fit(eng: VllmEngines, S: Arch, lay: RolloutLayout, cluster: Cluster, held_gb: float) -> tuple[bool, str]:
+    """Whether an engine GPU holds its weights beside the training state the student keeps
+    there while it rolls out (the engine sleeps while it trains), and the words for it."""
+    weights, kv, waves = eng.memory(S, lay, cluster.gpu_memory_gb)
+    share = eng.gpu_fraction * cluster.gpu_memory_gb
+    ok = waves > 0 and held_gb + share <= cluster.usable_gb
+    words = (f"engine GPU: weights {weights:.1f} GB + KV {kv:.1f} GB in rollout.vllm_gpu_memory_utilization x "
+             f"{cluster.gpu_memory_gb:g} = {share:.1f} GB beside {held_gb:.1f} GB of training state "
+             f"({cluster.usable_gb:.1f} usable)")
+    if waves == 0:
+        words += ": the weights do NOT fit; raise rollout.vllm_tensor_parallel or vllm_gpu_memory_utilization"
+    elif not ok:
+        words += ": does NOT fit; lower rollout.vllm_gpu_memory_utilization"
+    return ok, words
 
 
 def _duration(seconds: float) -> str:
@@ -1128,17 +1188,19 @@ def _rollout_speed(cfg: PaddConfig, cluster: Cluster, sh: _Shape, inp: _Inputs, 
              "prefill, kernel launches and Python are not counted"]
     configured = None
     usable = cluster.usable_gb
-    for d in (decode_hf(S, lay, hw), decode_gathered(S, lay, hw), decode_vllm(S, lay, hw)):
+    eng = vllm_engines(cfg, sh.n_student)
+    for d in (decode_hf(S, lay, hw), decode_gathered(S, lay, hw), decode_vllm(S, lay, hw, eng, cluster.gpu_memory_gb)):
         mark = " (configured)" if d.backend == cfg.rollout.backend else ""
-        if d.backend == "vllm":
-            mark = " (not implemented, issue 16)"
         setup = {"hf": "", "hf_gathered": f"gather {d.setup_s:.2f} s once + ",
-                 "vllm": f"weight sync {d.setup_s:.2f} s + "}[d.backend]
+                 "vllm": f"weight sync {d.setup_s:.2f} s (gather + 2 host copies at "
+                         f"{HOST_COPY_BYTES_S / 1e9:g} GB/s) + "}[d.backend]
         step = f"; step_s={_duration(d.phase_s + train_s)}" if train_s is not None else ""
         fit = ""
         if d.backend == "hf_gathered":
             ok = student.gathered_gb <= usable
             fit = f"; needs {student.gathered_gb:.1f} GB of {usable:.1f} usable{'' if ok else ': does NOT fit'}"
+        if d.backend == "vllm":
+            fit = "; " + vllm_fit(eng, S, lay, cluster, student.state_gb)[1]
         lines.append(f"rollout {d.backend}{mark}: {setup}{1e3 * d.step_s:.1f} ms/step ({d.terms}) -> "
                      f"{_duration(d.phase_s)} per phase; rollout_tok_s={d.tok_s:,.0f}{step}{fit}")
         configured = d if d.backend == cfg.rollout.backend else configured
@@ -1156,6 +1218,7 @@ def make_plan(cfg: PaddConfig, cluster: Cluster, recipe: str = "", *, search_fix
     checks += [stage1] if stage1 is not None else []
     speed, train_s = _speed(cfg, cluster, sh, inp)
     rollout_lines, decode = _rollout_speed(cfg, cluster, sh, inp, train_s, student)
+    checks += _vllm_check(cfg, cluster, sh, inp, student)
     plan = Plan(recipe or "(defaults)", cluster, _layout(sh, inp), student.items, teacher.items, checks,
                 speed + rollout_lines, host.lines, student.peak, teacher.peak, host.need_gb)
     if decode is not None and train_s is not None:

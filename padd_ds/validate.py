@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from padd_ds.config import ConfigError, PaddConfig, TopologyConfig, require, rollout_layout_problem
+from padd_ds.config import (ConfigError, PaddConfig, TopologyConfig, require, rollout_engines_problem,
+                            rollout_layout_problem)
 from padd_ds.engine.ds_config import read_deepspeed_config
 from padd_ds.engine.layout import launch_layout, newest_layout, resume_problem
 from padd_ds.models.arch import expert_parallel_size, model_field
 from padd_ds.models.files import (TOKENIZER_FILES, check_shared_tokenizer, check_weights, has_tokenizer,
                                   read_model_config, resolve_model_path, student_moe_shape)
 from padd_ds.paths import local_path
+from padd_ds.vllm_engine.client import vllm_environment_problem
+from padd_ds.vllm_engine.plugin import PADD_MODEL_TYPES
 
 # --------------------------------------------------------------------------------------
 # Layout rules (also the planner's): None when fine, else the problem in words
@@ -123,6 +126,19 @@ def _check_models(cfg: PaddConfig, ep: int, repo_root: str | Path | None) -> Non
     if t_conf is not None and s_conf is not None:
         check_shared_tokenizer(tokenizer, student, model_field(t_conf, "vocab_size"), model_field(s_conf, "vocab_size"))
     _check_moe(cfg, student, t_conf, ep)
+    _check_rollout_engine(cfg, s_conf)
+
+
+def _check_rollout_engine(cfg: PaddConfig, s_conf: dict | None) -> None:
+    """rollout.backend=vllm: its environment exists and it has a PADD routing model for the student."""
+    if cfg.rollout.backend != "vllm" or cfg.train.mode != "padd":
+        return
+    problem = vllm_environment_problem(cfg.rollout.vllm_python)
+    require(problem is None, str(problem))
+    kind = None if s_conf is None else model_field(s_conf, "model_type")
+    require(kind is None or kind in PADD_MODEL_TYPES,
+            f"rollout.backend=vllm routes with the Stage IV bias for {', '.join(PADD_MODEL_TYPES)} students; "
+            f"models.student is {kind}: use rollout.backend=hf_gathered")
 
 
 def _check_model_files(cfg: PaddConfig, repo_root: str | Path | None) -> None:
@@ -182,6 +198,8 @@ def _check_world(cfg: PaddConfig, world_size: int, ep: int) -> None:
     require(problem is None, f"{problem} (world size {world_size}); change topology.teacher_ranks, the process "
                              "count or deepspeed.expert_parallel_size")
     problem = rollout_layout_problem(cfg, student_ranks(cfg.topology, world_size))
+    require(problem is None, str(problem))
+    problem = rollout_engines_problem(cfg, student_ranks(cfg.topology, world_size))
     require(problem is None, str(problem))
     problem = stage1_batch_problem(cfg, student_ranks(cfg.topology, world_size))
     require(problem is None, str(problem))

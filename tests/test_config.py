@@ -147,7 +147,7 @@ def test_unknown_override_key(override, expected):
     ("data.split_fractions.A=high", "data.split_fractions.A: expected float, got str 'high'"),
     ("stage3.policy=ppo", "stage3.policy: 'ppo' is not allowed; choose one of ['pr_grpo', 'grpo', 'rspo', 'gspo']"),
     ("stage2.temperature_coupling=true", "stage2.temperature_coupling: True is not allowed"),
-    ("rollout.backend=vllm", "rollout.backend: 'vllm' is not allowed; choose one of ['hf', 'hf_gathered']"),
+    ("rollout.backend=sglang", "rollout.backend: 'sglang' is not allowed; choose one of ['hf', 'hf_gathered', 'vllm']"),
     ("stage2=3", "stage2: expected a mapping of stage2 fields, got int 3"),
     ("train.lr.x=1", "train.lr holds float; it has no field 'x'"),
 ])
@@ -254,6 +254,9 @@ TRAINER_CANNOT_RUN = [
      "stage3.ref_kl=0.05: no frozen reference model is built (under ZeRO-3 it would cost another full sharded "
      "model and a forward per update; the teacher's KD term anchors the policy); keep stage3.ref_kl=0"),
     (["stage3.prompts_per_step=0"], "stage3.prompts_per_step must be > 0, got 0"),
+    (["train.mode=padd", "rollout.backend=vllm", "rollout.route_replay=true"],
+     "rollout.route_replay needs the rollout engine's routes, which the vllm backend does not return; use "
+     "rollout.backend=hf_gathered or turn route_replay off"),
 ]
 
 
@@ -313,6 +316,10 @@ BATCH_LAYOUT = [
     (["stage1.enabled=true", "stage1.targets_max_problems=31"],
      "stage1.targets_max_problems=31 is less than one global batch (16 (train.micro_batch_size) x 2 student ranks "
      "= 32); raise it to at least 32"),
+    (["train.mode=padd", "rollout.backend=vllm", f"rollout.vllm_python={sys.executable}",
+      "rollout.vllm_ranks_per_engine=3", "rollout.vllm_tensor_parallel=1"],
+     "rollout.vllm_ranks_per_engine=3 does not divide the 2 student ranks; make it a divisor (or null: one engine "
+     "for all)"),
 ]
 
 
@@ -576,3 +583,23 @@ def test_teacher_reference_follows_references_unless_switched_off():
     assert not load_config(None, ["eval.references=false"]).eval.teacher_evaluated
     with pytest.raises(ConfigError, match="eval.teacher_reference=true needs eval.references=true"):
         load_config(None, ["eval.references=false", "eval.teacher_reference=true"]).check()
+
+
+def test_vllm_backend_without_its_environment_is_one_config_error(setup, capsys, tmp_path):
+    """Before any process group exists: validate() and `padd config validate` name the missing
+    interpreter and the install command."""
+    from padd_ds.cli import main
+
+    cfg, root = setup
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    bad = load_config(None, ["train.mode=padd", "rollout.backend=vllm", f"rollout.vllm_python={missing}"])
+    bad.models, bad.deepspeed = cfg.models, cfg.deepspeed
+    expected = (f"rollout.backend=vllm: no vLLM environment at {missing}; install it with `make vllm` (on a CUDA "
+                "cluster: make vllm VLLM_PKG=vllm==0.33.0) or set rollout.vllm_python")
+    assert error_of(validate, bad, world_size=3, repo_root=root) == expected
+    recipe = root / "recipe.yaml"
+    recipe.write_text(dump_yaml(bad))
+    assert main(["config", "validate", "--recipe", str(recipe), "--world-size", "3"]) == 2
+    assert capsys.readouterr().err == f"padd-ds: config error: {expected}\n"
+    bad.rollout.vllm_python = sys.executable  # an interpreter that exists passes this check
+    validate(bad, world_size=3, repo_root=root)

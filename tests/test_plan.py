@@ -19,7 +19,7 @@ from conftest import REPO
 from padd_ds.config import ConfigError
 from padd_ds.recipe import load_config
 from padd_ds.plan import (GPU_RESERVE_GB, KNOWN_CONFIGS, Arch, Cluster, Hardware, RolloutLayout, arch_from_config,
-                          decode_gathered, decode_hf, decode_vllm, make_plan, min_shards, slurm_shape)
+                          VllmEngines, decode_gathered, decode_hf, decode_vllm, make_plan, min_shards, slurm_shape)
 from padd_ds.validate import validate
 
 RECIPE_70B = str(REPO / "recipes" / "qwen25_72b_to_qwen3_30b_a3b.yaml")
@@ -283,7 +283,7 @@ TOY_MOE = Arch(name="toy", model_type="qwen3_moe", layers=1, hidden=10, vocab=10
 TOY_LAYOUT = RolloutLayout(students=4, per_node=2, ep=2, batch=2, prompt=4, response=8, elem=2)
 # Round rates in bytes/s: HBM 1000, NVLink 100, InfiniBand 10, 1 s per collective.
 TOY_HW = Hardware("toy", hbm=1000.0, nvlink=100.0, ib=10.0, latency_s=1.0)
-ROLLOUT_NAMES = ("hf", "hf_gathered", "vllm")  # the last is the planner's hypothetical (issue 16)
+ROLLOUT_NAMES = ("hf", "hf_gathered", "vllm")
 
 
 def test_toy_moe_shapes_for_the_decode_model():
@@ -319,12 +319,27 @@ def test_decode_hf_gathered_by_hand():
 
 
 def test_decode_vllm_by_hand():
-    """One engine over gcd(4, 2) = 2 GPUs serving 4 sequences: weight sync 2 B x 3670 over
-    InfiniBand = 734 s; each step reads (2 x (1470 + 1200 x 15/16) + 4 x 8 x 40) / 2 = 3235 B per GPU,
-    3.235 s, plus 2 collectives (one layer), 2 s."""
-    d = decode_vllm(TOY_MOE, TOY_LAYOUT, TOY_HW)
-    assert d.setup_s == pytest.approx(734) and d.step_s == pytest.approx(5.235)
-    assert d.phase_s == pytest.approx(734 + 8 * 5.235)
+    """Engines of 2 ranks on 2 GPUs each (tensor parallel) serving 2 x 2 = 4 sequences. Weight
+    sync: hf_gathered's gather (430.5 + 12 s) and two host copies of 2 B x 3670 at 10 GB/s. Each
+    step reads (2 x (1470 + 1200 x 15/16) + 4 x 8 x 40) / 2 = 3235 B per GPU, 3.235 s, plus
+    2 collectives (one layer), 2 s."""
+    eng = VllmEngines(ranks_per_engine=2, tensor_parallel=2, gpu_fraction=0.5)
+    d = decode_vllm(TOY_MOE, TOY_LAYOUT, TOY_HW, eng, 1.0)
+    assert d.setup_s == pytest.approx(442.5 + 2 * 2 * 3670 / 10e9) and d.step_s == pytest.approx(5.235)
+    assert d.phase_s == pytest.approx(d.setup_s + 8 * 5.235)
+    assert d.terms.startswith("2 engines x 2 GPUs, 4 sequences each in 1 wave")
+
+
+def test_decode_vllm_decodes_in_waves_what_its_kv_room_cannot_hold():
+    """One GPU per engine: weights 2 B x 3670 = 7340 B; the group's KV cache at full length
+    4 x 12 tokens x 40 B = 1920 B. A GPU of 16680 B at 0.5 leaves 1000 B beside the weights: 2
+    waves of 2 sequences, each step 2 x (2 x (1470 + 1200 x 3/4) + 2 x 8 x 40) B = 2 x 5.38 s.
+    Weights beyond the share: no wave fits, and the plan says so."""
+    eng = VllmEngines(ranks_per_engine=2, tensor_parallel=1, gpu_fraction=0.5)
+    weights, kv, waves = eng.memory(TOY_MOE, TOY_LAYOUT, 16680e-9)
+    assert (weights, kv, waves) == (pytest.approx(7340e-9), pytest.approx(1920e-9), 2)
+    assert decode_vllm(TOY_MOE, TOY_LAYOUT, TOY_HW, eng, 16680e-9).step_s == pytest.approx(2 * 5.38)
+    assert eng.memory(TOY_MOE, TOY_LAYOUT, 14000e-9)[2] == 0
 
 
 def test_one_student_rank_decodes_with_no_collective():
@@ -346,7 +361,7 @@ def test_72b_rollouts_take_hours_on_the_engine_and_minutes_gathered():
     lines = _rollout_lines(plan)
     assert set(lines) >= {"hf", "hf_gathered", "vllm"}
     assert lines["hf"].startswith("rollout hf (configured):")
-    assert lines["vllm"].startswith("rollout vllm (not implemented, issue 16):")
+    assert lines["vllm"].startswith("rollout vllm:") and "28 engines x 2 GPUs, 16 sequences each in 1 wave" in lines["vllm"]
     phase = {k: float(re.search(r"-> ([\d,]+) s", v).group(1).replace(",", "")) for k, v in lines.items()
              if k in ROLLOUT_NAMES}
     assert phase["hf"] > 2500 and plan.step_s > 3600  # hours per RL step
@@ -502,3 +517,16 @@ def test_colocated_single_process_plan_adds_the_teacher():
     assert not colocated.teacher and colocated.student[-1].label.startswith("colocated teacher")
     assert colocated.student[-1].gb == pytest.approx(separate.teacher_peak_gb)
     assert not colocated.fits  # a 30B student and its teacher on one GPU
+
+
+def test_72b_with_vllm_engines_that_cannot_hold_the_student_is_refused():
+    """The recipe's placement (28 engines x 2 GPUs at 0.6) fits; one engine per GPU at 0.3 cannot
+    hold the 61 GB student: the plan refuses, naming the fix."""
+    ok = make_plan(load_config(RECIPE_70B, ["rollout.backend=vllm"]), Cluster(nodes=8, **H100))
+    assert ok.fits and ok.step_s < 900, [c.message for c in ok.checks if not c.ok]
+    bad = make_plan(load_config(RECIPE_70B, ["rollout.backend=vllm", "rollout.vllm_ranks_per_engine=1",
+                                             "rollout.vllm_tensor_parallel=1", "rollout.vllm_gpu_memory_utilization=0.3"]),
+                    Cluster(nodes=8, **H100), search_fixes=False)
+    assert not bad.fits
+    assert any(not c.ok and "weights 61.1 GB" in c.message and "the weights do NOT fit; raise rollout.vllm_tensor_parallel"
+               in c.message for c in bad.checks), [c.message for c in bad.checks]

@@ -121,18 +121,12 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     shards = _ShardWriter(tmp)
-    routing = _write_parameters(engine, shards, expected, dtype, router_weights)
+    routing = _write_parameters(engine, shards, expected, dtype, router_weights, write=rank == 0)
     if rank != 0:
         dist.barrier()
         return None
 
-    _write_score_biases(engine.module, shards, expected, dtype)
-    shards.flush()
-    tied = getattr(hf_config, "tie_word_embeddings", False)
-    missing = [k for k in expected if k not in shards.weight_map and not (tied and k == "lm_head.weight")]
-    if missing:
-        raise ValueError(f"export: the engine has no tensor for {missing[:5]} ({len(missing)} missing)")
-    shards.name_shards()
+    _finish_shards(engine.module, shards, expected, dtype)
     _save_config(hf_config, dtype, tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -144,6 +138,34 @@ def export_engine(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: tor
     os.replace(tmp, out_dir)
     dist.barrier()
     return out_dir
+
+
+def write_weights(engine, folder: Path | None, dtype: torch.dtype) -> None:
+    """Collective: every student rank gathers each parameter, and each rank given a `folder`
+    writes the whole model there (HF names and layout, safetensors shards, config.json), with
+    the routers as they are (no fold). The vLLM weight sync: several ranks may write, one copy
+    per rollout engine."""
+    write = folder is not None
+    expected = _expected_shapes(engine.module.config) if write else {}
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    shards = _ShardWriter(folder)
+    _write_parameters(engine, shards, expected, dtype, None, write=write)
+    if write:
+        _finish_shards(engine.module, shards, expected, dtype)
+        _save_config(engine.module.config, dtype, folder)
+
+
+def _finish_shards(module: torch.nn.Module, shards: "_ShardWriter", expected: dict[str, tuple[int, ...]],
+                   dtype: torch.dtype) -> None:
+    """The last shard (with DeepSeek-V3's selection biases), every expected tensor present, HF shard names."""
+    _write_score_biases(module, shards, expected, dtype)
+    shards.flush()
+    tied = getattr(module.config, "tie_word_embeddings", False)
+    missing = [k for k in expected if k not in shards.weight_map and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"export: the engine has no tensor for {missing[:5]} ({len(missing)} missing)")
+    shards.name_shards()
 
 
 class _ShardWriter:
@@ -184,20 +206,20 @@ class _ShardWriter:
 
 
 def _write_parameters(engine, shards: _ShardWriter, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                      router_weights: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Every parameter in HF layout into `shards` (collective: every rank gathers, rank 0
-    writes). Returns, for a folded export, the engine's own routers for `EXACT_ROUTING_FILE`."""
+                      router_weights: list[torch.Tensor] | None, write: bool) -> dict[str, torch.Tensor]:
+    """Every parameter in HF layout into `shards` (collective: every rank gathers, the ranks
+    with `write` write). Returns, for a folded export, the engine's own routers for
+    `EXACT_ROUTING_FILE`."""
     module = engine.module
     router_names = [n for n, _ in module.named_parameters() if _ROUTER.match(n) and n.endswith(".weight")]
     if router_weights is not None and len(router_weights) != len(router_names):
         raise ValueError(f"export: {len(router_weights)} router weights for {len(router_names)} MoE layers")
     replace = dict(zip(router_names, router_weights or []))
-    rank0 = dist.get_rank() == 0
     pending: dict = {}
     routing: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
         t = gather_full(engine, name, p)
-        if not rank0:
+        if not write:
             continue
         if name in replace:
             prefix = _ROUTER.match(name).group(1)

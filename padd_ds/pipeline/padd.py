@@ -39,6 +39,7 @@ from padd_ds.rl.balance import BiasController, fold_bias_into_routers
 from padd_ds.rl.rewards import group_advantages, reward
 from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, rollout_policy, sample_rollouts
 from padd_ds.rl.step import StepResult, policy_config, update_on_rollouts
+from padd_ds.rl.vllm_policy import VllmPolicy, engine_spec
 from padd_ds.teacher.feed import BatchPlan
 
 
@@ -94,8 +95,17 @@ class PaddLoop:
         self.routing_log = RoutingLog(Path(cfg.run.output_dir) / "routing.json") if ctx.world.is_main else None
         self.progress = progress_bar(cfg, ctx.world)
         self.meter = Meter()
+        self.vllm = (VllmPolicy(engine_spec(cfg, ctx.num_students, next(self.mod.parameters()).dtype), ctx.rank,
+                                ctx.num_students, Path(cfg.run.output_dir)) if cfg.rollout.backend == "vllm" else None)
 
     def run(self) -> LoopResult:
+        try:
+            return self._steps()
+        finally:
+            if self.vllm is not None:
+                self.vllm.close()
+
+    def _steps(self) -> LoopResult:
         for step in range(self.start, self.cfg.train.steps):
             snap_cur = router_weights(self.mod)   # the routers of this step: the next one's drift reference
             prev = self.snap_prev if self.snap_prev is not None else snap_cur
@@ -124,7 +134,7 @@ class PaddLoop:
         s3 = self.cfg.stage3
         probs = [self.problems[i] for i in self.plan.indices(step, 0, self.ctx.rank)]
         t0 = time.perf_counter()
-        with rollout_policy(self.engine, self.cfg.rollout.backend, self.ctx.num_students) as (model, synced):
+        with rollout_policy(self.engine, self.cfg.rollout.backend, self.ctx.num_students, self.vllm) as (model, synced):
             ro = sample_rollouts(model, self.ctx.tok, probs, RolloutSampling.from_config(self.cfg), synced)
         seconds = time.perf_counter() - t0
         rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths)

@@ -31,6 +31,7 @@ from padd_ds.launch.device import rank_device
 from padd_ds.models.gathered import gathered_student
 from padd_ds.models.generation import decoding_kwargs, eos_ids
 from padd_ds.rl.routes import RouteCapture, align_routes
+from padd_ds.rl.vllm_policy import VllmPolicy
 
 
 @dataclass
@@ -65,16 +66,23 @@ class RolloutSampling:
 
 
 @contextlib.contextmanager
-def rollout_policy(engine, backend: str, num_students: int) -> Iterator[tuple[torch.nn.Module, bool]]:
-    """(model, synced) that generates one rollout phase: the engine itself, every student rank
-    stepping together (`hf`), or a whole gathered copy on each rank, no collective (`hf_gathered`)."""
+def rollout_policy(engine, backend: str, num_students: int,
+                   vllm: VllmPolicy | None = None) -> Iterator[tuple[torch.nn.Module | VllmPolicy, bool]]:
+    """(policy, synced) that generates one rollout phase: the engine itself, every student rank
+    stepping together (`hf`), a whole gathered copy on each rank, no collective (`hf_gathered`),
+    or the run's vLLM engine after a weight sync (`vllm`; collective sync, then no collective)."""
     if backend == "hf":
         yield engine.module, num_students > 1
     elif backend == "hf_gathered":
         with gathered_student(engine) as model:
             yield model, False
+    elif backend == "vllm":
+        if vllm is None:
+            raise ValueError("rollout.backend=vllm needs the run's VllmPolicy")
+        vllm.sync(engine)
+        yield vllm, False
     else:
-        raise ValueError(f"rollout.backend={backend!r}: expected hf or hf_gathered")
+        raise ValueError(f"rollout.backend={backend!r}: expected hf, hf_gathered or vllm")
 
 
 @torch.no_grad()
@@ -84,6 +92,10 @@ def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling,
     eos = eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     prompts = _prompt_ids(tok, problems, sampling.max_prompt_tokens)
+    if isinstance(model, VllmPolicy):  # no routes come back from vLLM
+        sampled, logprobs = model.sample(prompts, sampling.group_size, sampling.temperature, sampling.top_p,
+                                         sampling.max_new_tokens, eos)
+        return _rollout_batch(tok, prompts, (sampled, logprobs), sampling.group_size, eos, pad)
     sampled, logprobs, capture = _sample(model, prompts, sampling, eos, pad, synced)
     ro = _rollout_batch(tok, prompts, (sampled, logprobs), sampling.group_size, eos, pad)
     if capture is not None:
