@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,33 @@ def test_padd_model_samples_on_the_trainers_routes_and_the_stock_model_does_not(
     assert padd["tokens"] > 8, padd
     assert padd["route_agreement"] == 1.0 and padd["logprob_max_diff"] < 1e-4, padd
     assert stock["route_agreement"] < 0.9 and stock["logprob_max_diff"] > 1e-2, stock
+
+
+def _tiny(kind: str, out: Path) -> Path:
+    """A 2-layer student of another exported architecture, seeded random weights (vLLM's CPU
+    attention: head_dim 32; its CPU MLA kernels: DeepSeek-V2's real head sizes, bf16 only)."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config, MixtralConfig
+
+    common = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  max_position_embeddings=320, num_experts_per_tok=2, tie_word_embeddings=False)
+    cfg = (MixtralConfig(intermediate_size=128, head_dim=32, num_local_experts=8, **common) if kind == "mixtral" else
+           DeepseekV2Config(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                            first_k_dense_replace=0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                            v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy", norm_topk_prob=False, **common))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind, dtype, tol", [("mixtral", "float32", 1e-4), ("deepseek_v2", "bfloat16", 2e-2)])
+def test_padd_models_of_the_other_architectures_route_with_the_bias(kind, dtype, tol, tmp_path, monkeypatch):
+    """Mixtral and DeepSeek-V2 (softmax routing without renormalisation) sample on transformers'
+    PADD routes; DeepSeek-V2 in bf16 against an fp32 reference, hence the looser log-prob bound."""
+    spec = _spec()
+    monkeypatch.setattr(sys.modules[__name__], "_spec", lambda stock=False: EngineSpec(**{**spec.__dict__, "dtype": dtype}))
+    bias = _with_bias(_tiny(kind, tmp_path / "src"), tmp_path / "m", 0.3)
+    got = _engine_vs_reference(tmp_path / "m", tmp_path / "m", bias, False, tmp_path / "e")
+    assert got["route_agreement"] == 1.0 and got["logprob_max_diff"] < tol, got
 
 
 def test_a_weight_reload_reproduces_the_new_weights(vllm_student, tmp_path):

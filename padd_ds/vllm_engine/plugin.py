@@ -8,8 +8,9 @@ from __future__ import annotations
 PADD_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "PaddQwen3MoeForCausalLM",
     "MixtralForCausalLM": "PaddMixtralForCausalLM",
+    "DeepseekV2ForCausalLM": "PaddDeepseekV2ForCausalLM",
 }
-PADD_MODEL_TYPES = ("qwen3_moe", "mixtral")  # their config.model_type (validation reads it; no vLLM import)
+PADD_MODEL_TYPES = ("qwen3_moe", "mixtral", "deepseek_v2")  # their config.model_type (validation reads it; no vLLM import)
 
 
 def register() -> None:
