@@ -425,13 +425,19 @@ else
 fi
 
 # ---- colocated ------------------------------------------------------------------------------
-if [[ -n ${OK[toy_build]:-} && -n ${OK[fused_adam]:-} ]]; then
-    PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    MASTER_PORT=$PORT run_phase colocated 120 "${PADD[@]}" train --nproc 1 --recipe recipes/toy_padd.yaml \
-        "${COMMON[@]}" --set run.output_dir="$RUN/colocated" --set train.resume=never --set train.steps=2 \
+# colocated_run NAME TIMEOUT_S OVERRIDES...: 2 PADD steps in one process (the teacher inside it)
+# into $RUN/NAME, with the phase's own rollout overrides.
+colocated_run() {
+    local name=$1 limit=$2 port
+    shift 2
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    MASTER_PORT=$port run_phase "$name" "$limit" "${PADD[@]}" train --nproc 1 --recipe recipes/toy_padd.yaml \
+        "${COMMON[@]}" --set run.output_dir="$RUN/$name" --set train.resume=never --set train.steps=2 \
         --set topology.colocated=true --set deepspeed.expert_parallel_size=1 --set stage1.warmup_steps=2 \
-        --set stage3.prompts_per_step=2 --set train.micro_batch_size=4 \
-        --set rollout.backend=hf_gathered --set rollout.route_replay=true
+        --set stage3.prompts_per_step=2 --set train.micro_batch_size=4 "$@"
+}
+if [[ -n ${OK[toy_build]:-} && -n ${OK[fused_adam]:-} ]]; then
+    colocated_run colocated 120 --set rollout.backend=hf_gathered --set rollout.route_replay=true
     if [[ $RC == 0 ]] && detail=$(pycheck "$RUN/colocated" "$RUN/colocated.log" "$WANT_DEV" "$WANT_BACKEND" "$WANT_DTYPE" "$TOL" <<'PY'
 import json, math, re, sys
 run, log, dev, backend, dtype, tol = sys.argv[1:7]
@@ -473,12 +479,8 @@ fi
 if [[ -n $VLLM_SKIP ]]; then
     say "CHECK vllm skipped $VLLM_SKIP"
 elif [[ -n ${OK[toy_build]:-} && -n ${OK[fused_adam]:-} ]]; then
-    PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    MASTER_PORT=$PORT run_phase vllm 180 "${PADD[@]}" train --nproc 1 --recipe recipes/toy_padd.yaml \
-        "${COMMON[@]}" --set run.output_dir="$RUN/vllm" --set train.resume=never --set train.steps=2 \
-        --set topology.colocated=true --set deepspeed.expert_parallel_size=1 --set stage1.warmup_steps=2 \
-        --set stage3.prompts_per_step=2 --set train.micro_batch_size=4 \
-        --set rollout.backend=vllm --set rollout.vllm_python="$VLLM_PY" --set rollout.vllm_gpu_memory_utilization=0.3
+    colocated_run vllm 180 --set rollout.backend=vllm --set rollout.vllm_python="$VLLM_PY" \
+        --set rollout.vllm_gpu_memory_utilization=0.3
     if [[ $RC == 0 ]] && detail=$(pycheck "$RUN/vllm" "$TOL" <<'PY'
 import json, math, sys
 run, tol = sys.argv[1], float(sys.argv[2])
