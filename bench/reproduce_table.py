@@ -9,12 +9,17 @@ once per seed and shared: the arms with Stage I start from its exported student.
   MoE-GRPO             stage2.enabled=false stage3.policy=grpo stage4.enabled=false
   MoE-GRPO (lr 1e-5)   the same at a tenth of the recipe's rate: on-policy GRPO at 1e-4 lowers
                        the toy student's accuracy, in our engine and in plain PyTorch alike
+  GRPO control         MoE-GRPO with each rollout batch's advantages shuffled across it
+                       (stage3.shuffle_advantages): steps as large, no reward information; GRPO
+                       must beat it for the table to measure learning rather than update noise
   online KD + GRPO     stage2.temperature_coupling=fixed stage3.policy=grpo stage4.enabled=false
   RSPO / GSPO          stage3.policy=rspo|gspo stage2.enabled=false stage4.enabled=false
   PADD                 Stage I, then the recipe as is
   w/o Stage I          the recipe from toy://student
   w/o Stage II/III/IV  Stage I, then stage2|stage3|stage4.enabled=false
 (the baselines start from toy://student, as in docs/method.md, "Baselines and ablations")
+Every arm logs `train/policy_move` (stage3.measure_movement: mean |log pi_new - log pi_old| per
+response token over a step's updates), reported as the "policy move" column.
 Every arm takes `--updates-per-batch` optimiser steps per rollout batch (default 2): with one,
 the ratio is 1 at every update, nothing is clipped, GRPO, RSPO and PR-GRPO coincide, and GSPO
 differs only in averaging per response.
@@ -31,7 +36,7 @@ Writes <out>/reproduce_table.{md,json,png}: bench/results/ for the full run, ben
 (ignored by git) for --quick. A smoke run never replaces a full result: --quick refuses an --out
 that holds one. The last line printed is
 
-    REPRO padd=<acc> teacher=<acc> best_baseline=<name>:<acc> ablations_below_padd=<n>/4
+    REPRO padd=<acc> teacher=<acc> base=<acc> grpo=<acc> control=<acc> best_baseline=<name>:<acc> ablations_below_padd=<n>/4
 
 Usage: python bench/reproduce_table.py [--seeds 0 1 2] [--steps 60] [--updates-per-batch 2]
                                        [--eval-problems 200] [--stage1-steps 300] [--jobs 2] [--quick]
@@ -62,6 +67,7 @@ NO_S2_S4 = ["stage2.enabled=false", "stage4.enabled=false"]
 ARMS = {
     "MoE-GRPO": (False, ["stage3.policy=grpo", *NO_S2_S4]),
     "MoE-GRPO (lr 1e-5)": (False, ["stage3.policy=grpo", *NO_S2_S4, "train.lr=1e-5"]),
+    "GRPO control (shuffled advantages)": (False, ["stage3.policy=grpo", *NO_S2_S4, "stage3.shuffle_advantages=true"]),
     "online KD (fixed T) + GRPO": (False, ["stage2.temperature_coupling=fixed", "stage3.policy=grpo",
                                           "stage4.enabled=false"]),
     "RSPO": (False, ["stage3.policy=rspo", *NO_S2_S4]),
@@ -74,7 +80,8 @@ ARMS = {
 }
 BASELINES = ["base student", "MoE-GRPO", "MoE-GRPO (lr 1e-5)", "online KD (fixed T) + GRPO", "RSPO", "GSPO"]
 ABLATIONS = ["PADD w/o Stage I", "PADD w/o Stage II", "PADD w/o Stage III", "PADD w/o Stage IV"]
-ORDER = ["teacher", "base student", "MoE-GRPO", "MoE-GRPO (lr 1e-5)", "online KD (fixed T) + GRPO", "RSPO", "GSPO",
+CONTROL = "GRPO control (shuffled advantages)"  # not a baseline: the noise floor GRPO must beat
+ORDER = ["teacher", "base student", "MoE-GRPO", "MoE-GRPO (lr 1e-5)", CONTROL, "online KD (fixed T) + GRPO", "RSPO", "GSPO",
          "Stage I only", "PADD", *ABLATIONS]
 
 RESULTS = REPO / "bench" / "results"
@@ -98,7 +105,7 @@ def train_command(out: Path, seed: int, sets: list[str]) -> list[str]:
     """One colocated train.py run of the recipe with `sets` on top."""
     # 8 prompts x G=4 = one micro-batch of 32 rollouts per step (the table's layout).
     base = ["topology.colocated=true", "deepspeed.expert_parallel_size=1", "train.micro_batch_size=32",
-            "stage3.prompts_per_step=8",
+            "stage3.prompts_per_step=8", "stage3.measure_movement=true",
             "logging.wandb_mode=disabled", "logging.progress=false", "train.resume=never",
             f"run.output_dir={out}", f"run.seed={seed}"]
     cmd = [sys.executable, str(REPO / "train.py"), "--recipe", str(RECIPE)]
@@ -278,6 +285,8 @@ def training_columns(runs: list[dict]) -> dict:
     row = {col: mean_of([h[key] for h in last if h.get(key) is not None])
            for key, col in (("routing/drift_mean", "drift"), ("routing/load_cv", "load_cv"),
                             ("train/tokens_per_s", "tokens_per_s"), ("train/clip_frac", "clip_frac"))}
+    moves = [h["train/policy_move"] for r in runs for h in r["history"] if h.get("train/policy_move") is not None]
+    row["policy_move"] = mean_of(moves)  # every step of every seed
     for col, i in (("rollout_acc_first", 0), ("rollout_acc_last", -1)):
         vals = [r["history"][i]["train/accuracy"] for r in runs]
         row[col] = sum(vals) / len(vals)
@@ -312,15 +321,16 @@ def markdown_table(rows: dict[str, dict], args: argparse.Namespace, wall: float)
              f"and last, mean over seeds; "
              f"wall time {wall / 60:.1f} min with {args.jobs} arms at once.", "",
              "| method | accuracy | 95% interval (t, over seeds) | per seed | router drift | load CV | clip frac "
-             "| rollout acc first -> last | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| policy move | rollout acc first -> last | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         half = r["accuracy_ci95_half"]
         ci = ("exact (evaluated once)" if name in ("teacher", "base student") else
               "n/a (1 seed)" if half is None else f"±{half:.3f}")
         trend = (f"{r['rollout_acc_first']:.3f} -> {r['rollout_acc_last']:.3f}" if "rollout_acc_first" in r else "n/a")
         lines.append(f"| {name} | {r['accuracy_mean']:.3f} | {ci} | {', '.join(f'{a:.3f}' for a in r['accuracy_per_seed'])} "
-                     f"| {fmt(r.get('drift'), 5)} | {fmt(r.get('load_cv'))} | {fmt(r.get('clip_frac'))} | {trend} "
+                     f"| {fmt(r.get('drift'), 5)} | {fmt(r.get('load_cv'))} | {fmt(r.get('clip_frac'))} "
+                     f"| {fmt(r.get('policy_move'), 4)} | {trend} "
                      f"| {fmt(r.get('tokens_per_s'), 0)} |")
     return "\n".join(lines)
 
@@ -362,7 +372,9 @@ def repro_line(rows: dict[str, dict]) -> str:
     padd = rows["PADD"]["accuracy_mean"]
     best = max(BASELINES, key=lambda n: rows[n]["accuracy_mean"])
     below = sum(rows[n]["accuracy_mean"] < padd for n in ABLATIONS)
-    return (f"REPRO padd={padd:.3f} teacher={rows['teacher']['accuracy_mean']:.3f} "
+    acc = lambda n: rows[n]["accuracy_mean"]  # noqa: E731
+    return (f"REPRO padd={padd:.3f} teacher={acc('teacher'):.3f} base={acc('base student'):.3f} "
+            f"grpo={acc('MoE-GRPO'):.3f} control={acc(CONTROL):.3f} "
             f"best_baseline={best.replace(' ', '_')}:{rows[best]['accuracy_mean']:.3f} ablations_below_padd={below}/4")
 
 

@@ -149,8 +149,15 @@ class TeacherConfig:
     # (fastest when the teacher fits one device). zero3: one teacher partitioned over all
     # teacher ranks (too large for one device, e.g. 70B bf16 = 140 GB), serving every student.
     parallel: Literal["replicas", "zero3"] = "replicas"
+    # replicas: up to this many waiting requests (same kind) scored in one forward, for
+    # throughput when one replica serves several students. 1: one per forward, so an answer
+    # never depends on what else had arrived (a packed forward's floats can differ in the last
+    # bits with the batch's shape, and a run's numbers with the timing). zero3 always packs one
+    # request per teacher rank, which keeps answers exact.
+    pack_requests: int = 1
 
     def check(self) -> None:
+        positive("teacher.pack_requests", self.pack_requests)
         positive("teacher.logits_top_k", self.logits_top_k)
         non_negative("teacher.prefetch", self.prefetch)
         positive("teacher.request_timeout_s", self.request_timeout_s)
@@ -302,6 +309,13 @@ class Stage3Config:
     # pi_rollout, tis_cap), pi_rollout the rollout engine's probability of the sampled token
     # (logged as rollout/logprob_diff_*). 0: off, the trainer's pi_old is taken as the sampler.
     tis_cap: float = 0.0
+    # The control arm of a power study: each rank's advantages permuted across its rollout
+    # batch before the update, so the step moves the policy as much but carries no reward
+    # information (a real GRPO step must beat it).
+    shuffle_advantages: bool = False
+    # One more forward per micro-batch after the updates (and one before when updates_per_batch
+    # is 1): train/policy_move = mean |log pi_new - log pi_old| per response token.
+    measure_movement: bool = False
 
     def check(self) -> None:
         non_negative("stage3.drift_penalty", self.drift_penalty)

@@ -108,15 +108,18 @@ def student_streams(bridge, mode="topk"):
     client = RemoteTeacher(bridge, teacher_rank=1, top_k=8, timeout_s=TIMEOUT, student_rank=0, mode=mode)
     local = TeacherModel(_tiny_teacher())
     batches = [_batch(s) for s in range(4)]
-    rids = [client.submit(i, *b) for i, b in enumerate(batches[:2])]   # two in flight
+    # the logits of each row from its scored_from on (a rollout's response), or everywhere (None)
+    starts = [None, torch.tensor([3, 0, 5]), None, torch.tensor([1, 2, 0])]
+    rids = [client.submit(i, *b, scored_from=starts[i]) for i, b in enumerate(batches[:2])]   # two in flight
     diffs = []
     student_logits = torch.randn(3, 12, 211, generator=torch.Generator().manual_seed(9))
     mask = torch.ones(3, 12, dtype=torch.bool)
     for i, b in enumerate(batches):
         remote = client.result(rids[i]).logits
         if i + 2 < len(batches):
-            rids.append(client.submit(i + 2, *batches[i + 2]))
-        ref = local.score(*b, k=8, mode=mode, seed=rids[i]).logits  # sampling is seeded by the request id
+            rids.append(client.submit(i + 2, *batches[i + 2], scored_from=starts[i + 2]))
+        # sampling is seeded by the request id
+        ref = local.score(*b, k=8, mode=mode, seed=rids[i], scored_from=starts[i]).logits
         assert torch.equal(remote.indices, ref.indices)
         assert (remote.weights is None) == (mode == "topk")
         if mode == "sampled":
@@ -141,7 +144,8 @@ def student_sends_bad_checksum(bridge):
 
     ids, lengths = _batch(0)
     h = Header(KIND_TOPK_LOGITS, 7, 0, 3, 12, 8, input_crc=crc32(ids) ^ 1)
-    bridge.send_message(h, [ids, lengths], 1, header_tag=TAG_REQUEST).wait()   # the teacher has read it all
+    bridge.send_message(h, [ids, lengths, torch.zeros(3, dtype=torch.int64)], 1,
+                        header_tag=TAG_REQUEST).wait()   # the teacher has read it all
     time.sleep(3)
     return "sent"
 
@@ -186,7 +190,8 @@ def teacher_corrupts_reply(bridge):
     from padd_ds.teacher.service import TeacherModel
 
     h = bridge.recv_header(0, tag=TAG_REQUEST)
-    ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64)], 0)
+    ids, lengths, _ = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64),
+                                              ((h.batch,), torch.int64)], 0)  # ids, lengths, scored_from
     sl = TeacherModel(_tiny_teacher()).score(ids, lengths, h.arg).logits
     good_crc = crc32(*sl.tensors())
     sl.values[0, 0, 0] += 1.0                      # a flipped value "in transit"

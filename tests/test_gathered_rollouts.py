@@ -83,3 +83,15 @@ def test_truncated_is_runs_on_the_samplers_log_probs(toy_build, tmp_path):
     """stage3.tis_cap through the whole loop: the weights are the sampler/trainer ratios, ~1 here."""
     got = _padd_run(tmp_path, "hf_gathered", "--set", "stage3.tis_cap=2", "--set", "train.steps=2")
     assert len(got) == 2 and all(abs(h["train/tis_weight"] - 1) < 1e-4 for h in got), got
+
+
+def test_the_control_arm_and_the_policy_movement_run_through_the_loop(toy_build, tmp_path):
+    """stage3.shuffle_advantages and stage3.measure_movement (issue 17's control arm and its
+    per-step policy movement) through a whole run: a step logs how far its update moved the
+    policy, and at lr 1e-12 it does not move."""
+    moved = _padd_run(tmp_path / "moved", "hf", "--set", "train.steps=1", "--set", "stage3.measure_movement=true",
+                      "--set", "stage3.shuffle_advantages=true")
+    still = _padd_run(tmp_path / "still", "hf", "--set", "train.steps=1", "--set", "stage3.measure_movement=true",
+                      "--set", "train.lr=1e-12")
+    assert len(moved) == 1 and moved[0]["train/policy_move"] > 1e-4, moved
+    assert still[0]["train/policy_move"] < 1e-6, still

@@ -84,3 +84,13 @@ def test_bad_reward_shapes_are_refused():
 def test_negative_reward_weights_are_refused_by_validate():
     with pytest.raises(ConfigError, match="stage3.reward_format must be >= 0"):
         validate(load_config(None, ["stage3.reward_format=-0.1"]))
+
+
+def test_shuffled_advantages_are_a_seeded_permutation():
+    """The control arm (stage3.shuffle_advantages): the same advantages, other rows, reproducibly."""
+    from padd_ds.rl.rewards import shuffled
+
+    adv = torch.arange(32, dtype=torch.float32)
+    a, b, c = shuffled(adv, 7), shuffled(adv, 7), shuffled(adv, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a.sort().values, adv) and not torch.equal(a, adv)

@@ -41,14 +41,16 @@ def _sharded_rank(rank: int, path: str | None = None):
     if rank == 0:
         g = torch.Generator().manual_seed(1)
         # round 1: one request of 3 rows (rank 1 has none); round 2: two requests packed, the
-        # second (1 row of length 6) wholly on rank 1
-        reqs = [(torch.randint(0, 211, (b, L), generator=g), torch.tensor(lens), seed)
-                for b, L, lens, seed in ((3, 10, [10, 7, 4], 11), (2, 8, [8, 5], 12), (1, 10, [6], 13))]
+        # second (1 row of length 6, scored from position 2: a rollout's response) wholly on rank 1
+        reqs = [(torch.randint(0, 211, (b, L), generator=g), torch.tensor(lens), seed, start)
+                for b, L, lens, seed, start in ((3, 10, [10, 7, 4], 11, None), (2, 8, [8, 5], 12, None),
+                                                (1, 10, [6], 13, torch.tensor([2])))]
         outs = [teacher.score(*reqs[0][:2], 8, seed=reqs[0][2], outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)]
         outs += teacher.score_many(reqs[1:], 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
         teacher.stop()
-        out = [(ids, lengths, o.logits.values, o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden)
-               for (ids, lengths, _), o in zip(reqs, outs)]
+        out = [(ids, lengths, torch.zeros(len(ids), dtype=torch.int64) if start is None else start, o.logits.values,
+                o.logits.indices, o.logits.lse, o.cluster_acts, o.hidden)
+               for (ids, lengths, _, start), o in zip(reqs, outs)]
         return [tuple(t.numpy() for t in row) for row in out], loaded
     seen = []  # the forwards of this rank: (decoder tokens, LM head rows)
     hooks = [teacher.model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append([a[0].numel()])),
@@ -72,8 +74,8 @@ def test_two_rank_sharded_teacher_equals_one_rank(tmp_path, source):
         _tiny_teacher().save_pretrained(path)
     got = spawn_gloo_ranks(_sharded_rank, path)
     # rank 1: in round 1 one token (ZeRO-3's gathers are collective) and no head row; in round 2
-    # the packed second request whole (10 tokens, 6 real); 2 rounds, 1 request of its own
-    assert got[1][:2] == ((2, 1), [[1, 0], [10, 6]]), got[1]
+    # the packed second request whole (10 tokens, 6 real, 4 of them scored); 2 rounds, 1 request of its own
+    assert got[1][:2] == ((2, 1), [[1, 0], [10, 4]]), got[1]
     if path is not None:  # (partition, full size, what the parameter itself holds): half, and nothing
         for loaded in (got[0][1], got[1][2]):
             assert loaded and all(part == (full + 1) // 2 and held == 0 for part, full, held in loaded), loaded
@@ -83,8 +85,8 @@ def test_two_rank_sharded_teacher_equals_one_rank(tmp_path, source):
     local = TeacherModel(_tiny_teacher(), cluster_map(layers=(0, 1)))
     assert len(got[0][0]) == 3
     for arrays in got[0][0]:  # every answer is the replica's, whichever rank and round scored it
-        ids, lengths, values, indices, lse, cluster, hidden = (torch.from_numpy(a) for a in arrays)
-        ref = local.score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN)
+        ids, lengths, start, values, indices, lse, cluster, hidden = (torch.from_numpy(a) for a in arrays)
+        ref = local.score(ids, lengths, 8, outputs=OUT_CLUSTER_ACTS | OUT_HIDDEN, scored_from=start)
         assert torch.equal(indices, ref.logits.indices)
         torch.testing.assert_close(values, ref.logits.values, atol=1e-5, rtol=0)
         torch.testing.assert_close(lse, ref.logits.lse, atol=1e-5, rtol=0)

@@ -108,3 +108,49 @@ def test_only_sparse_rows_of_real_positions_leave_the_device(mode):
     teacher.score(ids, lengths, K, mode=mode)
     per_token = K * (4 + 4 + (4 if mode == "sampled" else 0)) + 4  # values, indices, [weights], lse
     assert teacher.host_bytes == int(lengths.sum()) * per_token
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_positions_before_scored_from_skip_the_head_and_the_rest_are_unchanged(mode):
+    """A rollout's request asks for its response positions only (`scored_from`): the prompt's
+    positions still feed attention but not the LM head, and do not leave the device; the scored
+    positions get exactly the full path's top-k (topk), or exact logits of their draws (sampled)."""
+    model = tiny("Qwen3", False)
+    ids, lengths, real = batch(211)
+    start = torch.tensor([4, 0, 2, 11])  # the last row scores nothing
+    scored = real & (torch.arange(L).unsqueeze(0) >= start.unsqueeze(1))
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    teacher = TeacherModel(model)
+    out = teacher.score(ids, lengths, K, mode=mode, seed=3, scored_from=start).logits
+    hook.remove()
+    assert rows == [int(scored.sum())] == [7 + 7 + 1 + 0]
+    per_token = K * (4 + 4 + (4 if mode == "sampled" else 0)) + 4
+    assert teacher.host_bytes == 15 * per_token
+    full = full_head_logits(model, ids, real)
+    if mode == "topk":
+        for got, want in zip(out.tensors(), encode_topk(full, K).tensors()):
+            assert torch.equal(got[scored], want[scored])
+    else:
+        assert torch.equal(out.values[scored], torch.gather(full, -1, out.indices.long())[scored])
+    # skipped positions carry the padding filler: the uniform distribution over tokens 0..k-1
+    assert torch.equal(out.lse[real & ~scored], torch.full((int((real & ~scored).sum()),), math.log(K)))
+
+
+def test_packed_requests_get_their_own_answers_in_one_forward():
+    """teacher.pack_requests: two requests of other shapes, one with scored_from, in one forward
+    give each the answer it gets alone (top-k ids equal, values within float noise)."""
+    model = tiny("Qwen3", False)
+    ids, lengths, _ = batch(211)
+    other = torch.randint(3, 211, (2, 7), generator=torch.Generator().manual_seed(2))
+    reqs = [(ids, lengths, 5, None), (other, torch.tensor([7, 4]), 6, torch.tensor([2, 1]))]
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, o: calls.append(tuple(a[0].shape)))
+    packed = TeacherModel(model, pack=2).score_many(reqs, K)
+    hook.remove()
+    assert calls == [(6, 11)]
+    for (r_ids, r_len, seed, start), got in zip(reqs, packed):
+        alone = TeacherModel(model).score(r_ids, r_len, K, seed=seed, scored_from=start).logits
+        assert torch.equal(got.logits.indices, alone.indices)
+        torch.testing.assert_close(got.logits.values, alone.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.logits.lse, alone.lse, atol=1e-5, rtol=0)

@@ -36,7 +36,7 @@ from padd_ds.models.router import router_weights, routers, set_bias
 from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
 from padd_ds.pipeline.summary import progress_bar
 from padd_ds.rl.balance import BiasController, fold_bias_into_routers
-from padd_ds.rl.rewards import group_advantages, reward
+from padd_ds.rl.rewards import group_advantages, reward, shuffled
 from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, rollout_policy, sample_rollouts
 from padd_ds.rl.step import StepResult, policy_config, update_on_rollouts
 from padd_ds.rl.vllm_policy import VllmPolicy, engine_spec
@@ -137,13 +137,16 @@ class PaddLoop:
         with rollout_policy(self.engine, self.cfg.rollout.backend, self.ctx.num_students, self.vllm) as (model, synced):
             ro = sample_rollouts(model, self.ctx.tok, probs, RolloutSampling.from_config(self.cfg), synced)
         seconds = time.perf_counter() - t0
-        rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths)
+        # The KD term reads the teacher on the response positions only: its head skips the prompts.
+        rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths, scored_from=mb.loss_mask.int().argmax(dim=1))
                  for mb in micro_batches(ro.batch, self.cfg.train.micro_batch_size)] if self.use_teacher else [])
         scored = [reward(r, probs[i // s3.group_size]["answer"], self.policy_cfg) for i, r in enumerate(ro.responses)]
         rewards = torch.tensor([x for x, _ in scored]).view(-1, s3.group_size)
         adv, group_stats = group_advantages(rewards)
-        return RolloutBatch(ro, rewards, adv.reshape(-1), sum(d["correct"] for _, d in scored), group_stats, rids,
-                            seconds)
+        adv = adv.reshape(-1)
+        if s3.shuffle_advantages:  # the control arm: the same step sizes, no reward information
+            adv = shuffled(adv, (self.cfg.run.seed * 1_000_003 + step) * 4099 + self.ctx.rank)
+        return RolloutBatch(ro, rewards, adv, sum(d["correct"] for _, d in scored), group_stats, rids, seconds)
 
     def teacher_logits(self, rb: RolloutBatch):
         """A callable i -> the teacher's answer for micro-batch i (Stage II), fetched after its forward."""
@@ -230,6 +233,8 @@ class PaddLoop:
             row["rollout/logprob_diff_max"] = tot["logp_diff_max"]
         if "route_pairs" in tot:
             row["rollout/route_agreement"] = tot["route_agree"] / max(tot["route_pairs"], 1)
+        if "move_tokens" in tot:  # stage3.measure_movement: how far the step's updates moved the policy
+            row["train/policy_move"] = tot["move_sum"] / max(tot["move_tokens"], 1)
         if "tis_weight" in tot:
             row["train/tis_weight"] = tot["tis_weight"] / max(tot["resp_tokens"], 1)
         if tot.get("folds"):  # Stage IV folds in this window: share of routes they kept

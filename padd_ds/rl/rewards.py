@@ -42,6 +42,11 @@ def reward(response: str, reference: str, cfg: Stage3Config) -> tuple[float, dic
     return cfg.reward_correct * correct + cfg.reward_format * formatted, {"correct": correct, "format": formatted}
 
 
+def shuffled(advantages: torch.Tensor, seed: int) -> torch.Tensor:
+    """`advantages` [n] permuted by a seeded draw: the control arm's (stage3.shuffle_advantages)."""
+    return advantages[torch.randperm(advantages.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float | int]]:
     """Group-relative advantages of `rewards` [num_prompts, G] (row = the G responses to one prompt).
 

@@ -67,7 +67,8 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     denom, kd_denom = _normalisers(rb.rollouts.batch, pcfg)
     n_updates = pcfg.updates_per_batch
     # The sampling policy's log-probs: every update's ratio is against them (one update: the current policy).
-    old = _sampling_logprobs(engine, parts) if n_updates > 1 else [None] * len(parts)
+    measure = cfg.stage3.measure_movement
+    old = _sampling_logprobs(engine, parts) if n_updates > 1 or measure else [None] * len(parts)
     rollout_logp = _rows_like(rb.rollouts.logprobs, parts, mbs)
     rollout_routes = _rows_like(rb.rollouts.routes, parts, mbs)
     targets: list = [None] * len(parts)
@@ -80,7 +81,8 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     stats, sampled, mismatch = {}, [], {}
     for update in range(n_updates):
         for i, (mb, adv) in enumerate(zip(parts, advs)):
-            m = _MicroBatch(mb, adv, old[i], denom, kd_denom, len(parts), rollout_logp[i], rollout_routes[i])
+            m = _MicroBatch(mb, adv, old[i] if n_updates > 1 else None, denom, kd_denom, len(parts), rollout_logp[i],
+                            rollout_routes[i])
             part, sel, drift = _micro_update(engine, m, prev_routers, cfg,
                                              None if teacher_logits is None else lambda: target(i), guard, step)
             found = {k: part.pop(k) for k in _MISMATCH if k in part}
@@ -91,8 +93,18 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
                 for key, value in found.items():
                     mismatch[key] = max(mismatch.get(key, 0.0), value) if key.endswith("_max") else \
                         mismatch.get(key, 0.0) + value
+    if measure:
+        stats.update(_movement(engine, parts, old))
     return StepResult(sum(r.counts for r in sampled), sum(r.adv_sum for r in sampled),
                       sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats, mismatch)
+
+
+@torch.no_grad()
+def _movement(engine, parts: list[TokenBatch], old: list[torch.Tensor]) -> dict[str, float]:
+    """Sum over response tokens of |log pi_new - log pi_old| after the step's updates, and the tokens."""
+    new = _sampling_logprobs(engine, parts)
+    move = sum(float(((n - o).abs() * p.loss_mask.to(n.device)).sum()) for n, o, p in zip(new, old, parts))
+    return {"move_sum": move, "move_tokens": float(sum(int(p.loss_mask.sum()) for p in parts))}
 
 
 # The sampler-trainer mismatch of the first update (StepResult.mismatch): sums, and one maximum.

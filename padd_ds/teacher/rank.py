@@ -59,7 +59,8 @@ def load_teacher(cfg: PaddConfig, path: str, sharded: bool, vocab_limit: int | N
         bf16 = resolve_dtype(cfg.models.dtype, rank_device()) == torch.bfloat16
         model = load_partitioned_causal_lm(path, zero3_config(bf16), cfg.models.dtype, cfg.models.trust_remote_code)
         return ShardedTeacher(model, bf16=bf16, vocab_limit=vocab_limit)
-    return TeacherModel(load_causal_lm(path, cfg.models.dtype, cfg.models.trust_remote_code), vocab_limit=vocab_limit)
+    return TeacherModel(load_causal_lm(path, cfg.models.dtype, cfg.models.trust_remote_code), vocab_limit=vocab_limit,
+                        pack=cfg.teacher.pack_requests)
 
 
 def student_vocab_size(cfg: PaddConfig, student_path: str | None) -> int | None:

@@ -48,6 +48,13 @@ def real_positions(lengths: torch.Tensor, L: int) -> torch.Tensor:
     return torch.arange(L).unsqueeze(0) < lengths.cpu().unsqueeze(1)
 
 
+def scored_positions(lengths: torch.Tensor, scored_from: torch.Tensor | None, L: int) -> torch.Tensor:
+    """[B, L] bool: the real positions from each row's `scored_from` [B] on (None: all), the ones
+    whose logits the request's consumer reads (a rollout's KD: its response positions)."""
+    real = real_positions(lengths, L)
+    return real if scored_from is None else real & (torch.arange(L).unsqueeze(0) >= scored_from.cpu().unsqueeze(1))
+
+
 def to_host(tensors: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], int]:
     """The tensors on the host and the bytes that crossed from the device, counted from the
     tensors themselves (on a CPU teacher: the bytes that would cross)."""
@@ -58,7 +65,7 @@ def to_host(tensors: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | Non
 def spread(rows: SparseLogits, keep: torch.Tensor) -> SparseLogits:
     """Sparse rows [1, N, k] of the `keep` [B, L] positions -> the wire form [B, L, k], on the host.
 
-    A position not scored (padding) carries the uniform distribution over tokens 0..k-1
+    A position not scored (padding, or before the row's scored_from) carries the uniform distribution over tokens 0..k-1
     (values 0, lse log k, sampled weights 1/k): every consumer masks it out, some by
     multiplying by 0, so it must be a finite, valid distribution."""
     B, L, k = *keep.shape, rows.k
@@ -174,8 +181,9 @@ class TeacherModel:
     Stage I cluster activations and final hidden states)."""
 
     def __init__(self, model: torch.nn.Module, cluster_map: ClusterMap | None = None,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, pack: int = 1):
         self.model = model.eval()
+        self.pack = pack  # requests one forward may score (service.serve packs what has arrived)
         self.device = next(model.parameters()).device
         self.cluster_map = cluster_map
         self.vocab_limit = vocab_limit  # the student's vocab_size (see forward_outputs)
@@ -183,18 +191,41 @@ class TeacherModel:
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
-              seed: int = 0, outputs: int = OUT_LOGITS) -> TeacherOutput:
+              seed: int = 0, outputs: int = OUT_LOGITS, scored_from: torch.Tensor | None = None) -> TeacherOutput:
         """Right-padded ids [B, L] with true `lengths` [B] -> the requested outputs at every position
-        (logits scored at the real positions only: see `spread` for the padding rows)."""
-        keep = real_positions(lengths, ids.shape[1])
-        # The head runs on every real position, not only the loss-mask ones: a request carries
-        # ids and lengths only, and every consumer's mask lies inside them (data/batch.py).
-        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), keep.long().to(self.device),
-                                                        outputs, self.cluster_map, self.vocab_limit)
+        (logits scored at the real positions from `scored_from` [B] on only: see `spread` for the others)."""
+        keep = scored_positions(lengths, scored_from, ids.shape[1])
+        mask = real_positions(lengths, ids.shape[1]).long().to(self.device)  # attention still sees the prompt
+        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), mask, outputs,
+                                                        self.cluster_map, self.vocab_limit, keep=keep)
         (*sparse, cluster, hidden, gate), n_bytes = to_host(compress(logits, k, mode, seed).tensors()
                                                             + [cluster, hidden, gate])
         self.host_bytes += n_bytes
         return TeacherOutput(spread(SparseLogits.from_tensors(sparse), keep), cluster, hidden, gate)
+
+    @torch.no_grad()
+    def score_many(self, requests: list[tuple], k: int, mode: str = "topk", outputs: int = OUT_LOGITS) -> list[TeacherOutput]:
+        """Requests (ids [B, L], lengths [B], seed, scored_from [B] or None) in one forward: their
+        rows stacked, right-padded to the longest; each request's logits compressed with its own
+        seed, as `score` would."""
+        L = max(r[0].shape[1] for r in requests)
+        ids = torch.cat([torch.nn.functional.pad(r[0], (0, L - r[0].shape[1])) for r in requests])
+        lengths = torch.cat([r[1] for r in requests])
+        keep = torch.cat([scored_positions(r[1], r[3], L) for r in requests])
+        mask = real_positions(lengths, L).long().to(self.device)
+        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), mask, outputs,
+                                                        self.cluster_map, self.vocab_limit, keep=keep)
+        outs, row, pos = [], 0, 0
+        for r_ids, r_lengths, seed, start in requests:
+            b, l = r_ids.shape
+            mine = keep[row:row + b, :l]
+            n = int(keep[row:row + b].sum())
+            part = [None if t is None else t[row:row + b, :l] for t in (cluster, hidden, gate)]
+            (*sparse, c, h, g), n_bytes = to_host(compress(logits[pos:pos + n], k, mode, seed).tensors() + part)
+            self.host_bytes += n_bytes
+            outs.append(TeacherOutput(spread(SparseLogits.from_tensors(sparse), mine), c, h, g))
+            row, pos = row + b, pos + n
+        return outs
 
 
 @dataclass
@@ -361,14 +392,15 @@ def answer(bridge: Bridge, teacher, headers: list[Header], stats: ServeStats) ->
     in one forward when the teacher packs them, and post each reply to its student."""
     inputs = [_request_payload(bridge, h) for h in headers]
     h0 = headers[0]
-    batch = [(ids, lengths, h.request_id) for (ids, lengths), h in zip(inputs, headers)]
+    batch = [(ids, lengths, h.request_id, start) for (ids, lengths, start), h in zip(inputs, headers)]
     if len(batch) > 1:
         outs = teacher.score_many(batch, h0.arg, MODES[h0.kind], outputs=h0.outputs)
     else:
-        outs = [teacher.score(batch[0][0], batch[0][1], h0.arg, MODES[h0.kind], seed=h0.request_id, outputs=h0.outputs)]
+        ids, lengths, seed, start = batch[0]
+        outs = [teacher.score(ids, lengths, h0.arg, MODES[h0.kind], seed=seed, outputs=h0.outputs, scored_from=start)]
     stats.rounds += 1
     sends = []
-    for h, (_, lengths), out in zip(headers, inputs, outs):
+    for h, (_, lengths, _), out in zip(headers, inputs, outs):
         per_cluster = out.cluster_acts if out.cluster_acts is not None else out.cluster_gate
         reply = Header(h.kind, h.request_id, h.step, h.batch, h.seqlen, h.arg, input_crc=h.input_crc,
                        outputs=h.outputs,
@@ -381,16 +413,17 @@ def answer(bridge: Bridge, teacher, headers: list[Header], stats: ServeStats) ->
     return sends
 
 
-def _request_payload(bridge: Bridge, h: Header) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request's token ids and lengths, checked against the header's checksum."""
+def _request_payload(bridge: Bridge, h: Header) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A request's token ids, lengths and first scored positions, checked against the header's checksum."""
     s = h.src
     if h.kind not in MODES:
         raise BridgeError(f"teacher: unknown request kind {h.kind} from rank {s} (request {h.request_id})")
-    ids, lengths = bridge.recv_payload(h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64)], s)
+    ids, lengths, scored_from = bridge.recv_payload(
+        h, [((h.batch, h.seqlen), torch.int64), ((h.batch,), torch.int64), ((h.batch,), torch.int64)], s)
     if crc32(ids) != h.input_crc:
         raise BridgeError(f"teacher: token-id checksum mismatch in request {h.request_id} "
                           f"from rank {s}; refusing to score corrupted input")
-    return ids, lengths
+    return ids, lengths, scored_from
 
 
 def describe(request_id: int) -> str:
@@ -405,6 +438,7 @@ class _Pending:
     input_crc: int
     ids: torch.Tensor      # kept to re-send the request when its replica is lost
     lengths: torch.Tensor
+    scored_from: torch.Tensor  # [B] first position each row's logits are read at
     outputs: int
     send: object = None  # PostedSend of the request
 
@@ -438,10 +472,15 @@ class RemoteTeacher:
         self._next_id = student_rank << 40
         self.stats = ClientStats()
 
-    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS) -> int:
+    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS,
+               scored_from: torch.Tensor | None = None) -> int:
+        """Ask for the teacher's outputs on `ids`; logits only at each row's positions from
+        `scored_from` [B] on (None: every real position)."""
         ids = ids.to(torch.int64).contiguous()
         rid, self._next_id = self._next_id, self._next_id + 1
-        p = _Pending(rid, step, crc32(ids), ids, lengths.to(torch.int64).contiguous(), outputs | OUT_LOGITS)
+        start = torch.zeros(ids.shape[0], dtype=torch.int64) if scored_from is None else scored_from.to(torch.int64)
+        p = _Pending(rid, step, crc32(ids), ids, lengths.to(torch.int64).contiguous(), start.cpu().contiguous(),
+                     outputs | OUT_LOGITS)
         self.pending.append(p)
         try:
             self._post(p)
@@ -455,7 +494,8 @@ class RemoteTeacher:
     def _post(self, p: _Pending) -> None:
         h = Header(self.kind, p.request_id, p.step, p.ids.shape[0], p.ids.shape[1], self.top_k,
                    input_crc=p.input_crc, outputs=p.outputs)
-        p.send = self.bridge.send_message(h, [p.ids, p.lengths], self.teacher_rank, header_tag=TAG_REQUEST)
+        p.send = self.bridge.send_message(h, [p.ids, p.lengths, p.scored_from], self.teacher_rank,
+                                          header_tag=TAG_REQUEST)
 
     def result(self, request_id: int) -> TeacherOutput:
         if not self.pending or self.pending[0].request_id != request_id:
@@ -576,17 +616,19 @@ class LocalTeacher:
         self._next_id = 0
         self.stats = ClientStats()
 
-    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS) -> int:
+    def submit(self, step: int, ids: torch.Tensor, lengths: torch.Tensor, outputs: int = OUT_LOGITS,
+               scored_from: torch.Tensor | None = None) -> int:
         rid, self._next_id = self._next_id, self._next_id + 1
-        self.pending.append((rid, ids.to(torch.int64), lengths.to(torch.int64), outputs | OUT_LOGITS))
+        self.pending.append((rid, ids.to(torch.int64), lengths.to(torch.int64), outputs | OUT_LOGITS, scored_from))
         return rid
 
     def result(self, request_id: int) -> TeacherOutput:
-        rid, ids, lengths, outputs = self.pending.popleft()
+        rid, ids, lengths, outputs, scored_from = self.pending.popleft()
         if rid != request_id:
             raise RuntimeError(f"local teacher: request {request_id} is not the oldest ({rid})")
         t0 = time.perf_counter()
-        out = self.teacher.score(ids, lengths, self.top_k, self.mode, seed=rid, outputs=outputs)
+        out = self.teacher.score(ids, lengths, self.top_k, self.mode, seed=rid, outputs=outputs,
+                                 scored_from=scored_from)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.requests += 1
         return out

@@ -17,7 +17,8 @@ import torch
 from padd_ds.launch.comm import broadcast_, gather
 from padd_ds.launch.device import rank_device
 from padd_ds.launch.bridge import OUT_CLUSTER_ACTS, OUT_CLUSTER_GATE, OUT_HIDDEN
-from padd_ds.teacher.service import TeacherOutput, compress, forward_outputs, real_positions, spread, to_host
+from padd_ds.teacher.service import (TeacherOutput, compress, forward_outputs, real_positions, scored_positions, spread,
+                                     to_host)
 from padd_ds.teacher.sparse import SparseLogits
 
 _STOP = 0
@@ -56,25 +57,26 @@ class ShardedTeacher:
         return self.size
 
     def score(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str = "topk",
-              seed: int = 0, outputs: int = 1) -> TeacherOutput:
-        return self.score_many([(ids, lengths, seed)], k, mode, outputs)[0]
+              seed: int = 0, outputs: int = 1, scored_from: torch.Tensor | None = None) -> TeacherOutput:
+        return self.score_many([(ids, lengths, seed, scored_from)], k, mode, outputs)[0]
 
-    def score_many(self, requests: list[tuple[torch.Tensor, torch.Tensor, int]], k: int, mode: str = "topk",
-                   outputs: int = 1) -> list[TeacherOutput]:
-        """Requests (ids [B, L], lengths [B], seed), at most one per rank, scored in one round:
-        request j wholly on rank j, so each answer is the one a replica gives it, whatever
-        else shares the round."""
+    def score_many(self, requests: list[tuple], k: int, mode: str = "topk", outputs: int = 1) -> list[TeacherOutput]:
+        """Requests (ids [B, L], lengths [B], seed[, scored_from [B] or None]), at most one per
+        rank, scored in one round: request j wholly on rank j, so each answer is the one a
+        replica gives it, whatever else shares the round."""
         if self.rank != 0:
             raise RuntimeError("only teacher rank 0 takes requests; the others run member_loop()")
         if not 0 < len(requests) <= self.size:
             raise ValueError(f"a round scores 1 to {self.size} requests (one per teacher rank), got {len(requests)}")
         code = {v: c for c, v in _MODES.items()}[mode]
+        requests = [(ids, lengths, seed, _starts(ids, rest)) for ids, lengths, seed, *rest in requests]
         broadcast_(torch.tensor([code, len(requests), k, outputs], dtype=torch.int64), 0)
-        broadcast_(torch.tensor([[ids.shape[0], ids.shape[1], seed] for ids, _, seed in requests],
+        broadcast_(torch.tensor([[ids.shape[0], ids.shape[1], seed] for ids, _, seed, _ in requests],
                                 dtype=torch.int64), 0)
-        for ids, lengths, _ in requests:
+        for ids, lengths, _, start in requests:
             broadcast_(ids.contiguous(), 0)
             broadcast_(lengths.contiguous(), 0)
+            broadcast_(start.contiguous(), 0)
         return self._round(requests, k, mode, outputs)
 
     def stop(self) -> None:
@@ -96,9 +98,10 @@ class ShardedTeacher:
             requests = []
             for b, l, seed in shapes.tolist():
                 ids, lengths = torch.empty((b, l), dtype=torch.int64), torch.empty((b,), dtype=torch.int64)
-                broadcast_(ids, 0)
-                broadcast_(lengths, 0)
-                requests.append((ids, lengths, seed))
+                start = torch.empty((b,), dtype=torch.int64)
+                for t in (ids, lengths, start):
+                    broadcast_(t, 0)
+                requests.append((ids, lengths, seed, start))
             self._round(requests, k, _MODES[kind], outputs)
             rounds, mine = rounds + 1, mine + (self.rank < n)
 
@@ -107,10 +110,11 @@ class ShardedTeacher:
         """Rank j scores request j (a rank past the last one joins on a dummy token: ZeRO-3's
         gathers are collective); the leader gathers every answer, padded to the round's largest."""
         if self.rank < len(requests):
-            ids, lengths, seed = requests[self.rank]
+            ids, lengths, seed, start = requests[self.rank]
         else:
-            ids, lengths, seed = torch.zeros((0, 1), dtype=torch.int64), torch.zeros((0,), dtype=torch.int64), 0
-        mine = self._forward(ids, lengths, k, mode, seed, outputs)
+            ids, lengths, seed, start = (torch.zeros((0, 1), dtype=torch.int64), torch.zeros((0,), dtype=torch.int64), 0,
+                                         torch.zeros((0,), dtype=torch.int64))
+        mine = self._forward(ids, lengths, start, k, mode, seed, outputs)
         B = max(r[0].shape[0] for r in requests)
         L = max(r[0].shape[1] for r in requests)
         parts = []
@@ -122,7 +126,7 @@ class ShardedTeacher:
             return None
         n_logit = len(SparseLogits.specs(B, L, k, mode == "sampled"))
         out = []
-        for j, (ids, _, _) in enumerate(requests):
+        for j, (ids, *_) in enumerate(requests):
             b, l = ids.shape
             full = [p[j][:b, :l].contiguous() for p in parts]
             extra = iter(full[n_logit:])
@@ -132,7 +136,7 @@ class ShardedTeacher:
                                      next(extra) if outputs & OUT_CLUSTER_GATE else None))
         return out
 
-    def _forward(self, ids: torch.Tensor, lengths: torch.Tensor, k: int, mode: str, seed: int,
+    def _forward(self, ids: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, k: int, mode: str, seed: int,
                  outputs: int) -> list[torch.Tensor]:
         """This rank's request -> its wire tensors on the host ([B, L, ...]; see _round).
 
@@ -144,8 +148,8 @@ class ShardedTeacher:
             ids, keep = torch.zeros((1, 1), dtype=torch.int64), torch.zeros((1, 1), dtype=torch.bool)
             mask = torch.ones((1, 1), dtype=torch.int64)
         else:
-            keep = real_positions(lengths, ids.shape[1])
-            mask = keep.long()
+            keep = scored_positions(lengths, start, ids.shape[1])
+            mask = real_positions(lengths, ids.shape[1]).long()
         logits, *extras = forward_outputs(self.engine, ids.to(dev), mask.to(dev), outputs,
                                           self.cluster_map, self.vocab_limit, keep=keep)
         # the request's own seed, as a replica draws it; only the scored rows leave the device
@@ -157,6 +161,12 @@ class ShardedTeacher:
             return [torch.zeros(shape, dtype=dt) for shape, dt in SparseLogits.specs(0, 1, k, mode == "sampled")] \
                 + [t[:0] for t in extras]
         return spread(SparseLogits.from_tensors(sparse), keep).tensors() + extras
+
+
+def _starts(ids: torch.Tensor, rest: list) -> torch.Tensor:
+    """A request's scored_from [B] (every real position when it gives none)."""
+    start = rest[0] if rest else None
+    return torch.zeros(ids.shape[0], dtype=torch.int64) if start is None else start.to(torch.int64).cpu()
 
 
 def partition_on_device(model: torch.nn.Module, ds: dict) -> None:
