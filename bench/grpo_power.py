@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_table import QUICK_RESULTS, REPO, RESULTS, t_interval  # noqa: E402
+from reproduce_table import QUICK_RESULTS, RESULTS, t_interval  # noqa: E402
 import reproduce_table  # noqa: E402
 
 _SETTING = re.compile(r"^(\d+)x(\d+)@([0-9.eE+-]+)/(\d+)$")

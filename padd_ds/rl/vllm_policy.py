@@ -22,6 +22,7 @@ trainer uses. They return no routes: rollout.route_replay needs hf or hf_gathere
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -154,10 +155,8 @@ class VllmPolicy:
 
     def close(self) -> None:
         if self.conn is not None and self.owner:
-            try:
+            with contextlib.suppress(EngineLost):  # it is gone already: nothing to close
                 self.conn.call({"op": "close"})
-            except EngineLost:
-                pass  # it is gone already: nothing to close
         if self.conn is not None:
             self.conn.close()
         if self.proc is not None:
