@@ -194,14 +194,7 @@ class TeacherModel:
               seed: int = 0, outputs: int = OUT_LOGITS, scored_from: torch.Tensor | None = None) -> TeacherOutput:
         """Right-padded ids [B, L] with true `lengths` [B] -> the requested outputs at every position
         (logits scored at the real positions from `scored_from` [B] on only: see `spread` for the others)."""
-        keep = scored_positions(lengths, scored_from, ids.shape[1])
-        mask = real_positions(lengths, ids.shape[1]).long().to(self.device)  # attention still sees the prompt
-        logits, cluster, hidden, gate = forward_outputs(self.model, ids.to(self.device), mask, outputs,
-                                                        self.cluster_map, self.vocab_limit, keep=keep)
-        (*sparse, cluster, hidden, gate), n_bytes = to_host(compress(logits, k, mode, seed).tensors()
-                                                            + [cluster, hidden, gate])
-        self.host_bytes += n_bytes
-        return TeacherOutput(spread(SparseLogits.from_tensors(sparse), keep), cluster, hidden, gate)
+        return self.score_many([(ids, lengths, seed, scored_from)], k, mode, outputs)[0]
 
     @torch.no_grad()
     def score_many(self, requests: list[tuple], k: int, mode: str = "topk", outputs: int = OUT_LOGITS) -> list[TeacherOutput]:
