@@ -16,11 +16,15 @@ move. The setting whose GRPO - control interval has the highest lower bound is r
     POWER best=<setting> grpo=<acc> control=<acc> base=<acc> grpo_minus_control=<d>+-<half> \
         grpo_minus_base=<d>+-<half> policy_move=<m>                                     (one line)
 
+With --eval-every K every run also evaluates every K steps (eval.every): learning curves of
+GRPO and the control, seed means against the step and the training wall time, in the JSON and
+in <out>/grpo_power.png.
+
 Writes <out>/grpo_power.{md,json} (bench/results/ for a full run, bench/results/quick/ with
 --quick; a smoke run never replaces a full result).
 
 Usage: python bench/grpo_power.py [--settings 8x4@1e-4/2 16x8@1e-5/1] [--seeds 0 1 2]
-                                  [--steps 30] [--eval-problems 200] [--jobs 2] [--quick]
+                                  [--steps 30] [--eval-problems 200] [--eval-every 0] [--jobs 2] [--quick]
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=30, help="RL steps per run")
     ap.add_argument("--eval-problems", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every K steps too (0: at the end only)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 32 problems, the first setting only")
     ap.add_argument("--out", type=Path, default=None)
@@ -83,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_problems, args.settings = args.seeds[:1], 3, 32, args.settings[:1]
+        args.eval_every = min(args.eval_every, args.steps)
     if args.out is None:
         args.out = QUICK_RESULTS if args.quick else RESULTS
     prev = args.out / "grpo_power.json"
@@ -96,7 +102,7 @@ def run_pair(args: argparse.Namespace, setting: Setting, seed: int, control: boo
     out = args.workdir / str(setting).replace("/", "u") / f"seed{seed}_{'control' if control else 'grpo'}"
     first = seed == args.seeds[0] and not control  # the references (teacher, base student): once per setting
     sets = [*setting.sets(args.steps), f"eval.num_problems={args.eval_problems}", "train.log_every=1",
-            "stage3.measure_movement=true", f"eval.references={str(first).lower()}",
+            "stage3.measure_movement=true", f"eval.references={str(first).lower()}", f"eval.every={args.eval_every}",
             f"stage3.shuffle_advantages={str(control).lower()}"]
     return reproduce_table.run_train(name, seed, out, sets, args.reuse)
 
@@ -115,7 +121,48 @@ def summarize(setting: Setting, runs: dict[tuple[int, bool], dict], seeds: list[
             "grpo_minus_control": paired(grpo, ctrl), "grpo_minus_base": t_interval([g - base for g in grpo]),
             "policy_move_grpo": sum(move(False)) / len(move(False)),
             "policy_move_control": sum(move(True)) / len(move(True)),
-            "seconds": [runs[k]["_seconds"] for k in sorted(runs)]}
+            "seconds": [runs[k]["_seconds"] for k in sorted(runs)],
+            "curve_grpo": curve([runs[(s, False)] for s in seeds], base),
+            "curve_control": curve([runs[(s, True)] for s in seeds], base)}
+
+
+def curve(runs: list[dict], base: float) -> list[dict]:
+    """Seed means of the held-out accuracy at each evaluated step (step 0: the base student),
+    with the training wall time there; empty without --eval-every."""
+    rows = [[h for h in r["history"] if "eval/heldout_acc" in h] for r in runs]
+    if not rows[0]:
+        return []
+    points = [{"step": 0, "accuracy": base, "accuracy_seeds": [base] * len(runs), "elapsed_s": 0.0}]
+    for hs in zip(*rows):
+        accs = [h["eval/heldout_acc"] for h in hs]
+        points.append({"step": hs[0]["step"], "accuracy": sum(accs) / len(accs), "accuracy_seeds": accs,
+                       "elapsed_s": sum(h["train/elapsed_s"] for h in hs) / len(hs)})
+    return points
+
+
+def figure(rows: list[dict], path: Path) -> Path | None:
+    """Held-out accuracy against RL steps, GRPO and control per setting (seed means)."""
+    if not any(r["curve_grpo"] for r in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], rows):
+        for arm, style in (("grpo", "-o"), ("control", "--s")):
+            pts = r[f"curve_{arm}"]
+            ax.plot([p["step"] for p in pts], [p["accuracy"] for p in pts], style, ms=3, label=arm)
+        ax.axhline(r["base"], color="grey", lw=0.8, ls=":", label="base student")
+        ax.set_title(r["setting"])
+        ax.set_xlabel("RL step")
+    axes[0][0].set_ylabel("held-out accuracy (seed mean)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _pm(mean_half: tuple[float, float | None]) -> str:
@@ -166,6 +213,7 @@ def main() -> None:
     (args.out / "grpo_power.json").write_text(json.dumps(
         {"args": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "settings" else v)
                   for k, v in vars(args).items()}, "wall_seconds": wall, "settings": rows}, indent=2) + "\n")
+    figure(rows, args.out / "grpo_power.png")
     print(power_line(rows), flush=True)
 
 

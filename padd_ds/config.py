@@ -529,9 +529,15 @@ class EvalConfig:
     # export with its exact routing restored (`load_exact_routing`): the fold's accuracy
     # cost. Doubles the trained student's evaluation, so off by default.
     exact_routing: bool = False
+    # Also evaluate the live student every K RL steps (train.mode=padd), logged as
+    # eval/heldout_acc with the step's cumulative training time: learning curves. 0: before
+    # and after only. Greedy decoding draws no random numbers, so training is unchanged.
+    every: int = 0
 
     def check(self) -> None:
         positive("eval.num_problems", self.num_problems)
+        require(isinstance(self.every, int) and self.every >= 0,
+                f"eval.every must be an integer >= 0 (0: before and after only), got {self.every!r}")
         positive("eval.max_new_tokens", self.max_new_tokens)
         positive("eval.batch_size", self.batch_size)
         require(self.references or not self.teacher_reference,
@@ -569,6 +575,9 @@ class PaddConfig:
         require(isinstance(s4.settle_steps, int) and 0 <= s4.settle_steps < max(tr.steps, 1),
                 f"stage4.settle_steps must be an integer in [0, train.steps={tr.steps}) (0: off), "
                 f"got {s4.settle_steps!r}")
+        require(self.eval.every == 0 or tr.mode == "padd",
+                f"eval.every={self.eval.every} needs train.mode=padd (the RL loop); train.mode={tr.mode} "
+                "evaluates before and after only: set eval.every=0")
         # What the trainer cannot run.
         require(tr.mode != "padd" or tr.grad_accum == 1,
                 f"train.grad_accum={tr.grad_accum} in train.mode=padd: accumulation follows from "

@@ -226,6 +226,7 @@ def test_missing_recipe():
     ("rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
     ("stage4.ema_decay=1", "stage4.ema_decay must be in [0, 1)"),
     ("stage4.fold_every=-1", "stage4.fold_every must be an integer >= 0"),
+    ("eval.every=-2", "eval.every must be an integer >= 0 (0: before and after only), got -2"),
     ("stage4.settle_steps=300", "stage4.settle_steps must be an integer in [0, train.steps=300)"),
     ("data.split_fractions.A=0.5", "data.split_fractions must sum to 1"),
     ("data.split_fractions.A=0", "data.split_fractions.A must be in (0, 1]"),
@@ -254,6 +255,9 @@ TRAINER_CANNOT_RUN = [
      "stage3.ref_kl=0.05: no frozen reference model is built (under ZeRO-3 it would cost another full sharded "
      "model and a forward per update; the teacher's KD term anchors the policy); keep stage3.ref_kl=0"),
     (["stage3.prompts_per_step=0"], "stage3.prompts_per_step must be > 0, got 0"),
+    (["train.mode=distill", "eval.every=10"],
+     "eval.every=10 needs train.mode=padd (the RL loop); train.mode=distill evaluates before and after only: "
+     "set eval.every=0"),
     (["train.mode=padd", "rollout.backend=vllm", "rollout.route_replay=true"],
      "rollout.route_replay needs the rollout engine's routes, which the vllm backend does not return; use "
      "rollout.backend=hf_gathered or turn route_replay off"),

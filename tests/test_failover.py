@@ -26,7 +26,7 @@ LOSSES = ("train/kd_loss", "train/lm_loss")
 PADD_ARGS = ARGS + [
     "--set", "train.steps=10", "--set", "train.mode=padd", "--set", "stage3.prompts_per_step=4",
     "--set", "train.lr=1e-4", "--set", "data.max_response_tokens=24"]
-TIMING = {"time", "train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction", "teacher/replicas_alive"}
+TIMING = {"time", "train/elapsed_s", "train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction", "teacher/replicas_alive"}
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -67,14 +67,20 @@ def test_a_padd_run_with_gathered_rollouts_trains_exactly_like_one_with_engine_r
     """The whole loop, 4 RL steps with a Stage IV bias moving every step: the gathered copy
     samples the same tokens from the same per-rank RNG, so every logged number agrees but timing
     and the sampler-trainer log-prob gap, which each engine's decode rounds its own way (fp32:
-    < 1e-4); with routing replay on too."""
-    timing = {"time", "train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction"}
+    < 1e-4); with routing replay on too. The engine run also evaluates every 2 steps
+    (eval.every, both ranks decoding the held-out problems in step): that changes no number of
+    its training."""
+    timing = {"time", "train/elapsed_s", "train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction"}
     # With routing replay too: the routes agree everywhere, so replaying them changes nothing.
     got = _padd_run(tmp_path / "gathered", "hf_gathered", "--set", "rollout.route_replay=true")
-    want = _padd_run(tmp_path / "hf", "hf")
+    want = _padd_run(tmp_path / "hf", "hf", "--set", "eval.every=2")
     assert len(got) == 4
-    same = lambda h: {k: v for k, v in h.items() if k not in timing and not k.startswith("rollout/")}
+    same = lambda h: {k: v for k, v in h.items() if k not in timing and not k.startswith(("rollout/", "eval/"))}
     assert [same(h) for h in got] == [same(h) for h in want]
+    assert ["eval/heldout_acc" in h for h in want] == [False, True, False, True]
+    assert all(0 <= h["eval/heldout_acc"] <= 1 for h in want[1::2]) and not any("eval/heldout_acc" in h for h in got)
+    clock = [h["train/elapsed_s"] for h in want]
+    assert all(b > a > 0 for a, b in zip(clock, clock[1:])), clock
     for h in got + want:
         assert h["rollout/logprob_diff_max"] < 1e-4 and h["rollout/route_agreement"] == 1.0, h
 

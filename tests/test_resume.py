@@ -24,7 +24,7 @@ COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mo
           "--set", "topology.timeout_s=120", "--set", "teacher.request_timeout_s=60",
           "--set", "stage4.fold_every=3"]  # steps 1-2 build a bias (saved at the split), step 3 folds it
 # Wall-clock rates differ between runs; everything else must be identical.
-TIMING = {"train/tokens_per_s", "train/generate_fraction", "teacher/wait_fraction", "time"}
+TIMING = {"train/tokens_per_s", "train/elapsed_s", "train/generate_fraction", "teacher/wait_fraction", "time"}
 
 
 def _run(out, steps):

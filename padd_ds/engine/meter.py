@@ -36,6 +36,10 @@ class Meter:
         """A maximum over the window and the ranks (its own key space: totals() holds both)."""
         self.maxima[key] = max(self.maxima.get(key, float("-inf")), float(value))
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of work outside the window's (an evaluation) out of its wall time."""
+        self.t0 += seconds
+
     def totals(self) -> Totals:
         """Collective: every rank's sums added up, maxima taken; resets the window."""
         keys = sorted(self.sums)

@@ -29,6 +29,7 @@ import torch
 from padd_ds.data.batch import micro_batches
 from padd_ds.engine.guard import NonFiniteGuard
 from padd_ds.engine.meter import Meter, Totals
+from padd_ds.eval.heldout import heldout_accuracy
 from padd_ds.eval.routing import RoutingLog
 from padd_ds.launch.comm import all_reduce_
 from padd_ds.models.export import has_bias_slot
@@ -89,6 +90,8 @@ class PaddLoop:
             self.start, self.history, self.snap_prev = state.step, list(state.history), state.router_snapshot
             self.controller.load_state_dict(state.balance)
             set_bias(self.mod, self.controller.bias)
+        # Training wall time so far, evaluations excluded (the learning curves' time axis).
+        self.train_s = self.history[-1].get("train/elapsed_s", 0.0) if self.history else 0.0
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # NaN/inf on any rank: skip the step everywhere
         self.guard.load_state_dict(state and state.nonfinite)
         # Per-layer expert loads over training, for the report's heatmap.
@@ -106,7 +109,9 @@ class PaddLoop:
                 self.vllm.close()
 
     def _steps(self) -> LoopResult:
+        every = self.cfg.eval.every
         for step in range(self.start, self.cfg.train.steps):
+            t0 = time.perf_counter()
             snap_cur = router_weights(self.mod)   # the routers of this step: the next one's drift reference
             prev = self.snap_prev if self.snap_prev is not None else snap_cur
             stats = ExpertStats.zeros(self.L, self.N)
@@ -119,8 +124,11 @@ class PaddLoop:
             self.snap_prev = snap_cur
             self.maybe_fold(step, rb.rollouts.batch)
             self.meter.add("steps", 1)
-            if (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps:
-                self.log(step, stats, res)
+            self.train_s += time.perf_counter() - t0
+            # An evaluation step also closes a logging window, so every history row is whole.
+            held = self.evaluate() if every and (step + 1) % every == 0 else None
+            if (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps or held is not None:
+                self.log(step, stats, res, held)
             if self.ctx.save_if_due(step + 1, self.checkpoint_state()):
                 self.progress.close()
                 return LoopResult(self.history, step + 1)
@@ -204,8 +212,22 @@ class PaddLoop:
             # is measured from the folded routers.
             self.snap_prev = router_weights(self.mod)
 
-    def log(self, step: int, stats: ExpertStats, res: StepResult) -> None:
+    def evaluate(self) -> dict:
+        """Held-out accuracy of the live student, Stage IV bias included (every student rank in
+        step; a vLLM run evaluates on the engine, since the suite decodes with generate())."""
+        backend = "hf_gathered" if self.cfg.rollout.backend == "hf_gathered" else "hf"
+        t0 = time.perf_counter()
+        with rollout_policy(self.engine, backend, self.ctx.num_students) as (model, synced):
+            held = heldout_accuracy(model, self.ctx.tok, self.cfg, synced=synced,
+                                    share=(self.ctx.rank, self.ctx.num_students))
+        self.meter.exclude(time.perf_counter() - t0)  # the window's throughput is training's
+        return held
+
+    def log(self, step: int, stats: ExpertStats, res: StepResult, held: dict | None = None) -> None:
         row = self.metrics_row(self.meter.totals(), stats.load())
+        row["train/elapsed_s"] = self.train_s
+        if held is not None:
+            row["eval/heldout_acc"] = held["accuracy"]
         self.history.append({"step": step + 1, **row})
         self.ctx.logger.log(row, step + 1)
         if self.routing_log is not None:
