@@ -354,7 +354,8 @@ class RolloutConfig:
     # every rank's prompts as one batch, routing with the Stage IV bias (padd_ds/vllm_engine).
     backend: Literal["hf", "hf_gathered", "vllm"] = "hf"
     # Temperature 1 and no nucleus cut sample the policy itself, as the policy gradient
-    # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens.
+    # assumes (GRPO/DAPO defaults); the length budget is data.max_response_tokens. At another
+    # temperature the trainer's log-probs are at it too (TRL, veRL): it trains the policy it samples.
     temperature: float = 1.0
     top_p: float = 1.0
     # Routing replay: the trainer's forward on a rollout batch uses, token by token, the experts

@@ -86,9 +86,12 @@ def test_a_padd_run_with_gathered_rollouts_trains_exactly_like_one_with_engine_r
 
 
 def test_truncated_is_runs_on_the_samplers_log_probs(toy_build, tmp_path):
-    """stage3.tis_cap through the whole loop: the weights are the sampler/trainer ratios, ~1 here."""
-    got = _padd_run(tmp_path, "hf_gathered", "--set", "stage3.tis_cap=2", "--set", "train.steps=2")
+    """stage3.tis_cap through the whole loop: the weights are the sampler/trainer ratios, ~1 here,
+    at a sampling temperature of 0.7, where the trainer scores at 0.7 too."""
+    got = _padd_run(tmp_path, "hf_gathered", "--set", "stage3.tis_cap=2", "--set", "train.steps=2",
+                    "--set", "rollout.temperature=0.7")
     assert len(got) == 2 and all(abs(h["train/tis_weight"] - 1) < 1e-4 for h in got), got
+    assert all(h["rollout/logprob_diff_max"] < 1e-4 for h in got), got
 
 
 def test_the_control_arm_and_the_policy_movement_run_through_the_loop(toy_build, tmp_path):

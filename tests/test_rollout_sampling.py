@@ -94,9 +94,10 @@ def test_rollouts_ignore_a_top_k_in_the_model_generation_config(student, toy_bui
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_rollouts_carry_the_samplers_log_probs_where_the_trainer_computes_its_own(student, toy_build, temperature,
                                                                                   top_p):
-    """The log-probs recorded while sampling (the model's own, at temperature 1, whatever the
-    sampling temperature and nucleus) equal token_logprobs of one full forward over the rows
-    the trainer gets, at every response position and nowhere else."""
+    """The log-probs recorded while sampling (the model's own at the sampling temperature,
+    whatever the nucleus) equal token_logprobs at that temperature of one full forward over the
+    rows the trainer gets, at every response position and nowhere else; at temperature 1 they
+    would not."""
     from padd_ds.rl.rollout import token_logprobs
 
     model, tok = student
@@ -107,10 +108,13 @@ def test_rollouts_carry_the_samplers_log_probs_where_the_trainer_computes_its_ow
     ro = sample_rollouts(model, tok, problems, sampling, synced=False)
     b = ro.batch
     with torch.no_grad():
-        trainer = token_logprobs(model(input_ids=b.ids, attention_mask=b.attention_mask).logits, b)
+        logits = model(input_ids=b.ids, attention_mask=b.attention_mask).logits
+    trainer = token_logprobs(logits, b, temperature)
     assert ro.logprobs.shape == b.ids.shape
     assert (ro.logprobs[~b.loss_mask] == 0).all() and (ro.logprobs[b.loss_mask] < 0).all()
     torch.testing.assert_close(ro.logprobs, trainer, atol=1e-4, rtol=0)
+    if temperature != 1.0:
+        assert (ro.logprobs - token_logprobs(logits, b)).abs().max() > 1e-2
 
 
 def test_rollouts_carry_the_routes_the_trainers_forward_takes(student, toy_build):

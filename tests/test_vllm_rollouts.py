@@ -76,16 +76,17 @@ def _hf_reference(model_dir: Path, bias: dict[str, torch.Tensor]):
 
 
 def _engine_vs_reference(model_dir: Path, reference_dir: Path, bias: dict, stock: bool, workdir: Path,
-                         reload_from: Path | None = None) -> dict:
-    """Sample from an engine on `model_dir` (optionally reloaded from `reload_from` first) and
-    score its tokens and routes with transformers on `reference_dir`."""
+                         reload_from: Path | None = None, temperature: float = 1.0) -> dict:
+    """Sample from an engine on `model_dir` (optionally reloaded from `reload_from` first) at
+    `temperature` and score its tokens (at that temperature) and routes with transformers on
+    `reference_dir`."""
     proc = EngineProcess.start(_spec(stock), model_dir, workdir)
     try:
         conn = EngineConnection(proc.address, 0, 240)
         if reload_from is not None:
             conn.call({"op": "load", "files": sorted(str(f) for f in reload_from.glob("*.safetensors"))})
         prompts = [[1, 17, 33, 60, 5], [1, 200, 9]]
-        gen = conn.call({"op": "generate", "prompts": prompts, "n": 2, "temperature": 1.0, "top_p": 1.0,
+        gen = conn.call({"op": "generate", "prompts": prompts, "n": 2, "temperature": temperature, "top_p": 1.0,
                          "max_tokens": 16, "stop": [2]})
         seqs = [prompts[i // 2] + t for i, t in enumerate(gen["tokens"])]
         eng_routes = conn.call({"op": "routes", "seqs": seqs})["routes"]
@@ -98,7 +99,7 @@ def _engine_vs_reference(model_dir: Path, reference_dir: Path, bias: dict, stock
         for i, (toks, lps) in enumerate(zip(gen["tokens"], gen["logprobs"])):
             p = prompts[i // 2]
             routes.clear()
-            logp = model(torch.tensor([p + toks])).logits[0].float().log_softmax(-1)
+            logp = (model(torch.tensor([p + toks])).logits[0].float() / temperature).log_softmax(-1)
             ref = logp[len(p) - 1:-1].gather(1, torch.tensor(toks)[:, None])[:, 0]
             diff = max(diff, (ref - torch.tensor(lps)).abs().max().item())
             for layer, hf_layer in zip(eng_routes[i], routes):
@@ -109,9 +110,10 @@ def _engine_vs_reference(model_dir: Path, reference_dir: Path, bias: dict, stock
 
 def test_padd_model_samples_on_the_trainers_routes_and_the_stock_model_does_not(vllm_student, tmp_path):
     """With a Stage IV bias: vLLM's stock Qwen3-MoE ignores it (other experts, other log-probs);
-    the PADD model's sampled-token log-probs are transformers' with PADD routing, token by token."""
+    the PADD model's sampled-token log-probs are transformers' with PADD routing, token by token,
+    at the sampling temperature (the trainer's)."""
     bias = _with_bias(vllm_student, tmp_path / "m", 0.3)
-    padd = _engine_vs_reference(tmp_path / "m", tmp_path / "m", bias, False, tmp_path / "padd")
+    padd = _engine_vs_reference(tmp_path / "m", tmp_path / "m", bias, False, tmp_path / "padd", temperature=0.7)
     stock = _engine_vs_reference(tmp_path / "m", tmp_path / "m", bias, True, tmp_path / "stock")
     assert padd["tokens"] > 8, padd
     assert padd["route_agreement"] == 1.0 and padd["logprob_max_diff"] < 1e-4, padd

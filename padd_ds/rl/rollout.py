@@ -107,18 +107,20 @@ def sample_rollouts(model, tok, problems: list[dict], sampling: RolloutSampling,
 
 class SampledLogprobs:
     """A logits processor that changes nothing and records log pi(token) of every sampled token
-    under the raw logits (temperature 1: the distribution the trainer's log-probs are of).
-    transformers applies custom processors before its temperature and top-p warpers, so the
-    scores here are the model's own; each call gathers the previous step's log-softmax at the
-    token that step appended, so one [B, V] row set is held at a time, never the whole history."""
+    under the model's logits at the sampling temperature (the distribution the trainer's
+    log-probs are of). transformers applies custom processors before its temperature and top-p
+    warpers, so the scores here are the model's own; each call gathers the previous step's
+    log-softmax at the token that step appended, so one [B, V] row set is held at a time, never
+    the whole history."""
 
-    def __init__(self):
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
         self.prev: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self._take(input_ids[:, -1])
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
     def _take(self, token: torch.Tensor) -> None:
@@ -159,7 +161,7 @@ def _sample(model, prompts: list[list[int]], sampling: RolloutSampling, eos: lis
     left, attn = left.to(rank_device()), attn.to(rank_device())
     was_training = model.training
     model.eval()
-    record, capture = SampledLogprobs(), RouteCapture.of(model)
+    record, capture = SampledLogprobs(sampling.temperature), RouteCapture.of(model)
     try:
         # The policy itself: temperature and top_p are the only transforms (top_k=0, no model defaults).
         decoding = decoding_kwargs(sampling.temperature, sampling.top_p)
@@ -204,9 +206,11 @@ def _rollout_batch(tok, prompts: list[list[int]], sampled: tuple[list[list[int]]
                     logprobs)
 
 
-def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """log pi(token t+1 | <= t) at every position [B, L] (0 where the loss mask is off)."""
-    z = logits[:, :-1].float()  # gather - logsumexp: never materialises a second [B, L, V] tensor
+def token_logprobs(logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token t+1 | <= t) at every position [B, L] (0 where the loss mask is off), pi the
+    policy at `temperature` (the rollouts': TRL's and veRL's convention, so the gradient is the
+    sampled policy's)."""
+    z = logits[:, :-1].float() / temperature  # gather - logsumexp: never a second [B, L, V] tensor
     logp = z.gather(-1, batch.ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     out = torch.zeros(batch.ids.shape, dtype=logp.dtype, device=logp.device)
     out[:, :-1] = logp

@@ -68,7 +68,8 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
     n_updates = pcfg.updates_per_batch
     # The sampling policy's log-probs: every update's ratio is against them (one update: the current policy).
     measure = cfg.stage3.measure_movement
-    old = _sampling_logprobs(engine, parts) if n_updates > 1 or measure else [None] * len(parts)
+    temperature = cfg.rollout.temperature  # the policy is the one the rollouts sample
+    old = _sampling_logprobs(engine, parts, temperature) if n_updates > 1 or measure else [None] * len(parts)
     rollout_logp = _rows_like(rb.rollouts.logprobs, parts, mbs)
     rollout_routes = _rows_like(rb.rollouts.routes, parts, mbs)
     targets: list = [None] * len(parts)
@@ -94,15 +95,15 @@ def update_on_rollouts(engine, rb: RolloutBatch, prev_routers: list[torch.Tensor
                     mismatch[key] = max(mismatch.get(key, 0.0), value) if key.endswith("_max") else \
                         mismatch.get(key, 0.0) + value
     if measure:
-        stats.update(_movement(engine, parts, old))
+        stats.update(_movement(engine, parts, old, temperature))
     return StepResult(sum(r.counts for r in sampled), sum(r.adv_sum for r in sampled),
                       sum(r.adv_count for r in sampled), torch.cat([r.drift for r in sampled]), stats, mismatch)
 
 
 @torch.no_grad()
-def _movement(engine, parts: list[TokenBatch], old: list[torch.Tensor]) -> dict[str, float]:
+def _movement(engine, parts: list[TokenBatch], old: list[torch.Tensor], temperature: float) -> dict[str, float]:
     """Sum over response tokens of |log pi_new - log pi_old| after the step's updates, and the tokens."""
-    new = _sampling_logprobs(engine, parts)
+    new = _sampling_logprobs(engine, parts, temperature)
     move = sum(float(((n - o).abs() * p.loss_mask.to(n.device)).sum()) for n, o, p in zip(new, old, parts))
     return {"move_sum": move, "move_tokens": float(sum(int(p.loss_mask.sum()) for p in parts))}
 
@@ -154,11 +155,11 @@ def _normalisers(batch: TokenBatch, pcfg: Stage3Config) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _sampling_logprobs(engine, parts: list[TokenBatch]) -> list[torch.Tensor]:
+def _sampling_logprobs(engine, parts: list[TokenBatch], temperature: float) -> list[torch.Tensor]:
     out = []
     for host in parts:
         mb = host.to(rank_device())
-        out.append(token_logprobs(engine(input_ids=mb.ids, attention_mask=mb.attention_mask).logits, mb))
+        out.append(token_logprobs(engine(input_ids=mb.ids, attention_mask=mb.attention_mask).logits, mb, temperature))
     return out
 
 
@@ -176,7 +177,7 @@ def _micro_update(engine, m: _MicroBatch, prev_routers: list[torch.Tensor], cfg:
     # The replay spans the backward too: an activation-checkpoint recompute must route the same.
     with routing_trace(engine.module, inputs=True) as trace, replayed_routes(engine.module, replay):
         logits = engine(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
-        new_logp = token_logprobs(logits, batch)
+        new_logp = token_logprobs(logits, batch, cfg.rollout.temperature)
         drift = _drift(trace, prev_routers).view(batch.ids.shape)                      # [b, S]
         old_logp = new_logp.detach() if m.old_logp is None else m.old_logp
         rollout_logp = None if m.rollout_logp is None else m.rollout_logp.to(batch.ids.device)

@@ -62,7 +62,9 @@ def build_llm(args: argparse.Namespace):
     kw = dict(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
               skip_tokenizer_init=True, enable_prefix_caching=False, enforce_eager=True,
               tensor_parallel_size=args.tensor_parallel_size,
-              worker_extension_cls="padd_ds.vllm_engine.worker.PaddWorker")
+              worker_extension_cls="padd_ds.vllm_engine.worker.PaddWorker",
+              # log pi at the sampling temperature, the trainer's (and, under top_p < 1, the nucleus)
+              logprobs_mode="processed_logprobs")
     if not args.stock:
         kw["hf_overrides"] = {"architectures": [PADD_ARCHITECTURES[arch]]}
     if current_platform.is_cpu():
@@ -88,7 +90,7 @@ class Engine:
 
         prompts, params, owner = [], [], []
         for i, r in enumerate(reqs):
-            # top_k=0: the policy itself (no truncation); logprobs=0: the sampled token's, raw logits
+            # top_k=0: the policy itself (no truncation); logprobs=0: the sampled token's
             sp = SamplingParams(n=r["n"], temperature=r["temperature"], top_p=r["top_p"], top_k=0,
                                 max_tokens=r["max_tokens"], stop_token_ids=r["stop"], logprobs=0, detokenize=False)
             for ids in r["prompts"]:
