@@ -25,6 +25,7 @@ Writes <out>/grpo_power.{md,json} (bench/results/ for a full run, bench/results/
 
 Usage: python bench/grpo_power.py [--settings 8x4@1e-4/2 16x8@1e-5/1] [--seeds 0 1 2]
                                   [--steps 30] [--eval-problems 200] [--eval-every 0] [--jobs 2] [--quick]
+                                  [--set KEY=VALUE ...]   (more overrides for every run, e.g. rollout.temperature=1.0)
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every K steps too (0: at the end only)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (repeatable)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 32 problems, the first setting only")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "padd_grpo_power")
@@ -103,7 +106,7 @@ def run_pair(args: argparse.Namespace, setting: Setting, seed: int, control: boo
     first = seed == args.seeds[0] and not control  # the references (teacher, base student): once per setting
     sets = [*setting.sets(args.steps), f"eval.num_problems={args.eval_problems}", "train.log_every=1",
             "stage3.measure_movement=true", f"eval.references={str(first).lower()}", f"eval.every={args.eval_every}",
-            f"stage3.shuffle_advantages={str(control).lower()}"]
+            f"stage3.shuffle_advantages={str(control).lower()}", *args.overrides]
     return reproduce_table.run_train(name, seed, out, sets, args.reuse)
 
 
@@ -174,7 +177,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     lines = [f"GRPO against its shuffled-advantage control, from the base student (toy://student): seeds "
              f"{args.seeds}, {args.steps} RL steps, {args.eval_problems} held-out problems (greedy pass@1), "
              f"95% t-intervals over seeds (differences paired by seed); wall time {wall / 60:.1f} min with "
-             f"{args.jobs} runs at once.", "",
+             f"{args.jobs} runs at once." + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else ""), "",
              "| setting (PxG@lr/updates) | base | GRPO | control | GRPO - control | GRPO - base | policy move GRPO / control |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
