@@ -38,8 +38,12 @@ that holds one. The last line printed is
 
     REPRO padd=<acc> teacher=<acc> base=<acc> grpo=<acc> control=<acc> best_baseline=<name>:<acc> ablations_below_padd=<n>/4
 
+With --eval-every K every arm also evaluates every K RL steps (eval.every): the table gains the
+arms' learning curves (seed means, and the training time to each point, in the JSON).
+
 Usage: python bench/reproduce_table.py [--seeds 0 1 2] [--steps 60] [--updates-per-batch 2]
                                        [--eval-problems 200] [--stage1-steps 300] [--jobs 2] [--quick]
+                                       [--eval-every 0]
                                        [--out bench/results] [--workdir DIR] [--reuse]
 """
 
@@ -185,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--updates-per-batch", type=int, default=2, help="stage3.updates_per_batch of every arm")
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--stage1-steps", type=int, default=300, help="Stage I warmup steps")
+    ap.add_argument("--eval-every", type=int, default=0, help="each arm's held-out accuracy every K RL steps too")
     ap.add_argument("--jobs", type=int, default=2, help="arms run at once (one core each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 15 RL steps, 60 Stage I steps, 64 problems")
     ap.add_argument("--out", type=Path, default=None,
@@ -244,7 +249,7 @@ def run_arm(args: argparse.Namespace, stage1: dict[int, Future], name: str, seed
         start.append(f"models.student={args.workdir / f'seed{seed}' / 'stage1' / 'hf'}")
     return run_train(name, seed, arm_dir(args, name, seed),
                      [*common_sets(args), "eval.references=false", f"train.steps={args.steps}",
-                      f"stage3.updates_per_batch={args.updates_per_batch}", *start, *over], args.reuse)
+                      f"eval.every={args.eval_every}",                      f"stage3.updates_per_batch={args.updates_per_batch}", *start, *over], args.reuse)
 
 
 def run_all(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
@@ -291,6 +296,9 @@ def training_columns(runs: list[dict]) -> dict:
         vals = [r["history"][i]["train/accuracy"] for r in runs]
         row[col] = sum(vals) / len(vals)
     row["seconds_per_seed"] = [r["_seconds"] for r in runs]
+    evals = [[h for h in r["history"] if "eval/heldout_acc" in h] for r in runs]
+    row["curve"] = [{"step": hs[0]["step"], "accuracy": mean_of([h["eval/heldout_acc"] for h in hs]),
+                     "elapsed_s": mean_of([h["train/elapsed_s"] for h in hs])} for hs in zip(*evals)]
     return row
 
 
@@ -332,6 +340,13 @@ def markdown_table(rows: dict[str, dict], args: argparse.Namespace, wall: float)
                      f"| {fmt(r.get('drift'), 5)} | {fmt(r.get('load_cv'))} | {fmt(r.get('clip_frac'))} "
                      f"| {fmt(r.get('policy_move'), 4)} | {trend} "
                      f"| {fmt(r.get('tokens_per_s'), 0)} |")
+    curves = {name: r["curve"] for name, r in rows.items() if r.get("curve")}
+    if curves:
+        steps = [c["step"] for c in next(iter(curves.values()))]
+        lines += ["", "Held-out accuracy during training, by RL step (seed means; eval.every, Stage IV bias included):", "",
+                  "| method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        lines += [f"| {name} | " + " | ".join(f"{c['accuracy']:.3f}" for c in curve) + " |"
+                  for name, curve in curves.items()]
     return "\n".join(lines)
 
 
