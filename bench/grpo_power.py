@@ -130,17 +130,10 @@ def summarize(setting: Setting, runs: dict[tuple[int, bool], dict], seeds: list[
 
 
 def curve(runs: list[dict], base: float) -> list[dict]:
-    """Seed means of the held-out accuracy at each evaluated step (step 0: the base student),
-    with the training wall time there; empty without --eval-every."""
-    rows = [[h for h in r["history"] if "eval/heldout_acc" in h] for r in runs]
-    if not rows[0]:
-        return []
-    points = [{"step": 0, "accuracy": base, "accuracy_seeds": [base] * len(runs), "elapsed_s": 0.0}]
-    for hs in zip(*rows):
-        accs = [h["eval/heldout_acc"] for h in hs]
-        points.append({"step": hs[0]["step"], "accuracy": sum(accs) / len(accs), "accuracy_seeds": accs,
-                       "elapsed_s": sum(h["train/elapsed_s"] for h in hs) / len(hs)})
-    return points
+    """The runs' learning curve from step 0 (the base student); empty without --eval-every."""
+    points = reproduce_table.learning_curve(runs)
+    start = {"step": 0, "accuracy": base, "accuracy_seeds": [base] * len(runs), "elapsed_s": 0.0}
+    return [start, *points] if points else []
 
 
 def figure(rows: list[dict], path: Path) -> Path | None:

@@ -296,10 +296,17 @@ def training_columns(runs: list[dict]) -> dict:
         vals = [r["history"][i]["train/accuracy"] for r in runs]
         row[col] = sum(vals) / len(vals)
     row["seconds_per_seed"] = [r["_seconds"] for r in runs]
-    evals = [[h for h in r["history"] if "eval/heldout_acc" in h] for r in runs]
-    row["curve"] = [{"step": hs[0]["step"], "accuracy": mean_of([h["eval/heldout_acc"] for h in hs]),
-                     "elapsed_s": mean_of([h["train/elapsed_s"] for h in hs])} for hs in zip(*evals)]
+    row["curve"] = learning_curve(runs)
     return row
+
+
+def learning_curve(runs: list[dict]) -> list[dict]:
+    """The runs' held-out accuracy at each evaluated step (eval.every): seed mean, per seed, and
+    the mean training time to it; empty when the runs did not evaluate during training."""
+    evals = [[h for h in r["history"] if "eval/heldout_acc" in h] for r in runs]
+    return [{"step": hs[0]["step"], "accuracy": mean_of([h["eval/heldout_acc"] for h in hs]),
+             "accuracy_seeds": [h["eval/heldout_acc"] for h in hs],
+             "elapsed_s": mean_of([h["train/elapsed_s"] for h in hs])} for hs in zip(*evals)]
 
 
 def aggregate(results: dict[tuple[str, int], dict], seeds: list[int]) -> dict[str, dict]:
