@@ -462,6 +462,10 @@ class TrainConfig:
     # of keeping its activations: long responses fit at the cost of one more student forward.
     # Off: the toy runs fit without it and train faster.
     activation_checkpointing: bool = False
+    # The routers' learning rate as a multiple of train.lr (a param group of their own). 1: one
+    # rate for every weight. > 1: routes move faster than the experts, the regime PR-GRPO's drift
+    # penalty and routing replay are for (bench/stage3_routes.py).
+    router_lr_scale: float = 1.0
     # A NaN/inf loss on any student rank skips that optimiser step on all of them (counted in
     # train/nonfinite_skipped); this many skipped steps in a row stop the run with an error. 3:
     # one bad batch is survivable, a streak means the weights or the data are broken.
@@ -479,6 +483,7 @@ class TrainConfig:
         non_negative("train.save_every", self.save_every)
         positive("train.keep_last", self.keep_last)
         positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        positive("train.router_lr_scale", self.router_lr_scale)
 
 
 @dataclass

@@ -47,7 +47,7 @@ def rollout_batch(rank: int, vocab: int):
     return RolloutBatch(ro, rewards, adv.reshape(-1))
 
 
-def config(mbs: int, updates: int, ds_json: str):
+def config(mbs: int, updates: int, ds_json: str, router_lr_scale: float = 1.0):
     from padd_ds.recipe import load_config
     from padd_ds.toy.resolve import use_toy_build_for
 
@@ -55,12 +55,13 @@ def config(mbs: int, updates: int, ds_json: str):
     cfg = load_config(os.path.join(repo, "recipes", "toy_cpu.yaml"),
                       ["train.mode=padd", f"train.micro_batch_size={mbs}", "train.lr=0.05",
                        f"stage3.prompts_per_step={2 * PROMPTS_PER_RANK}", f"stage3.group_size={G}",
-                       f"stage3.updates_per_batch={updates}", f"deepspeed.config={ds_json}"])
+                       f"stage3.updates_per_batch={updates}", f"deepspeed.config={ds_json}",
+                       f"train.router_lr_scale={router_lr_scale}"])
     use_toy_build_for(cfg)
     return cfg
 
 
-def run(mbs: int, updates: int, ds_json: str, rank: int) -> dict:
+def run(mbs: int, updates: int, ds_json: str, rank: int, router_lr_scale: float = 1.0) -> dict:
     from padd_ds.data.batch import micro_batches
     from padd_ds.engine.build import initialize_engine
     from padd_ds.engine.guard import NonFiniteGuard
@@ -70,7 +71,7 @@ def run(mbs: int, updates: int, ds_json: str, rank: int) -> dict:
     from padd_ds.rl.step import update_on_rollouts
     from padd_ds.teacher.service import LocalTeacher, TeacherModel
 
-    cfg = config(mbs, updates, ds_json)
+    cfg = config(mbs, updates, ds_json, router_lr_scale)
     teacher_path, student_path, _ = model_paths(cfg)
     engine, _ = initialize_engine(cfg, load_causal_lm(student_path, "float32"), 2)
     assert engine.gradient_accumulation_steps() == ROWS // mbs
@@ -84,7 +85,8 @@ def run(mbs: int, updates: int, ds_json: str, rank: int) -> dict:
     res = update_on_rollouts(engine, rb, prev, cfg, lambda i: teacher.result(rb.requests[i]).logits,
                              NonFiniteGuard(3), step=0)
     after = gathered(engine)
-    return {"weights": after.tolist(), "moved": float((after - before).abs().max()), "global_steps": engine.global_steps,
+    return {"weights": after.tolist(), "before": before.tolist(), "router": router_mask(engine).tolist(),
+            "group_lrs": [g["lr"] for g in engine.optimizer.param_groups], "moved": float((after - before).abs().max()), "global_steps": engine.global_steps,
             "counts": res.counts.tolist(), "adv_sum": res.adv_sum.tolist(), "drift_sum": float(res.drift.sum()),
             "drift_n": res.drift.numel(), "stats": res.stats, "pending": len(teacher.pending)}
 
@@ -96,6 +98,15 @@ def gathered(engine) -> torch.Tensor:
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         return torch.cat([p.detach().clone().reshape(-1) for p in params])
+
+
+def router_mask(engine) -> torch.Tensor:
+    """Which entries of `gathered` are router weights (AutoEP's name for them)."""
+    import deepspeed
+
+    named = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return torch.cat([torch.full((p.numel(),), ".router.gate." in n) for n, p in named])
 
 
 def main(out_path: str) -> None:
@@ -112,6 +123,7 @@ def main(out_path: str) -> None:
     for updates in (1, 2):
         for mbs in (ROWS, 2):
             out[f"u{updates}_mbs{mbs}"] = run(mbs, updates, ds_json, rank)
+    out["u1_mbs8_router10"] = run(ROWS, 1, ds_json, rank, router_lr_scale=10.0)
     with open(f"{out_path}.{rank}", "w") as f:
         json.dump(out, f)
     leave(0, barrier=True)

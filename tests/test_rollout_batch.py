@@ -48,3 +48,19 @@ def test_micro_batch_8_equals_2_x_accumulation_4(accumulated, updates):
         assert set(whole["stats"]) == set(split["stats"]) >= {"policy_loss", "kd_loss", "kd_temperature"}
         for key, value in whole["stats"].items():
             assert split["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_router_lr_scale_moves_only_the_routers_faster(accumulated):
+    """train.router_lr_scale=10 on the same rollout batch (SGD, so a step is lr x gradient): the
+    routers move exactly 10x as far and every other weight exactly as far as with one rate."""
+    for r in accumulated:
+        one, ten = r["u1_mbs8"], r["u1_mbs8_router10"]
+        assert set(one["group_lrs"]) == {0.05} and sorted(set(ten["group_lrs"])) == [0.05, pytest.approx(0.5)]
+        before = torch.tensor(one["before"])
+        assert torch.equal(before, torch.tensor(ten["before"]))
+        router = torch.tensor(one["router"])
+        assert torch.equal(router, torch.tensor(ten["router"])) and 0 < int(router.sum()) < router.numel()
+        d1, d10 = torch.tensor(one["weights"]) - before, torch.tensor(ten["weights"]) - before
+        assert d1[router].abs().max() > 1e-3, d1[router].abs().max()
+        assert (d10[router] - 10 * d1[router]).abs().max() < 1e-6 * 10
+        assert (d10[~router] - d1[~router]).abs().max() < 1e-6

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from padd_ds.config import PaddConfig
@@ -21,9 +23,32 @@ def initialize_engine(cfg: PaddConfig, model: torch.nn.Module, num_students: int
     if cfg.train.activation_checkpointing:
         enable_checkpointing(model)
     with padd_router_installed():
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                              if p.requires_grad], config=ds)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg), config=ds)
     return engine, ds
+
+
+# Every AutoEP preset's router is the `gate` of its MoE block (`model.layers.N.mlp`); dense MLPs
+# name theirs gate_proj, Qwen2-MoE's shared-expert gate is shared_expert_gate.
+_ROUTER_PARAM = re.compile(r"(^|\.)layers\.\d+\.mlp\.gate\.(weight|bias)$")
+
+
+def param_groups(model: torch.nn.Module, cfg: PaddConfig) -> list:
+    """The optimizer's parameters: one group, or with train.router_lr_scale != 1 the routers in a
+    group of their own at train.lr x the scale (`lr_scale` kept in the group, so code that sets
+    the rate, such as Stage I's warmup, keeps the ratio). AutoEP's replacement routers inherit
+    their source's group (DeepSpeed remaps them)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    scale = cfg.train.router_lr_scale
+    if scale == 1:
+        return params
+    router = [p for n, p in model.named_parameters() if p.requires_grad and _ROUTER_PARAM.search(n)]
+    if not router:
+        raise ValueError(f"train.router_lr_scale={scale}: {type(model).__name__} has no router parameter named "
+                         "layers.N.mlp.gate.weight (an AutoEP preset's router); set it to 1")
+    ids = {id(p) for p in router}
+    # Named: DeepSpeed's MoE grouping keys its expert groups by the group's name.
+    return [{"name": "routers", "params": router, "lr": cfg.train.lr * scale, "lr_scale": scale},
+            {"name": "dense-params", "params": [p for p in params if id(p) not in ids]}]
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

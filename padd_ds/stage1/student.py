@@ -149,7 +149,7 @@ class Stage1:
         main_lrs = [g["lr"] for g in groups]
         if s1.lr is not None:
             for g in groups:
-                g["lr"] = s1.lr
+                g["lr"] = s1.lr * g.get("lr_scale", 1.0)  # train.router_lr_scale's ratio holds in warmup too
         self.engine.train()  # activation checkpointing acts in train mode only
         with routing_trace(self.engine.module, s1.warmup_router, seed=cfg.run.seed) as trace:
             history = self._warmup_steps(trace)
