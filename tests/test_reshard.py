@@ -77,7 +77,8 @@ def test_two_student_ranks_resume_on_one(two_ranks, tmp_path):
     assert f"[resume] continuing from {ckpts / 'step_2'} (step 2), resharded from {TWO} to {ONE}" in out
     _assert_follows(run, two_ranks)
     assert _layout(ckpts / "step_4") == {"students": 1, "ep": 1, "zero_stage": 3, "dtype": "float32", "experts": 8,
-                                         "mode": "distill", "micro_batch_size": 4, "global_batch": 8}
+                                         "mode": "distill", "micro_batch_size": 4, "global_batch": 8,
+                                         "router_lr_scale": 1.0}
     # The conversion stays beside its source, and a next restart reuses it instead of converting again.
     conv = ckpts / UNIVERSAL / "step_2"
     stamp = (conv / MARKER).stat().st_mtime_ns
@@ -101,6 +102,9 @@ def test_one_student_rank_resumes_on_two(two_ranks, tmp_path):
      "train.micro_batch_size=3; set train.micro_batch_size to a divisor of 8"),
     (4, ["deepspeed.expert_parallel_size=3"],
      "3 student ranks x expert-parallel size 3: 8 experts do not divide over expert-parallel size 3"),
+    (3, ["train.router_lr_scale=10"],
+     f"{TWO}: its optimizer was built with train.router_lr_scale=1, this launch's is 10: the routers' own "
+     "optimizer group cannot be added or removed in a resume; set train.router_lr_scale to 1"),
 ])
 def test_impossible_reshape_is_refused_before_loading(two_ranks, tmp_path, world, extra, why):
     """One process of a `world`-process launch: validation refuses before any process group exists."""
@@ -120,7 +124,7 @@ def test_impossible_reshape_is_refused_before_loading(two_ranks, tmp_path, world
 
 def _layout_of(students: int, ep: int, **kw) -> Layout:
     base = dict(students=students, ep=ep, zero_stage=3, dtype="float32", experts=8, mode="distill",
-                micro_batch_size=4, global_batch=8)
+                micro_batch_size=4, global_batch=8, router_lr_scale=1.0)
     return Layout(**{**base, **kw})
 
 
@@ -147,13 +151,53 @@ def test_resume_rules():
              (_layout_of(2, 2, dtype="bfloat16"), "set models.dtype=float32"),
              (_layout_of(6, 4), "6 student ranks do not form expert-parallel groups of 4"),
              (_layout_of(2, 2, mode="padd", global_batch=16), None),  # another loop: no data position to keep
+             (_layout_of(2, 2, router_lr_scale=10.0), "set train.router_lr_scale to 1"),  # a group added
+             (_layout_of(2, 2, router_lr_scale=1.0), None),
              ]
     for new, fix in cases:
         problem = resume_problem(old, new, "ck")
         assert (problem is None) if fix is None else (fix in problem and old.shape() in problem), (new, problem)
     padd = _layout_of(2, 2, mode="padd", global_batch=8)
     assert "set stage3.prompts_per_step=8" in resume_problem(padd, _layout_of(1, 1, mode="padd", global_batch=4), "ck")
+    routers = _layout_of(2, 2, router_lr_scale=10.0)
+    assert resume_problem(routers, _layout_of(2, 2, router_lr_scale=30.0), "ck") is None  # a new rate, same groups
+    assert "set train.router_lr_scale to any value other than 1" in resume_problem(routers, old, "ck")
     assert _layout_of(2, 2, dtype=None).dtype is None and resume_problem(old, _layout_of(1, 1, dtype=None), "ck") is None
+
+
+def test_a_resume_trains_at_the_configs_rates(toy_build):
+    """A checkpoint's optimizer state brings back the rates it was saved with (torch restores
+    param_groups); apply_learning_rates, run after every load, puts the config's back: train.lr
+    for the rest, train.lr x train.router_lr_scale for the routers' group."""
+    import torch
+
+    from padd_ds.engine.build import apply_learning_rates, param_groups
+    from padd_ds.models.files import model_paths
+    from padd_ds.models.loading import load_causal_lm
+    from padd_ds.recipe import load_config
+    from padd_ds.toy.resolve import use_toy_build_for
+
+    def cfg_of(lr: str, scale: str):
+        cfg = load_config(REPO / "recipes" / "toy_cpu.yaml", [f"train.lr={lr}", f"train.router_lr_scale={scale}"])
+        use_toy_build_for(cfg)
+        return cfg
+
+    old, new = cfg_of("1e-4", "10"), cfg_of("2e-5", "30")
+    model = load_causal_lm(model_paths(old)[1], "float32")
+    assert isinstance(param_groups(model, cfg_of("1e-4", "1")), list) and \
+        not isinstance(param_groups(model, cfg_of("1e-4", "1"))[0], dict)  # scale 1: one group, as before
+    groups = param_groups(model, old)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[0]["params"]) == \
+        [f"model.layers.{i}.mlp.gate.weight" for i in range(model.config.num_hidden_layers)]
+    saved = torch.optim.AdamW(groups, lr=1e-4).state_dict()  # DeepSpeed builds it with train.lr as the default
+    opt = torch.optim.AdamW(param_groups(model, new), lr=2e-5)
+    opt.load_state_dict(saved)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-3), 1e-4]  # the checkpoint's
+    engine = type("Engine", (), {"optimizer": opt})()
+    assert sorted(apply_learning_rates(engine, new)) == [(1e-4, 2e-5), (pytest.approx(1e-3), pytest.approx(6e-4))]
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(6e-4), 2e-5]
+    assert apply_learning_rates(engine, new) == []
 
 
 def test_launch_layout_reads_the_recipe_and_the_deepspeed_json():

@@ -22,7 +22,8 @@ COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mo
           "--set", "data.max_response_tokens=24", "--set", "eval.num_problems=4", "--set", "eval.max_new_tokens=8",
           "--set", "logging.wandb_mode=disabled", "--set", "logging.progress=false",
           "--set", "topology.timeout_s=120", "--set", "teacher.request_timeout_s=60",
-          "--set", "stage4.fold_every=3"]  # steps 1-2 build a bias (saved at the split), step 3 folds it
+          "--set", "stage4.fold_every=3",  # steps 1-2 build a bias (saved at the split), step 3 folds it
+          "--set", "train.router_lr_scale=3"]  # the routers' own optimizer group is saved and loaded too
 # Wall-clock rates differ between runs; everything else must be identical.
 TIMING = {"train/tokens_per_s", "train/elapsed_s", "train/generate_fraction", "teacher/wait_fraction", "time"}
 
@@ -44,6 +45,7 @@ def runs(toy_build, tmp_path_factory):
 def test_resumed_run_equals_uninterrupted_run(runs):
     full, split, p = runs
     assert f"[resume] continuing from {split / 'checkpoints' / f'step_{N // 2}'}" in p.stdout
+    assert "[resume] learning rate" not in p.stdout  # the checkpoint's rates are the config's
     a, b = load_file(str(full / "hf" / "model.safetensors")), load_file(str(split / "hf" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

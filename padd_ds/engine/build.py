@@ -51,6 +51,21 @@ def param_groups(model: torch.nn.Module, cfg: PaddConfig) -> list:
             {"name": "dense-params", "params": [p for p in params if id(p) not in ids]}]
 
 
+def apply_learning_rates(engine, cfg: PaddConfig) -> list[tuple[float, float]]:
+    """Set every optimizer group's rate from the config: a checkpoint's load restores the rates it
+    was saved with, and a resume must train at the recipe's (Megatron's
+    --override-opt_param-scheduler). Returns (checkpoint's, config's) of each group that changed."""
+    changed = []
+    for g in engine.optimizer.param_groups:
+        lr = cfg.train.lr * (cfg.train.router_lr_scale if g.get("lr_scale") is not None else 1.0)
+        if g.get("lr_scale") is not None:
+            g["lr_scale"] = cfg.train.router_lr_scale
+        if g["lr"] != lr:
+            changed.append((g["lr"], lr))
+            g["lr"] = lr
+    return changed
+
+
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """HF gradient checkpointing on every decoder layer, non-reentrant: its recompute keeps the
     forward's autograd graph, so the router scores the losses read from outside the layers

@@ -44,6 +44,7 @@ class Layout:
     mode: str                      # train.mode
     micro_batch_size: int          # sequences per rank per micro-step
     global_batch: int              # per optimiser step: problems (distill) or prompts (padd)
+    router_lr_scale: float | None = None  # train.router_lr_scale; None: written before it existed (1)
 
     def shape(self) -> str:
         return f"{_ranks(self.students)} x expert-parallel size {self.ep}"
@@ -51,6 +52,10 @@ class Layout:
     def reshaped(self, other: "Layout") -> bool:
         """Another partitioning of the same state: the checkpoint goes through a universal one."""
         return (self.students, self.ep) != (other.students, other.ep)
+
+    def router_group(self) -> bool:
+        """Whether its optimizer keeps the routers in a group of their own (engine/build.py)."""
+        return (self.router_lr_scale or 1) != 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,7 +81,7 @@ def launch_layout(cfg: PaddConfig, ds: Mapping[str, Any], students: int, experts
     batch = cfg.stage3.prompts_per_step if t.mode == "padd" else students * t.micro_batch_size * t.grad_accum
     return Layout(students, expert_parallel_size(ds, cfg.deepspeed.expert_parallel_size),
                   stage if isinstance(stage, int) else None, _dtype(ds, cfg.models.dtype, on_gpu), experts,
-                  t.mode, t.micro_batch_size, batch)
+                  t.mode, t.micro_batch_size, batch, t.router_lr_scale)
 
 
 def resumed_grad_accum(old: Layout, new: Layout) -> int:
@@ -113,6 +118,11 @@ def _model_problem(old: Layout, new: Layout) -> str | None:
     if None not in (old.dtype, new.dtype) and old.dtype != new.dtype:
         return (f"it was trained in {old.dtype}, this launch in {new.dtype}; set models.dtype={old.dtype} "
                 "(or bf16.enabled in deepspeed.config)")
+    if old.router_group() != new.router_group():
+        fix = "any value other than 1" if old.router_group() else "1"
+        return (f"its optimizer was built with train.router_lr_scale={old.router_lr_scale or 1:g}, this launch's is "
+                f"{new.router_lr_scale or 1:g}: the routers' own optimizer group cannot be added or removed in a "
+                f"resume; set train.router_lr_scale to {fix} (the config's rates then apply)")
     if old.reshaped(new) and new.experts is not None and new.experts % new.ep:
         return (f"{new.experts} experts do not divide over expert-parallel size {new.ep}; set "
                 "deepspeed.expert_parallel_size to a divisor")

@@ -22,7 +22,7 @@ from padd_ds.data.batch import usable_problems
 from padd_ds.data.math import load_train_problems
 from padd_ds.data.splits import split_pool
 from padd_ds.engine import checkpoint as ckpt
-from padd_ds.engine.build import initialize_engine
+from padd_ds.engine.build import apply_learning_rates, initialize_engine
 from padd_ds.eval.heldout import heldout_accuracy
 from padd_ds.launch.device import on_gpu
 from padd_ds.launch.world import World
@@ -142,7 +142,10 @@ def resume_state(ctx: RunContext) -> ResumeState | None:
         return None
     src = ckpt.universal(plan.found) if plan.reshaped else plan.found
     state = ResumeState.from_checkpoint(ckpt.load(ctx.engine, src, ctx.cfg.run.seed))
+    changed = apply_learning_rates(ctx.engine, ctx.cfg)
     if ctx.world.is_main:
         how = f", resharded from {plan.layout.shape()} to {ctx.layout.shape()}" if plan.reshaped else ""
         print(f"[resume] continuing from {plan.found} (step {state.step}){how}", flush=True)
+        for was, now in sorted(set(changed)):
+            print(f"[resume] learning rate {was:g} -> {now:g} (the config's: train.lr, train.router_lr_scale)", flush=True)
     return state
