@@ -249,7 +249,8 @@ def run_arm(args: argparse.Namespace, stage1: dict[int, Future], name: str, seed
         start.append(f"models.student={args.workdir / f'seed{seed}' / 'stage1' / 'hf'}")
     return run_train(name, seed, arm_dir(args, name, seed),
                      [*common_sets(args), "eval.references=false", f"train.steps={args.steps}",
-                      f"eval.every={args.eval_every}",                      f"stage3.updates_per_batch={args.updates_per_batch}", *start, *over], args.reuse)
+                      f"eval.every={args.eval_every}", f"stage3.updates_per_batch={args.updates_per_batch}",
+                      *start, *over], args.reuse)
 
 
 def run_all(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
