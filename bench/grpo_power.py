@@ -35,9 +35,6 @@ import json
 import math
 import re
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,26 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", type=Setting.parse, nargs="+",
                     default=[Setting.parse(s) for s in ("8x4@1e-4/2", "16x8@1e-5/1")])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    reproduce_table.add_run_args(ap, "padd_grpo_power")
     ap.add_argument("--steps", type=int, default=30, help="RL steps per run")
-    ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every K steps too (0: at the end only)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 32 problems, the first setting only")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "padd_grpo_power")
-    ap.add_argument("--reuse", action="store_true", help="keep runs an earlier call with the same --workdir finished")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_problems, args.settings = args.seeds[:1], 3, 32, args.settings[:1]
         args.eval_every = min(args.eval_every, args.steps)
     if args.out is None:
         args.out = QUICK_RESULTS if args.quick else RESULTS
-    prev = args.out / "grpo_power.json"
-    if args.quick and prev.is_file() and not json.loads(prev.read_text())["args"]["quick"]:
-        sys.exit(f"grpo_power: {prev} holds a full run's result; --quick does not replace it")
+    reproduce_table.check_out(args, "grpo_power")
     return args
 
 
@@ -194,12 +184,8 @@ def main() -> None:
     args = parse_args()
     print(f"grpo_power: settings {[str(s) for s in args.settings]}, seeds {args.seeds}, {args.steps} steps, "
           f"{args.eval_problems} problems, {args.jobs} runs at once, in {args.workdir}", flush=True)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futs = {(st, s, c): pool.submit(run_pair, args, st, s, c)
-                for st in args.settings for s in args.seeds for c in (False, True)}
-        results = {k: f.result() for k, f in futs.items()}
-    wall = time.perf_counter() - t0
+    results, wall = reproduce_table.run_pool(args.jobs, {(st, s, c): (run_pair, args, st, s, c) for st in args.settings
+                                                         for s in args.seeds for c in (False, True)})
     rows = [summarize(st, {(s, c): results[(st, s, c)] for s in args.seeds for c in (False, True)}, args.seeds)
             for st in args.settings]
     table = markdown(rows, args, wall)

@@ -171,6 +171,16 @@ def run_train(name: str, seed: int, out: Path, sets: list[str], reuse: bool = Fa
     return r
 
 
+def run_pool(jobs: int, calls: dict) -> tuple[dict, float]:
+    """Run every call (a function and its arguments) of `calls`, `jobs` at once: the results by
+    key, and the wall time."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(jobs) as pool:
+        futs = {k: pool.submit(fn, *a) for k, (fn, *a) in calls.items()}
+        results = {k: f.result() for k, f in futs.items()}
+    return results, time.perf_counter() - t0
+
+
 def t_interval(xs: list[float]) -> tuple[float, float | None]:
     """Mean and half-width of the 95% t-interval (None with one seed)."""
     m = sum(xs) / len(xs)
@@ -182,37 +192,43 @@ def t_interval(xs: list[float]) -> tuple[float, float | None]:
     return m, float(t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
 
 
+def add_run_args(ap: argparse.ArgumentParser, workdir: str) -> None:
+    """The arguments every bench script of runs shares (this one, grpo_power, stage3_routes)."""
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-problems", type=int, default=200)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where the results go (default under {RESULTS.relative_to(REPO)}, with --quick "
+                         f"{QUICK_RESULTS.relative_to(REPO)})")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / workdir,
+                    help="run directories and logs of every run")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the runs an earlier (interrupted) call with the same --workdir finished")
+
+
+def check_out(args: argparse.Namespace, name: str) -> None:
+    """A smoke run never replaces a full result: --quick refuses an --out holding <name>.json of a full run."""
+    prev = args.out / f"{name}.json"
+    if args.quick and prev.is_file() and not json.loads(prev.read_text()).get("args", {}).get("quick", False):
+        sys.exit(f"{name}: {prev} holds a full run's result; --quick does not replace it "
+                 f"(leave --out unset to write to {QUICK_RESULTS})")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_run_args(ap, "padd_reproduce_table")
     ap.add_argument("--steps", type=int, default=60, help="RL (Stages II-IV) steps per arm")
     ap.add_argument("--updates-per-batch", type=int, default=2, help="stage3.updates_per_batch of every arm")
-    ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--stage1-steps", type=int, default=300, help="Stage I warmup steps")
     ap.add_argument("--eval-every", type=int, default=0, help="each arm's held-out accuracy every K RL steps too")
-    ap.add_argument("--jobs", type=int, default=2, help="arms run at once (one core each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 15 RL steps, 60 Stage I steps, 64 problems")
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"where the table goes (default {RESULTS.relative_to(REPO)}, with --quick "
-                         f"{QUICK_RESULTS.relative_to(REPO)})")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "padd_reproduce_table",
-                    help="run directories and logs of every arm")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep the arms an earlier (interrupted) run with the same --workdir finished")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.stage1_steps, args.eval_problems = args.seeds[:1], 15, 60, 64
     if args.out is None:
         args.out = QUICK_RESULTS if args.quick else RESULTS
+    check_out(args, "reproduce_table")
     return args
-
-
-def check_out(args: argparse.Namespace) -> None:
-    """A smoke run never replaces a full result."""
-    prev = args.out / "reproduce_table.json"
-    if args.quick and prev.is_file() and not json.loads(prev.read_text()).get("args", {}).get("quick", False):
-        sys.exit(f"reproduce_table: {prev} holds a full run's result; --quick does not replace it "
-                 f"(leave --out unset to write to {QUICK_RESULTS})")
 
 
 def announce(args: argparse.Namespace) -> None:
@@ -403,7 +419,6 @@ def repro_line(rows: dict[str, dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    check_out(args)
     announce(args)
     t_start = time.perf_counter()
     results = run_all(args)  # Stage I per seed and every arm

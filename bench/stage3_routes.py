@@ -36,13 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_table import QUICK_RESULTS, RESULTS, mean_of, run_train, t_interval  # noqa: E402
+import reproduce_table  # noqa: E402
 
 ARMS = {  # name -> overrides on top of the common ones; the first is the reference
     "GRPO (routers 1x)": ["stage3.policy=grpo", "train.router_lr_scale=1"],
@@ -59,22 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--router-lr-scale", type=float, default=1000.0, help="train.router_lr_scale of the moving arms")
     ap.add_argument("--lr", type=float, default=1e-5, help="train.lr of every arm")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    reproduce_table.add_run_args(ap, "padd_stage3_routes")
     ap.add_argument("--steps", type=int, default=20, help="RL steps per run")
-    ap.add_argument("--eval-problems", type=int, default=200)
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 32 problems")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "padd_stage3_routes")
-    ap.add_argument("--reuse", action="store_true", help="keep runs an earlier call with the same --workdir finished")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_problems = args.seeds[:1], 3, 32
     if args.out is None:
         args.out = QUICK_RESULTS if args.quick else RESULTS / "stage3_routes"
-    prev = args.out / "stage3_routes.json"
-    if args.quick and prev.is_file() and not json.loads(prev.read_text())["args"]["quick"]:
-        sys.exit(f"stage3_routes: {prev} holds a full run's result; --quick does not replace it")
+    reproduce_table.check_out(args, "stage3_routes")
     return args
 
 
@@ -136,11 +127,7 @@ def main() -> None:
     args = parse_args()
     print(f"stage3_routes: routers at {args.router_lr_scale:g}x lr {args.lr:g}, seeds {args.seeds}, {args.steps} "
           f"steps, {args.eval_problems} problems, {args.jobs} runs at once, in {args.workdir}", flush=True)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futs = {(n, s): pool.submit(run_one, args, n, s) for s in args.seeds for n in ARMS}
-        results = {k: f.result() for k, f in futs.items()}
-    wall = time.perf_counter() - t0
+    results, wall = reproduce_table.run_pool(args.jobs, {(n, s): (run_one, args, n, s) for s in args.seeds for n in ARMS})
     base = results[("GRPO", args.seeds[0])]["student_before"]["accuracy"]
     grpo = [results[("GRPO", s)]["student_after"]["accuracy"] for s in args.seeds]
     rows = {n: summarize(n, [results[(n, s)] for s in args.seeds], grpo) for n in ARMS}
