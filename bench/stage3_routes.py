@@ -24,7 +24,7 @@ policy move per update, the clip fraction and rollout accuracy first -> last. Th
 
     ROUTES scale=<s> grpo=<acc> pr_grpo=<acc> pr_grpo_l10=<acc> replay=<acc> grpo_1x=<acc> drift=<grpo's mean drift>
 
-Writes <out>/stage3_routes.{md,json}: bench/results/stage3_routes/ for a full run,
+Writes <out>/stage3_routes.{md,json}: bench/results/stage3_routes_x<scale>/ for a full run,
 bench/results/quick/ with --quick (a smoke run never replaces a full result).
 
 Usage: python bench/stage3_routes.py [--router-lr-scale 1000] [--lr 1e-5] [--seeds 0 1 2] [--steps 20]
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.steps, args.eval_problems = args.seeds[:1], 3, 32
     if args.out is None:
-        args.out = QUICK_RESULTS if args.quick else RESULTS / "stage3_routes"
+        args.out = QUICK_RESULTS if args.quick else RESULTS / f"stage3_routes_x{args.router_lr_scale:g}"
     reproduce_table.check_out(args, "stage3_routes")
     return args
 
