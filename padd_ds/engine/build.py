@@ -57,9 +57,9 @@ def apply_learning_rates(engine, cfg: PaddConfig) -> list[tuple[float, float]]:
     --override-opt_param-scheduler). Returns (checkpoint's, config's) of each group that changed."""
     changed = []
     for g in engine.optimizer.param_groups:
-        lr = cfg.train.lr * (cfg.train.router_lr_scale if g.get("lr_scale") is not None else 1.0)
-        if g.get("lr_scale") is not None:
+        if "lr_scale" in g:  # the routers' group (param_groups)
             g["lr_scale"] = cfg.train.router_lr_scale
+        lr = cfg.train.lr * g.get("lr_scale", 1.0)
         if g["lr"] != lr:
             changed.append((g["lr"], lr))
             g["lr"] = lr
