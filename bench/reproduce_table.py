@@ -176,9 +176,24 @@ def run_pool(jobs: int, calls: dict) -> tuple[dict, float]:
     key, and the wall time."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:
-        futs = {k: pool.submit(fn, *a) for k, (fn, *a) in calls.items()}
-        results = {k: f.result() for k, f in futs.items()}
+        results = collect(pool, {k: pool.submit(fn, *a) for k, (fn, *a) in calls.items()})
     return results, time.perf_counter() - t0
+
+
+def collect(pool: ThreadPoolExecutor, futs: dict) -> dict:
+    """Every future's result by key; the first failure stops every running run and ends the script."""
+    results = {}
+    for key, fut in futs.items():
+        try:
+            results[key] = fut.result()
+        except BaseException as e:  # noqa: BLE001 - stop everything, report the first failure
+            pool.shutdown(wait=False, cancel_futures=True)
+            with _lock:
+                for p in list(_procs):
+                    p.terminate()
+            print(f"FAILED: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    return results
 
 
 def t_interval(xs: list[float]) -> tuple[float, float | None]:
@@ -272,28 +287,13 @@ def run_arm(args: argparse.Namespace, stage1: dict[int, Future], name: str, seed
 def run_all(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
     """(method, seed) -> results.json of every arm and of the shared Stage I runs ("Stage I only").
     The first failure stops every running arm and ends the script."""
-    results: dict[tuple[str, int], dict] = {}
-    failed: list[BaseException] = []
     with ThreadPoolExecutor(args.jobs) as pool:
         stage1 = submit_stage1(pool, args)
         # Arms without Stage I first, so the Stage I runs finish before their arms start.
         names = sorted(ARMS, key=lambda n: ARMS[n][0])
         futs = {(n, s): pool.submit(run_arm, args, stage1, n, s) for n in names for s in args.seeds}
         futs.update({("Stage I only", s): f for s, f in stage1.items()})
-        for key, fut in futs.items():
-            try:
-                results[key] = fut.result()
-            except BaseException as e:  # noqa: BLE001 - stop everything, report the first failure
-                failed.append(e)
-                pool.shutdown(wait=False, cancel_futures=True)
-                with _lock:
-                    for p in list(_procs):
-                        p.terminate()
-                break
-    if failed:
-        print(f"FAILED: {failed[0]}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    return results
+        return collect(pool, futs)
 
 
 def mean_of(vals: list) -> float | None:
