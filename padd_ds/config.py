@@ -290,6 +290,10 @@ class Stage3Config:
     # separates responses in groups where all answers are wrong (those would have no signal).
     reward_correct: float = 1.0
     reward_format: float = 0.1
+    # Partial credit: + reward_steps x the share of the reference solution's equations
+    # (a op b = c) the response states (rl/rewards.step_credit). 0: off, the paper's reward.
+    # A dense reward for a student that rarely gets a whole answer right (docs/results.md).
+    reward_steps: float = 0.0
     # KL to a reference policy: must stay 0 (DAPO, Dr. GRPO for verifiable rewards). No frozen
     # reference copy is built: under ZeRO-3 it would cost a second sharded model and a forward
     # per update, and the teacher's KD term already anchors the policy.
@@ -336,6 +340,7 @@ class Stage3Config:
         positive("stage3.prompts_per_step", self.prompts_per_step)
         positive("stage3.updates_per_batch", self.updates_per_batch)
         non_negative("stage3.reward_format", self.reward_format)
+        non_negative("stage3.reward_steps", self.reward_steps)
 
 
 @dataclass

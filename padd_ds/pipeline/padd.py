@@ -148,7 +148,8 @@ class PaddLoop:
         # The KD term reads the teacher on the response positions only: its head skips the prompts.
         rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths, scored_from=mb.loss_mask.int().argmax(dim=1))
                  for mb in micro_batches(ro.batch, self.cfg.train.micro_batch_size)] if self.use_teacher else [])
-        scored = [reward(r, probs[i // s3.group_size]["answer"], self.policy_cfg) for i, r in enumerate(ro.responses)]
+        scored = [reward(r, probs[i // s3.group_size]["answer"], self.policy_cfg, probs[i // s3.group_size].get("solution"))
+                  for i, r in enumerate(ro.responses)]
         rewards = torch.tensor([x for x, _ in scored]).view(-1, s3.group_size)
         adv, group_stats = group_advantages(rewards)
         adv = adv.reshape(-1)

@@ -1,6 +1,7 @@
 """Verifiable rewards and group-relative advantages (the signal shared by Stages II-IV).
 
     r = reward_correct * [grade(response, reference)] + reward_format * [final-answer marker]
+        + reward_steps * (share of the reference solution's equations the response contains)
 
 Correctness comes from `padd_ds.eval.grading.grade`, the grader evaluation uses too, so
 the reward and the reported accuracy can never disagree. The format term rewards an
@@ -8,6 +9,12 @@ explicit final-answer marker that the grader reads before its last-number fallba
 `#### x`, a non-empty `\\boxed{...}`, or "the answer is x". It is small (see
 `Stage3Config.reward_format`) and exists for groups in which every answer is wrong: without
 it their rewards are all equal and their advantages all zero.
+
+The step term (off by default) is partial credit for the way there: each binary equation
+`a op b = c` of the reference solution (the toy's "5 + 3 = 8.", GSM8K's "<<5+3=8>>") counts
+once if the response states it with the same numbers. A wrong intermediate result loses its
+own credit and that of every later step that builds on it, so the reward grades how far a
+response got instead of 0 for all but the right answers.
 
 A_i = (r_i - mean_g r) / std_g r within each group of G responses to one prompt, with the
 population std (divide by G, not G - 1): the advantages of a group then have mean 0 and
@@ -35,11 +42,42 @@ def has_answer_marker(response: str) -> bool:
     return isinstance(response, str) and _MARKER.search(response) is not None
 
 
-def reward(response: str, reference: str, cfg: Stage3Config) -> tuple[float, dict[str, float]]:
-    """The scalar reward of one response and its parts ({"correct": 0/1, "format": 0/1})."""
+# A binary equation with numeric operands: "5 + 3 = 8", "48/2=24" (inside GSM8K's <<...>>).
+_EQUATION = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*([-+*/x\u00d7\u00f7])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)(?![\d])")
+_OPS = {"x": "*", "\u00d7": "*", "\u00f7": "/"}
+
+
+def equations(text: str) -> list[tuple[float, str, float, float]]:
+    """The binary equations `a op b = c` of `text`, as numbers (op one of + - * /)."""
+    return [(float(a), _OPS.get(op, op), float(b), float(c)) for a, op, b, c in _EQUATION.findall(text or "")]
+
+
+def step_credit(response: str, solution: str | None, correct: float) -> float:
+    """The share of the reference solution's equations that `response` states, each matched at
+    most once. A solution without equations has one step, the answer: credit = `correct`."""
+    ref = equations(solution or "")
+    if not ref:
+        return correct
+    said = equations(response)
+    hits = 0
+    for eq in ref:
+        if eq in said:
+            said.remove(eq)
+            hits += 1
+    return hits / len(ref)
+
+
+def reward(response: str, reference: str, cfg: Stage3Config,
+           solution: str | None = None) -> tuple[float, dict[str, float]]:
+    """The scalar reward of one response and its parts ({"correct": 0/1, "format": 0/1, and with
+    stage3.reward_steps > 0 "steps": the step credit against the reference `solution`})."""
     correct = 1.0 if grade(response, reference) else 0.0
     formatted = 1.0 if has_answer_marker(response) else 0.0
-    return cfg.reward_correct * correct + cfg.reward_format * formatted, {"correct": correct, "format": formatted}
+    r, parts = cfg.reward_correct * correct + cfg.reward_format * formatted, {"correct": correct, "format": formatted}
+    if cfg.reward_steps:
+        parts["steps"] = step_credit(response, solution, correct)
+        r += cfg.reward_steps * parts["steps"]
+    return r, parts
 
 
 def shuffled(advantages: torch.Tensor, seed: int) -> torch.Tensor:
