@@ -8,7 +8,7 @@ import torch
 from padd_ds.config import ConfigError, Stage3Config
 from padd_ds.eval.grading import grade
 from padd_ds.recipe import load_config
-from padd_ds.rl.rewards import group_advantages, has_answer_marker, reward
+from padd_ds.rl.rewards import equations, group_advantages, has_answer_marker, reward, score, step_credit
 from padd_ds.validate import validate
 
 
@@ -84,6 +84,49 @@ def test_bad_reward_shapes_are_refused():
 def test_negative_reward_weights_are_refused_by_validate():
     with pytest.raises(ConfigError, match="stage3.reward_format must be >= 0"):
         validate(load_config(None, ["stage3.reward_format=-0.1"]))
+    with pytest.raises(ConfigError, match="stage3.reward_steps must be >= 0"):
+        validate(load_config(None, ["stage3.reward_steps=-1"]))
+
+
+TOY_SOLUTION = ("Ann has 5 apples. She buys 3 more. 5 + 3 = 8. She gives 2 apples to Ben. 8 - 2 = 6. "
+                "The pile grows 2 times. 6 * 2 = 12. #### 12")
+
+
+def test_equations_read_the_toy_and_gsm8k_forms():
+    assert equations(TOY_SOLUTION) == [(5, "+", 3, 8), (8, "-", 2, 6), (6, "*", 2, 12)]
+    # GSM8K: the <<...>> annotation counts; the "48/2 = " before it has no result of its own
+    gsm = "Natalia sold 48/2 = <<48/2=24>>24 clips in May. 3x4=12, 2 \u00d7 3 = 6, 10.5-2=8.5, 12-15=-3"
+    assert equations(gsm) == [(48, "/", 2, 24), (3, "*", 4, 12), (2, "*", 3, 6), (10.5, "-", 2, 8.5), (12, "-", 15, -3)]
+    assert equations("Ann has 5 apples and 3 pears") == []
+
+
+@pytest.mark.parametrize("response, credit", [
+    ("5 + 3 = 8. 8 - 2 = 6. 6 * 2 = 12. #### 12", 1.0),
+    ("5 + 3 = 8. 8 - 2 = 5. 5 * 2 = 10. #### 10", 1 / 3),     # a wrong step loses every step built on it
+    ("5 + 3 = 9. 9 - 2 = 7. 7 * 2 = 14. #### 14", 0.0),
+    ("5+3=8 then 8 - 2 = 6 and 6 x 2 = 12", 1.0),             # spacing and x for * do not matter
+    ("5 + 3 = 8. 5 + 3 = 8. 5 + 3 = 8. #### 8", 1 / 3),       # a repeated step counts once
+    ("#### 12", 0.0),                                          # the answer alone is not the way there
+])
+def test_step_credit_is_the_share_of_reference_equations_stated(response, credit):
+    assert step_credit(response, TOY_SOLUTION, correct=0.0) == pytest.approx(credit)
+
+
+def test_step_credit_without_reference_equations_is_correctness():
+    assert step_credit("#### 7", "The answer is 7.", correct=1.0) == 1.0
+    assert step_credit("#### 8", None, correct=0.0) == 0.0
+
+
+def test_reward_steps_adds_partial_credit_and_keeps_right_answers_on_top():
+    cfg = Stage3Config(reward_steps=1.0)
+    right, parts = reward("5 + 3 = 8. 8 - 2 = 6. 6 * 2 = 12. #### 12", "12", cfg, TOY_SOLUTION)
+    assert parts == {"correct": 1.0, "format": 1.0, "steps": 1.0} and right == pytest.approx(2.1)
+    partial, parts = reward("5 + 3 = 8. 8 - 2 = 6. 6 * 2 = 11. #### 11", "12", cfg, TOY_SOLUTION)
+    assert parts["steps"] == pytest.approx(2 / 3) and partial == pytest.approx(0.1 + 2 / 3)
+    nothing, _ = reward("5 + 3 = 9. #### 9", "12", cfg, TOY_SOLUTION)
+    assert right > partial > nothing == pytest.approx(0.1)
+    # off (the default): the reward and its parts are exactly the paper's
+    assert reward("5 + 3 = 8. #### 12", "12", Stage3Config(), TOY_SOLUTION) == (1.1, {"correct": 1.0, "format": 1.0})
 
 
 def test_shuffled_advantages_are_a_seeded_permutation():
@@ -94,3 +137,16 @@ def test_shuffled_advantages_are_a_seeded_permutation():
     a, b, c = shuffled(adv, 7), shuffled(adv, 7), shuffled(adv, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a.sort().values, adv) and not torch.equal(a, adv)
+
+
+def test_score_grades_each_group_against_its_own_problem_and_solution():
+    """The rollout batch's rewards: response i answers problem i // G, with that problem's
+    reference solution for the step credit (a problem without one: credit = correctness)."""
+    problems = [{"answer": "12", "solution": TOY_SOLUTION}, {"answer": "7"}]
+    responses = ["5 + 3 = 8. 8 - 2 = 6. 6 * 2 = 11. #### 11", "#### 12",   # problem 0: no step stated
+                 "#### 7", "3 + 4 = 8. #### 8"]                            # problem 1
+    rewards, parts = score(responses, problems, 2, Stage3Config(reward_steps=1.0))
+    torch.testing.assert_close(rewards, torch.tensor([[0.1 + 2 / 3, 1.1], [2.1, 0.1]]))
+    assert [d["correct"] for d in parts] == [0.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="stage3.group_size"):
+        score(responses, problems, 4, Stage3Config())

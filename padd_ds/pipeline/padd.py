@@ -37,7 +37,7 @@ from padd_ds.models.router import router_weights, routers, set_bias
 from padd_ds.pipeline.records import LoopResult, ResumeState, RunContext
 from padd_ds.pipeline.summary import progress_bar
 from padd_ds.rl.balance import BiasController, fold_bias_into_routers
-from padd_ds.rl.rewards import group_advantages, reward, shuffled
+from padd_ds.rl.rewards import group_advantages, score, shuffled
 from padd_ds.rl.rollout import RolloutBatch, RolloutSampling, rollout_policy, sample_rollouts
 from padd_ds.rl.step import StepResult, policy_config, update_on_rollouts
 from padd_ds.rl.vllm_policy import VllmPolicy, engine_spec
@@ -148,14 +148,12 @@ class PaddLoop:
         # The KD term reads the teacher on the response positions only: its head skips the prompts.
         rids = ([self.ctx.teacher.submit(step, mb.ids, mb.lengths, scored_from=mb.loss_mask.int().argmax(dim=1))
                  for mb in micro_batches(ro.batch, self.cfg.train.micro_batch_size)] if self.use_teacher else [])
-        scored = [reward(r, probs[i // s3.group_size]["answer"], self.policy_cfg, probs[i // s3.group_size].get("solution"))
-                  for i, r in enumerate(ro.responses)]
-        rewards = torch.tensor([x for x, _ in scored]).view(-1, s3.group_size)
+        rewards, parts = score(ro.responses, probs, s3.group_size, self.policy_cfg)
         adv, group_stats = group_advantages(rewards)
         adv = adv.reshape(-1)
         if s3.shuffle_advantages:  # the control arm: the same step sizes, no reward information
             adv = shuffled(adv, (self.cfg.run.seed * 1_000_003 + step) * 4099 + self.ctx.rank)
-        return RolloutBatch(ro, rewards, adv, sum(d["correct"] for _, d in scored), group_stats, rids, seconds)
+        return RolloutBatch(ro, rewards, adv, sum(d["correct"] for d in parts), group_stats, rids, seconds)
 
     def teacher_logits(self, rb: RolloutBatch):
         """A callable i -> the teacher's answer for micro-batch i (Stage II), fetched after its forward."""

@@ -80,6 +80,17 @@ def reward(response: str, reference: str, cfg: Stage3Config,
     return r, parts
 
 
+def score(responses: list[str], problems: list[dict], group_size: int,
+          cfg: Stage3Config) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Rewards [len(problems), group_size] of a rollout batch (response i answers problem
+    i // group_size: each problem's group in turn) and each response's parts."""
+    if len(responses) != len(problems) * group_size:
+        raise ValueError(f"{len(responses)} responses for {len(problems)} problems x {group_size} (stage3.group_size)")
+    scored = [reward(r, problems[i // group_size]["answer"], cfg, problems[i // group_size].get("solution"))
+              for i, r in enumerate(responses)]
+    return torch.tensor([x for x, _ in scored]).view(-1, group_size), [d for _, d in scored]
+
+
 def shuffled(advantages: torch.Tensor, seed: int) -> torch.Tensor:
     """`advantages` [n] permuted by a seeded draw: the control arm's (stage3.shuffle_advantages)."""
     return advantages[torch.randperm(advantages.numel(), generator=torch.Generator().manual_seed(seed))]
