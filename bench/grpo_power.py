@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_table import QUICK_RESULTS, RESULTS, t_interval  # noqa: E402
+from reproduce_table import RESULTS, t_interval  # noqa: E402
 import reproduce_table  # noqa: E402
 
 _SETTING = re.compile(r"^(\d+)x(\d+)@([0-9.eE+-]+)/(\d+)$")
@@ -84,9 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.steps, args.eval_problems, args.settings = args.seeds[:1], 3, 32, args.settings[:1]
         args.eval_every = min(args.eval_every, args.steps)
-    if args.out is None:
-        args.out = QUICK_RESULTS if args.quick else RESULTS
-    reproduce_table.check_out(args, "grpo_power")
+    reproduce_table.settle_out(args, "grpo_power", RESULTS)
     return args
 
 

@@ -219,14 +219,34 @@ def add_run_args(ap: argparse.ArgumentParser, workdir: str) -> None:
                     help="run directories and logs of every run")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the runs an earlier (interrupted) call with the same --workdir finished")
+    ap.add_argument("--toy-profile", choices=["demo", "guess"], default="demo",
+                    help="the toy build every run uses (guess: a student that answers half its problems without "
+                         "working; build it first with `padd toy build --profile guess`)")
+
+
+def settle_out(args: argparse.Namespace, name: str, full_dir: Path) -> None:
+    """--out's default (`full_dir`, with --quick QUICK_RESULTS; a folder of its own there for
+    another toy profile), the guard below, and every run pointed at the --toy-profile build."""
+    if args.out is None:
+        base = QUICK_RESULTS if args.quick else full_dir
+        args.out = base if args.toy_profile == "demo" else base / f"toy_{args.toy_profile}"
+    check_out(args, name)
+    os.environ["PADD_TOY_PROFILE"] = args.toy_profile  # the runs inherit it (toy/resolve.py)
 
 
 def check_out(args: argparse.Namespace, name: str) -> None:
-    """A smoke run never replaces a full result: --quick refuses an --out holding <name>.json of a full run."""
+    """A smoke run never replaces a full result (--quick refuses an --out holding <name>.json of a
+    full run), nor a run on one toy build a result on another."""
     prev = args.out / f"{name}.json"
-    if args.quick and prev.is_file() and not json.loads(prev.read_text()).get("args", {}).get("quick", False):
+    if not prev.is_file():
+        return
+    before = json.loads(prev.read_text()).get("args", {})
+    if args.quick and not before.get("quick", False):
         sys.exit(f"{name}: {prev} holds a full run's result; --quick does not replace it "
                  f"(leave --out unset to write to {QUICK_RESULTS})")
+    if before.get("toy_profile", "demo") != args.toy_profile:
+        sys.exit(f"{name}: {prev} holds a result on the {before.get('toy_profile', 'demo')} toy build; a run on "
+                 f"the {args.toy_profile} build does not replace it (leave --out unset or pick another)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -240,9 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.stage1_steps, args.eval_problems = args.seeds[:1], 15, 60, 64
-    if args.out is None:
-        args.out = QUICK_RESULTS if args.quick else RESULTS
-    check_out(args, "reproduce_table")
+    settle_out(args, "reproduce_table", RESULTS)
     return args
 
 

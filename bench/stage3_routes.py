@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_table import QUICK_RESULTS, RESULTS, mean_of, run_train, t_interval  # noqa: E402
+from reproduce_table import RESULTS, mean_of, run_train, t_interval  # noqa: E402
 import reproduce_table  # noqa: E402
 
 ARMS = {  # name -> overrides on top of the common ones; the first is the reference
@@ -63,9 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_problems = args.seeds[:1], 3, 32
-    if args.out is None:
-        args.out = QUICK_RESULTS if args.quick else RESULTS / f"stage3_routes_x{args.router_lr_scale:g}"
-    reproduce_table.check_out(args, "stage3_routes")
+    reproduce_table.settle_out(args, "stage3_routes", RESULTS / f"stage3_routes_x{args.router_lr_scale:g}")
     return args
 
 

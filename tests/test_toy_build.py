@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from padd_ds.data.toy import generate
 from padd_ds.data.prompt import format_example
-from padd_ds.toy.build import ToyBuildConfig, build_toy, count_params
+from padd_ds.toy.build import ToyBuildConfig, build_toy, count_params, with_guesses
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,27 @@ def test_bad_profile_raises(tmp_path):
         build_toy("huge", cache_dir=tmp_path)
     with pytest.raises(ValueError):
         ToyBuildConfig(profile="test", student_num_experts=4)
+
+
+def test_guess_profile_changes_only_the_students_data():
+    """The "guess" build is the demo build with half the student's solutions replaced by the
+    answer alone; the demo and test builds keep the cache keys their results were measured on."""
+    demo, guess = ToyBuildConfig.for_profile("demo"), ToyBuildConfig.for_profile("guess")
+    assert {k: v for k, v in vars(guess).items() if getattr(demo, k) != v} == {"profile": "guess",
+                                                                              "student_guess_fraction": 0.5}
+    assert demo.cache_key() == "87b4972444" and ToyBuildConfig.for_profile("test").cache_key() == "6d8b8dcd1b"
+    assert guess.cache_key() not in (demo.cache_key(), ToyBuildConfig(student_guess_fraction=0.25).cache_key())
+    with pytest.raises(ValueError, match="student_guess_fraction"):
+        ToyBuildConfig(student_guess_fraction=1.0)
+
+
+def test_with_guesses_answers_a_seeded_share_without_working():
+    problems = generate(2000, seed=3)
+    assert with_guesses(problems, 0.0, seed=0) is problems
+    mixed = with_guesses(problems, 0.5, seed=0)
+    assert mixed == with_guesses(problems, 0.5, seed=0) and mixed != with_guesses(problems, 0.5, seed=1)
+    guessed = [m for m, p in zip(mixed, problems) if m != p]
+    assert 900 < len(guessed) < 1100
+    for m, p in zip(mixed, problems):
+        assert (m.question, m.answer, m.level) == (p.question, p.answer, p.level)
+        assert m.solution in (p.solution, f"#### {p.answer}")

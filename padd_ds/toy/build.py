@@ -21,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the build recipe changes in a way the config does not capture.
 BUILD_VERSION = "1"
-PROFILES = ("demo", "test")
+PROFILES = ("demo", "test", "guess")
 _COMPLETE_MARKER = "BUILD_COMPLETE"
 
 
@@ -75,6 +75,10 @@ class ToyBuildConfig:
     student_top_k: int = 2
     student_steps: int = 700  # stops mid-way through learning: clearly weaker, not useless
     student_lr: float = 3e-3
+    # Share of the student's training examples whose solution is the answer alone ("#### 18"):
+    # a student that sometimes guesses instead of working the problem out, a choice RL can
+    # learn across problems (the "guess" profile; docs/results.md, power round 7). 0: none.
+    student_guess_fraction: float = 0.0
     # Shared optimisation / evaluation settings.
     batch_size: int = 32
     warmup_steps: int = 50
@@ -88,6 +92,8 @@ class ToyBuildConfig:
         for name in ("n_train", "n_heldout", "teacher_steps", "student_steps", "batch_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.student_guess_fraction < 1:
+            raise ValueError(f"student_guess_fraction must be in [0, 1), got {self.student_guess_fraction}")
         if self.student_num_experts != 8 or self.student_top_k != 2:
             raise ValueError("the toy student is fixed at 8 experts, top-2 (the shape the pipeline targets)")
         for who in ("teacher", "student"):
@@ -98,6 +104,8 @@ class ToyBuildConfig:
     def for_profile(cls, profile: str) -> "ToyBuildConfig":
         if profile == "demo":
             return cls()
+        if profile == "guess":
+            return cls(profile="guess", student_guess_fraction=0.5)
         if profile == "test":
             return cls(
                 profile="test",
@@ -118,7 +126,10 @@ class ToyBuildConfig:
 
     def cache_key(self) -> str:
         """Short hash of the config and BUILD_VERSION: a changed recipe never reuses a stale cache."""
-        blob = json.dumps({"config": asdict(self), "build_version": BUILD_VERSION}, sort_keys=True)
+        config = asdict(self)
+        if not self.student_guess_fraction:  # added later: the builds without it keep their keys
+            del config["student_guess_fraction"]
+        blob = json.dumps({"config": config, "build_version": BUILD_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -265,6 +276,14 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> Any:
         raise RuntimeError(f"converted tokenizer has {len(tok)} tokens, expected {vocab_size}")
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+def with_guesses(problems: list[ToyProblem], fraction: float, seed: int) -> list[ToyProblem]:
+    """`problems` with a seeded `fraction` of them answered without working: solution "#### x"."""
+    if not fraction:
+        return problems
+    rng = random.Random(seed + 7)
+    return [replace(p, solution=f"#### {p.answer}") if rng.random() < fraction else p for p in problems]
 
 
 def encode_examples(tokenizer, problems: list[ToyProblem], max_seq_len: int) -> list[tuple[list[int], int]]:
@@ -489,20 +508,23 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
     tokenizer = train_tokenizer(tokenizer_corpus(train, cfg.tokenizer_use_gsm8k), root / "tokenizer", cfg.vocab_size)
     console.log(f"tokenizer: {len(tokenizer)} tokens in {time.time() - t:.1f}s")
     examples = encode_examples(tokenizer, train, cfg.max_seq_len)
+    student_examples = encode_examples(tokenizer, with_guesses(train, cfg.student_guess_fraction, cfg.seed),
+                                       cfg.max_seq_len)
     heldout_rows = [{"question": p.question, "answer": p.answer, "level": p.level} for p in heldout]
     metrics: dict[str, Any] = {"profile": cfg.profile, "cache_key": cfg.cache_key(), "config": asdict(cfg)}
 
     specs = (
-        ("teacher", Qwen3ForCausalLM, teacher_config(cfg, tokenizer), cfg.teacher_steps, cfg.teacher_lr),
-        ("student", Qwen3MoeForCausalLM, student_config(cfg, tokenizer), cfg.student_steps, cfg.student_lr),
+        ("teacher", Qwen3ForCausalLM, teacher_config(cfg, tokenizer), cfg.teacher_steps, cfg.teacher_lr, examples),
+        ("student", Qwen3MoeForCausalLM, student_config(cfg, tokenizer), cfg.student_steps, cfg.student_lr,
+         student_examples),
     )
-    for who, cls, model_cfg, steps, lr in specs:
+    for who, cls, model_cfg, steps, lr, data in specs:
         t = time.time()
         torch.manual_seed(cfg.seed + (0 if who == "teacher" else 1))
         model = cls(model_cfg)
         how = LMTraining(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=cfg.warmup_steps,
                          weight_decay=cfg.weight_decay, seed=cfg.seed)
-        losses = train_lm(model, examples, how, pad_id=tokenizer.pad_token_id, desc=who, console=console)
+        losses = train_lm(model, data, how, pad_id=tokenizer.pad_token_id, desc=who, console=console)
         train_s = time.time() - t
         t = time.time()
         result = evaluate_problems(model, tokenizer, heldout_rows, Decoding(cfg.max_new_tokens, cfg.eval_batch_size))
