@@ -155,7 +155,7 @@ def _pm(mean_half: tuple[float, float | None]) -> str:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
-    lines = [f"GRPO against its shuffled-advantage control, from the base student (toy://student): seeds "
+    lines = [f"GRPO against its shuffled-advantage control, from the base student (toy://student, {args.toy_profile} build): seeds "
              f"{args.seeds}, {args.steps} RL steps, {args.eval_problems} held-out problems (greedy pass@1), "
              f"95% t-intervals over seeds (differences paired by seed); wall time {wall / 60:.1f} min with "
              f"{args.jobs} runs at once." + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else ""), "",

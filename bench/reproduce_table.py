@@ -365,7 +365,7 @@ def aggregate(results: dict[tuple[str, int], dict], seeds: list[int]) -> dict[st
 def markdown_table(rows: dict[str, dict], args: argparse.Namespace, wall: float) -> str:
     fmt = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
     lines = [f"seeds {args.seeds} ({len(args.seeds)}), {args.steps} RL steps per arm (8 prompts x G=4 rollouts, "
-             f"{args.updates_per_batch} updates per batch), Stage I warmup {args.stage1_steps} steps, {args.eval_problems} held-out toy problems, greedy pass@1; "
+             f"{args.updates_per_batch} updates per batch), Stage I warmup {args.stage1_steps} steps, {args.eval_problems} held-out problems of the {args.toy_profile} toy build, greedy pass@1; "
              f"teacher and base student evaluated once (greedy, seed-independent); drift / load CV / clip "
              f"fraction / tokens/s from the last logged training window and rollout accuracy from the first "
              f"and last, mean over seeds; "
@@ -408,7 +408,7 @@ def plot_accuracies(rows: dict[str, dict], args: argparse.Namespace, path: Path)
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_ylim(0, 1)
     ci = "95% t-intervals" if len(args.seeds) > 1 else "1 seed, no interval"
-    ax.set_title(f"toy build: {len(args.seeds)} seed(s), {args.steps} RL steps, {ci}", fontsize=10)
+    ax.set_title(f"{args.toy_profile} toy build: {len(args.seeds)} seed(s), {args.steps} RL steps, {ci}", fontsize=10)
     ax.axhline(rows["base student"]["accuracy_mean"], color="0.5", lw=0.8, ls="--")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

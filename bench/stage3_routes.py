@@ -100,7 +100,7 @@ def _pm(mean_half: tuple[float, float | None], sign: str = "") -> str:
 
 
 def markdown(rows: dict[str, dict], base: float, args: argparse.Namespace, wall: float) -> str:
-    lines = [f"Stage III with moving routes, from the base student (toy://student, held-out {base:.3f}): 8 prompts x "
+    lines = [f"Stage III with moving routes, from the base student (toy://student, {args.toy_profile} build, held-out {base:.3f}): 8 prompts x "
              f"G=4, lr {args.lr:g}, routers at {args.router_lr_scale:g}x (train.router_lr_scale) except the first "
              f"row, 2 updates per rollout batch, {args.steps} steps, Stages I, II, IV off; seeds {args.seeds}, "
              f"{args.eval_problems} held-out problems (greedy pass@1), 95% t-intervals over seeds, differences "
