@@ -25,7 +25,7 @@ Writes <out>/grpo_power.{md,json} (bench/results/ for a full run, bench/results/
 
 Usage: python bench/grpo_power.py [--settings 8x4@1e-4/2 16x8@1e-5/1] [--seeds 0 1 2]
                                   [--steps 30] [--eval-problems 200] [--eval-every 0] [--jobs 2] [--quick]
-                                  [--set KEY=VALUE ...]   (more overrides for every run, e.g. rollout.temperature=1.0)
+                                  [--set KEY=VALUE ...] [--toy-profile demo|guess]
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     reproduce_table.add_run_args(ap, "padd_grpo_power")
     ap.add_argument("--steps", type=int, default=30, help="RL steps per run")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every K steps too (0: at the end only)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for every run (repeatable)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 32 problems, the first setting only")
     args = ap.parse_args(argv)
     if args.quick:

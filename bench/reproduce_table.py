@@ -45,6 +45,7 @@ Usage: python bench/reproduce_table.py [--seeds 0 1 2] [--steps 60] [--updates-p
                                        [--eval-problems 200] [--stage1-steps 300] [--jobs 2] [--quick]
                                        [--eval-every 0]
                                        [--out bench/results] [--workdir DIR] [--reuse]
+                                       [--set KEY=VALUE ...] [--toy-profile demo|guess]
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def add_run_args(ap: argparse.ArgumentParser, workdir: str) -> None:
                     help="run directories and logs of every run")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the runs an earlier (interrupted) call with the same --workdir finished")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, after the script's own (repeatable)")
     ap.add_argument("--toy-profile", choices=["demo", "guess"], default="demo",
                     help="the toy build every run uses (guess: a student that answers half its problems without "
                          "working; build it first with `padd toy build --profile guess`)")
@@ -281,7 +284,7 @@ def submit_stage1(pool: ThreadPoolExecutor, args: argparse.Namespace) -> dict[in
     return {s: pool.submit(run_train, "Stage I", s, args.workdir / f"seed{s}" / "stage1",
                            [*common_sets(args), f"eval.references={str(s == args.seeds[0]).lower()}",
                             "stage1.enabled=true", f"stage1.warmup_steps={args.stage1_steps}",
-                            "train.steps=1", "train.lr=1e-12", "stage4.enabled=false"], args.reuse)
+                            "train.steps=1", "train.lr=1e-12", "stage4.enabled=false", *args.overrides], args.reuse)
             for s in args.seeds}
 
 
@@ -299,7 +302,7 @@ def run_arm(args: argparse.Namespace, stage1: dict[int, Future], name: str, seed
     return run_train(name, seed, arm_dir(args, name, seed),
                      [*common_sets(args), "eval.references=false", f"train.steps={args.steps}",
                       f"eval.every={args.eval_every}", f"stage3.updates_per_batch={args.updates_per_batch}",
-                      *start, *over], args.reuse)
+                      *start, *over, *args.overrides], args.reuse)
 
 
 def run_all(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
@@ -369,7 +372,8 @@ def markdown_table(rows: dict[str, dict], args: argparse.Namespace, wall: float)
              f"teacher and base student evaluated once (greedy, seed-independent); drift / load CV / clip "
              f"fraction / tokens/s from the last logged training window and rollout accuracy from the first "
              f"and last, mean over seeds; "
-             f"wall time {wall / 60:.1f} min with {args.jobs} arms at once.", "",
+             f"wall time {wall / 60:.1f} min with {args.jobs} arms at once."
+             + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else ""), "",
              "| method | accuracy | 95% interval (t, over seeds) | per seed | router drift | load CV | clip frac "
              "| policy move | rollout acc first -> last | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -29,6 +29,7 @@ bench/results/quick/ with --quick (a smoke run never replaces a full result).
 
 Usage: python bench/stage3_routes.py [--router-lr-scale 1000] [--lr 1e-5] [--seeds 0 1 2] [--steps 20]
                                      [--eval-problems 200] [--jobs 2] [--quick] [--workdir DIR] [--reuse]
+                                     [--set KEY=VALUE ...] [--toy-profile demo|guess]
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int) -> dict:
     sets = ["stage1.enabled=false", "stage2.enabled=false", "stage4.enabled=false", f"train.lr={args.lr:g}",
             f"train.router_lr_scale={args.router_lr_scale:g}", "stage3.updates_per_batch=2",
             f"train.steps={args.steps}", "train.log_every=1", f"eval.num_problems={args.eval_problems}",
-            f"eval.references={str(first).lower()}", *ARMS[name]]
+            f"eval.references={str(first).lower()}", *ARMS[name], *args.overrides]
     return run_train(name, seed, out, sets, args.reuse)
 
 
@@ -105,7 +106,7 @@ def markdown(rows: dict[str, dict], base: float, args: argparse.Namespace, wall:
              f"row, 2 updates per rollout batch, {args.steps} steps, Stages I, II, IV off; seeds {args.seeds}, "
              f"{args.eval_problems} held-out problems (greedy pass@1), 95% t-intervals over seeds, differences "
              f"paired by seed; drift and policy move: means over steps and seeds; wall time {wall / 60:.1f} min "
-             f"with {args.jobs} runs at once.", "",
+             f"with {args.jobs} runs at once." + (f" Overrides: {' '.join(args.overrides)}." if args.overrides else ""), "",
              "| arm | accuracy | per seed | - GRPO | router drift (mean / p95) | load CV last (max) | policy move "
              "| clip frac | rollout acc first -> last |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
