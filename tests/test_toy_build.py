@@ -106,9 +106,9 @@ def test_guess_profile_changes_only_the_students_data():
     answer alone; the demo and test builds keep the cache keys their results were measured on."""
     demo, guess = ToyBuildConfig.for_profile("demo"), ToyBuildConfig.for_profile("guess")
     assert {k: v for k, v in vars(guess).items() if getattr(demo, k) != v} == {"profile": "guess",
-                                                                              "student_guess_fraction": 0.5}
+                                                                              "student_guess_fraction": 0.25}
     assert demo.cache_key() == "87b4972444" and ToyBuildConfig.for_profile("test").cache_key() == "6d8b8dcd1b"
-    assert guess.cache_key() not in (demo.cache_key(), ToyBuildConfig(student_guess_fraction=0.25).cache_key())
+    assert guess.cache_key() not in (demo.cache_key(), ToyBuildConfig(profile="guess", student_guess_fraction=0.5).cache_key())
     with pytest.raises(ValueError, match="student_guess_fraction"):
         ToyBuildConfig(student_guess_fraction=1.0)
 

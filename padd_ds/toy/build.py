@@ -105,7 +105,7 @@ class ToyBuildConfig:
         if profile == "demo":
             return cls()
         if profile == "guess":
-            return cls(profile="guess", student_guess_fraction=0.5)
+            return cls(profile="guess", student_guess_fraction=0.25)
         if profile == "test":
             return cls(
                 profile="test",
