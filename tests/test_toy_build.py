@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from padd_ds.data.toy import generate
 from padd_ds.data.prompt import format_example
-from padd_ds.toy.build import ToyBuildConfig, build_toy, count_params, with_guesses
+from padd_ds.toy.build import ToyBuildConfig, build_toy, count_params, student_phases, with_guesses
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +105,15 @@ def test_guess_profile_changes_only_the_students_data():
     """The "guess" build is the demo build with half the student's solutions replaced by the
     answer alone; the demo and test builds keep the cache keys their results were measured on."""
     demo, guess = ToyBuildConfig.for_profile("demo"), ToyBuildConfig.for_profile("guess")
-    assert {k: v for k, v in vars(guess).items() if getattr(demo, k) != v} == {"profile": "guess",
-                                                                              "student_guess_fraction": 0.25}
+    assert {k: v for k, v in vars(guess).items() if getattr(demo, k) != v} == {
+        "profile": "guess", "student_guess_fraction": 0.5, "student_guess_steps": 100}
     assert demo.cache_key() == "87b4972444" and ToyBuildConfig.for_profile("test").cache_key() == "6d8b8dcd1b"
     assert guess.cache_key() not in (demo.cache_key(), ToyBuildConfig(profile="guess", student_guess_fraction=0.5).cache_key())
+    assert guess.cache_key() != ToyBuildConfig(profile="guess", student_guess_fraction=0.5).cache_key()
     with pytest.raises(ValueError, match="student_guess_fraction"):
         ToyBuildConfig(student_guess_fraction=1.0)
+    with pytest.raises(ValueError, match="student_guess_steps"):
+        ToyBuildConfig(student_guess_steps=100)  # steps on a mix without guesses
 
 
 def test_with_guesses_answers_a_seeded_share_without_working():
@@ -123,3 +126,12 @@ def test_with_guesses_answers_a_seeded_share_without_working():
     for m, p in zip(mixed, problems):
         assert (m.question, m.answer, m.level) == (p.question, p.answer, p.level)
         assert m.solution in (p.solution, f"#### {p.answer}")
+
+
+def test_guess_student_learns_worked_solutions_first_then_the_mix():
+    worked, mixed = ["worked"], ["mixed"]
+    demo, guess = ToyBuildConfig.for_profile("demo"), ToyBuildConfig.for_profile("guess")
+    assert student_phases(demo, worked, mixed) == [(mixed, 700, 3e-3, 50)]  # mixed is worked there (no guesses)
+    assert student_phases(guess, worked, mixed) == [(worked, 700, 3e-3, 50), (mixed, 100, pytest.approx(3e-4), 10)]
+    from_start = ToyBuildConfig(profile="guess", student_guess_fraction=0.25)
+    assert student_phases(from_start, worked, mixed) == [(mixed, 700, 3e-3, 50)]

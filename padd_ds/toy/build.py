@@ -79,6 +79,9 @@ class ToyBuildConfig:
     # a student that sometimes guesses instead of working the problem out, a choice RL can
     # learn across problems (the "guess" profile; docs/results.md, power round 7). 0: none.
     student_guess_fraction: float = 0.0
+    # 0: the mix from the first step. N: the student_steps on worked solutions alone, then N
+    # steps on the mix at a tenth of student_lr (its worked answers stay as good as the demo's).
+    student_guess_steps: int = 0
     # Shared optimisation / evaluation settings.
     batch_size: int = 32
     warmup_steps: int = 50
@@ -94,6 +97,9 @@ class ToyBuildConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.student_guess_fraction < 1:
             raise ValueError(f"student_guess_fraction must be in [0, 1), got {self.student_guess_fraction}")
+        if self.student_guess_steps < 0 or (self.student_guess_steps and not self.student_guess_fraction):
+            raise ValueError(f"student_guess_steps must be >= 0 and needs student_guess_fraction > 0, got "
+                             f"{self.student_guess_steps} with {self.student_guess_fraction}")
         if self.student_num_experts != 8 or self.student_top_k != 2:
             raise ValueError("the toy student is fixed at 8 experts, top-2 (the shape the pipeline targets)")
         for who in ("teacher", "student"):
@@ -105,7 +111,7 @@ class ToyBuildConfig:
         if profile == "demo":
             return cls()
         if profile == "guess":
-            return cls(profile="guess", student_guess_fraction=0.25)
+            return cls(profile="guess", student_guess_fraction=0.5, student_guess_steps=100)
         if profile == "test":
             return cls(
                 profile="test",
@@ -127,8 +133,9 @@ class ToyBuildConfig:
     def cache_key(self) -> str:
         """Short hash of the config and BUILD_VERSION: a changed recipe never reuses a stale cache."""
         config = asdict(self)
-        if not self.student_guess_fraction:  # added later: the builds without it keep their keys
-            del config["student_guess_fraction"]
+        for added in ("student_guess_fraction", "student_guess_steps"):  # the builds without them keep their keys
+            if not config[added]:
+                del config[added]
         blob = json.dumps({"config": config, "build_version": BUILD_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -284,6 +291,15 @@ def with_guesses(problems: list[ToyProblem], fraction: float, seed: int) -> list
         return problems
     rng = random.Random(seed + 7)
     return [replace(p, solution=f"#### {p.answer}") if rng.random() < fraction else p for p in problems]
+
+
+def student_phases(cfg: ToyBuildConfig, worked: list, mixed: list) -> list[tuple[list, int, float, int]]:
+    """The student's training phases, each (examples, steps, peak lr, warmup steps): the mix with
+    guesses from the start, or (student_guess_steps) after the worked solutions alone."""
+    if not cfg.student_guess_steps:
+        return [(mixed, cfg.student_steps, cfg.student_lr, cfg.warmup_steps)]
+    return [(worked, cfg.student_steps, cfg.student_lr, cfg.warmup_steps),
+            (mixed, cfg.student_guess_steps, cfg.student_lr / 10, cfg.warmup_steps // 5)]
 
 
 def encode_examples(tokenizer, problems: list[ToyProblem], max_seq_len: int) -> list[tuple[list[int], int]]:
@@ -514,17 +530,19 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
     metrics: dict[str, Any] = {"profile": cfg.profile, "cache_key": cfg.cache_key(), "config": asdict(cfg)}
 
     specs = (
-        ("teacher", Qwen3ForCausalLM, teacher_config(cfg, tokenizer), cfg.teacher_steps, cfg.teacher_lr, examples),
-        ("student", Qwen3MoeForCausalLM, student_config(cfg, tokenizer), cfg.student_steps, cfg.student_lr,
-         student_examples),
+        ("teacher", Qwen3ForCausalLM, teacher_config(cfg, tokenizer),
+         [(examples, cfg.teacher_steps, cfg.teacher_lr, cfg.warmup_steps)]),
+        ("student", Qwen3MoeForCausalLM, student_config(cfg, tokenizer), student_phases(cfg, examples, student_examples)),
     )
-    for who, cls, model_cfg, steps, lr, data in specs:
+    for who, cls, model_cfg, phases in specs:
         t = time.time()
         torch.manual_seed(cfg.seed + (0 if who == "teacher" else 1))
         model = cls(model_cfg)
-        how = LMTraining(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=cfg.warmup_steps,
-                         weight_decay=cfg.weight_decay, seed=cfg.seed)
-        losses = train_lm(model, data, how, pad_id=tokenizer.pad_token_id, desc=who, console=console)
+        losses = []
+        for data, steps, lr, warmup in phases:
+            how = LMTraining(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=warmup,
+                             weight_decay=cfg.weight_decay, seed=cfg.seed)
+            losses += train_lm(model, data, how, pad_id=tokenizer.pad_token_id, desc=who, console=console)
         train_s = time.time() - t
         t = time.time()
         result = evaluate_problems(model, tokenizer, heldout_rows, Decoding(cfg.max_new_tokens, cfg.eval_batch_size))
