@@ -223,7 +223,7 @@ def add_run_args(ap: argparse.ArgumentParser, workdir: str) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run, after the script's own (repeatable)")
     ap.add_argument("--toy-profile", choices=["demo", "guess"], default="demo",
-                    help="the toy build every run uses (guess: a student trained to answer a quarter of its problems without "
+                    help="the toy build every run uses (guess: a student that learned to work, then to guess half its answers without "
                          "working; build it first with `padd toy build --profile guess`)")
 
 

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("toy", help="the built-in toy models")
     t.add_argument("action", choices=["build"])
     t.add_argument("--profile", default="demo", choices=["demo", "test", "guess"],
-                   help="guess: the demo build with a student trained to answer a quarter of its problems without working")
+                   help="guess: the demo build whose student then learns to guess half its answers without working")
     t.add_argument("--cache-dir", default=None)
     t.add_argument("--force", action="store_true")
     t.set_defaults(fn=cmd_toy)
