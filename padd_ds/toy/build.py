@@ -80,7 +80,7 @@ class ToyBuildConfig:
     # learn across problems (the "guess" profile; docs/results.md, power round 7). 0: none.
     student_guess_fraction: float = 0.0
     # 0: the mix from the first step. N: the student_steps on worked solutions alone, then N
-    # steps on the mix at a tenth of student_lr (its worked answers stay as good as the demo's).
+    # steps on the mix at a tenth of student_lr (its worked answers keep most of the demo's skill).
     student_guess_steps: int = 0
     # Shared optimisation / evaluation settings.
     batch_size: int = 32
@@ -524,8 +524,8 @@ def _build_into(cfg: ToyBuildConfig, root: Path, console: Console) -> dict[str, 
     tokenizer = train_tokenizer(tokenizer_corpus(train, cfg.tokenizer_use_gsm8k), root / "tokenizer", cfg.vocab_size)
     console.log(f"tokenizer: {len(tokenizer)} tokens in {time.time() - t:.1f}s")
     examples = encode_examples(tokenizer, train, cfg.max_seq_len)
-    student_examples = encode_examples(tokenizer, with_guesses(train, cfg.student_guess_fraction, cfg.seed),
-                                       cfg.max_seq_len)
+    student_examples = (encode_examples(tokenizer, with_guesses(train, cfg.student_guess_fraction, cfg.seed),
+                                        cfg.max_seq_len) if cfg.student_guess_fraction else examples)
     heldout_rows = [{"question": p.question, "answer": p.answer, "level": p.level} for p in heldout]
     metrics: dict[str, Any] = {"profile": cfg.profile, "cache_key": cfg.cache_key(), "config": asdict(cfg)}
 
