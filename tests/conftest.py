@@ -49,6 +49,7 @@ def run_cmd(cmd: list[str], timeout: float, cwd: Path | None = None, env: dict |
     """Run a command with a hard timeout; on failure show its output tail in the assertion."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "WANDB_MODE": "disabled", **(env or {})}
+    full_env.setdefault("MASTER_PORT", str(free_port()))  # not the default 29500 another run on the host may hold
     try:
         p = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
                            timeout=timeout, stdin=subprocess.DEVNULL)
