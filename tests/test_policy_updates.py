@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, read_results, run_cmd
+from conftest import REPO, read_results, run_cmd
 
 COMMON = ["--recipe", str(REPO / "recipes" / "toy_cpu.yaml"), "--set", "train.mode=padd", "--set", "train.steps=3",
           "--set", "train.log_every=1", "--set", "train.micro_batch_size=16", "--set", "stage3.prompts_per_step=4",
@@ -25,7 +25,7 @@ def _history(tmp_path, policy: str, updates: int) -> list[dict]:
     run_cmd([sys.executable, str(REPO / "train.py"), *COMMON, "--set", f"run.output_dir={out}",
              "--set", f"stage3.policy={policy}", "--set", f"stage3.updates_per_batch={updates}",
              "--set", f"stage3.loss_agg={agg}"],
-            timeout=300, env={"MASTER_PORT": str(free_port())})
+            timeout=300)
     return read_results(out)["history"]
 
 
